@@ -1,0 +1,42 @@
+"""Recipe: raw event log -> validated events -> per-user sequences, splits and manifest.
+
+    python jobs/prepare.py --config configs/ml-1m/data.yaml [--set data.overwrite=true]
+    ray job submit --working-dir . -- python jobs/prepare.py --config configs/demo.yaml
+"""
+
+import json
+
+from genrec.data.pipeline import prepare
+from genrec.runtime import init_ray, load_job_config, run_job
+
+
+def main(args) -> int:
+    cfg = load_job_config(args)
+    init_ray(cfg.ray)
+    summary = prepare(cfg.data)
+    print(summary_text(summary))
+    return 0
+
+
+def summary_text(s: dict) -> str:
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["rejected_by_reason"].items())) or "none"
+    return "\n".join(
+        [
+            "== prepare summary ==",
+            f"input rows        {s['input_rows']:>12,}",
+            f"accepted          {s['accepted']:>12,}",
+            f"rejected          {s['rejected']:>12,}   ({reasons})",
+            f"duplicates dropped{s['duplicates_dropped']:>12,}",
+            f"merged (bitmask)  {s['merged_into_bitmask']:>12,}",
+            f"events in sequences{s['sequence_events']:>11,}",
+            f"users             {s['users']:>12,}",
+            f"items observed    {s['items_observed']:>12,}   universe ({s['item_universe']}): {s['num_items']:,}",
+            f"actions           {json.dumps(s['actions'])} ({s['action_encoding']})",
+            f"split             {s['split']['kind']}: train {s['train_users']:,} / valid {s['valid_users']:,} / test {s['test_users']:,} users",
+            f"output            {s['output_dir']}  ({s['seconds']} s)",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    run_job(main, __doc__.splitlines()[0])

@@ -1,0 +1,257 @@
+"""One configuration system: typed pydantic models, loaded from YAML, with `--set` overrides.
+
+    cfg = load_config("configs/ml-1m/data.yaml", ["data.max_seq_len=100"])
+
+Every model forbids unknown keys, so a typo is an error that names the key
+(`data.max_seq_lenn: unknown key`), and a wrong type names the key and the value.
+Relative paths are resolved against $GENREC_ROOT when it is set (so a job sent
+with `ray job submit --working-dir .` still finds data that lives beside the
+repo), else against the current directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message names the file and the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """An absolute path: relative ones are taken from $GENREC_ROOT, else the current directory."""
+    p = Path(os.path.expandvars(os.path.expanduser(str(path))))
+    if p.is_absolute():
+        return p
+    return (Path(os.environ.get("GENREC_ROOT") or os.getcwd()) / p).resolve()
+
+
+# ----------------------------------------------------------------------------- sources
+
+class ColumnMapping(Strict):
+    """Which source column holds each canonical field (generic CSV / Parquet logs)."""
+
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    timestamp: str = "timestamp"
+    action: str | None = None
+    value: str | None = None
+    id_type: Literal["int", "string"] = Field("int", description="raw user/item ids: integers or strings")
+
+
+class ActionsConfig(Strict):
+    """The action vocabulary and how raw action values map onto it.
+
+    `names` is the vocabulary in id order. `mapping` maps raw values found in the
+    source (e.g. "pv") to a name; raw values that are names already need no entry.
+    A raw value that maps to nothing is rejected ("unknown action").
+    With `merge_same_impression`, several actions on the same (user, item, timestamp)
+    become one event whose action is the bitmask OR(1 << id).
+    """
+
+    names: list[str] = Field(default_factory=lambda: ["interact"], min_length=1, max_length=31)
+    mapping: dict[str, str] = Field(default_factory=dict)
+    merge_same_impression: bool = False
+
+    @model_validator(mode="after")
+    def _mapping_targets_exist(self):
+        unknown = sorted(set(self.mapping.values()) - set(self.names))
+        if unknown:
+            raise ValueError(f"mapping targets {unknown} are not in names {self.names}")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"duplicate action names in {self.names}")
+        return self
+
+
+TimestampUnit = Literal["s", "ms"]
+
+
+class MovieLensSource(Strict):
+    """MovieLens-1M style `::` files: ratings.dat, users.dat, movies.dat (latin-1)."""
+
+    kind: Literal["movielens"]
+    path: str = Field(description="folder holding movies.dat, users.dat and the ratings file")
+    ratings_file: str = "ratings.dat"
+    movies_file: str = "movies.dat"
+    users_file: str | None = "users.dat"
+
+
+class MovieLensCsvSource(Strict):
+    """MovieLens-20M/25M style ratings.csv (userId,movieId,rating,timestamp) + movies.csv."""
+
+    kind: Literal["movielens_csv"]
+    path: str
+    ratings_file: str = "ratings.csv"
+    movies_file: str | None = "movies.csv"
+
+
+class CsvSource(Strict):
+    """A CSV event log (one event per line, header first) with a column mapping."""
+
+    kind: Literal["csv"]
+    path: str = Field(description="a .csv file or a folder of them")
+    columns: ColumnMapping = Field(default_factory=ColumnMapping)
+    delimiter: str = Field(",", min_length=1, max_length=1)
+    timestamp_unit: TimestampUnit = "s"
+    actions: ActionsConfig = Field(default_factory=ActionsConfig)
+
+
+class ParquetSource(Strict):
+    """A Parquet event log (file or folder) with a column mapping."""
+
+    kind: Literal["parquet"]
+    path: str
+    columns: ColumnMapping = Field(default_factory=ColumnMapping)
+    timestamp_unit: TimestampUnit = "s"
+    actions: ActionsConfig = Field(default_factory=ActionsConfig)
+    users_file: str | None = Field(None, description="optional Parquet of user context (user_id + features)")
+
+
+class SyntheticSource(Strict):
+    """Generated events: Zipf item popularity, heavy-tailed user lengths, several actions."""
+
+    kind: Literal["synthetic"]
+    num_users: int = Field(20_000, gt=0)
+    num_items: int = Field(5_000, gt=1)
+    mean_events_per_user: float = Field(50.0, gt=1)
+    min_events_per_user: int = Field(5, ge=1)
+    max_events_per_user: int = Field(2_000, ge=1)
+    zipf_exponent: float = Field(1.05, gt=0)
+    action_rates: dict[str, float] = Field(
+        default_factory=lambda: {"click": 0.72, "like": 0.12, "add_to_cart": 0.08, "share": 0.03, "purchase": 0.05},
+        min_length=1,
+    )
+    multi_action_rate: float = Field(0.05, ge=0, le=1, description="chance an impression gets a second action")
+    start_time: int = 1_577_836_800  # 2020-01-01
+    seed: int = 0
+    num_shards: int = Field(8, gt=0)
+    path: str | None = Field(None, description="where the generated events go; default outputs/raw/synthetic-<hash>")
+
+
+Source = Annotated[
+    Union[MovieLensSource, MovieLensCsvSource, CsvSource, ParquetSource, SyntheticSource],
+    Field(discriminator="kind"),
+]
+
+
+class LeaveOneOutSplit(Strict):
+    """valid target = second-to-last item, test target = last, train = the rest."""
+
+    kind: Literal["leave_one_out"] = "leave_one_out"
+
+
+class TimeSplit(Strict):
+    """Events after `cutoff` are evaluation; set either cutoff (Unix s) or quantile of all timestamps."""
+
+    kind: Literal["time"]
+    cutoff: int | None = None
+    quantile: float | None = Field(None, gt=0, lt=1)
+    valid_fraction: float = Field(0.5, ge=0, le=1, description="share of eval users that go to valid (by user hash)")
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.cutoff is None) == (self.quantile is None):
+            raise ValueError("set exactly one of cutoff or quantile")
+        return self
+
+
+class DataConfig(Strict):
+    source: Source
+    output_dir: str = "outputs/data/default"
+    overwrite: bool = Field(False, description="replace an existing output atomically; else refuse")
+    item_universe: Literal["catalog", "observed"] = Field(
+        "catalog",
+        description="catalog: every item of the source's catalog (movies.dat); observed: items seen in events",
+    )
+    split: Annotated[Union[LeaveOneOutSplit, TimeSplit], Field(discriminator="kind")] = Field(
+        default_factory=LeaveOneOutSplit
+    )
+    timestamp_min: int = 631_152_000  # 1990-01-01
+    timestamp_max: int = 4_102_444_800  # 2100-01-01
+    max_seq_len: int = Field(200, gt=1, description="most recent N items kept by the batch builder")
+    layout: Literal["items", "interleaved"] = "items"
+    num_partitions: int = Field(8, gt=0, description="user-hash partitions for sequence building")
+    chunk_bytes: int = Field(4 << 20, gt=0, description="text sources are parsed in chunks of about this size")
+
+
+class RayConfig(Strict):
+    address: str | None = Field(None, description="None starts a local cluster; 'auto' joins a running one")
+    num_cpus: int | None = None
+    object_store_memory_gb: float | None = 2.0
+
+
+class ExperimentConfig(Strict):
+    name: str = "genrec"
+    data: DataConfig
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=3` -> ("a.b", 3); the value is read as YAML so numbers, bools and lists keep their type."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got '{text}'")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: value '{raw}' is not valid YAML ({err})") from None
+
+
+def _describe(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"  {loc}: required key is missing")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {loc}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), model: type[BaseModel] = ExperimentConfig):
+    """Read YAML at `path` (or start empty), apply `key=value` overrides, validate into `model`."""
+    tree: dict = {}
+    origin = "command line"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top, got {type(tree).__name__}")
+        origin = str(p)
+    for text in overrides:
+        _set_dotted(tree, *parse_override(text))
+    try:
+        return model.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, origin)) from None

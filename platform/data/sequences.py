@@ -1,0 +1,159 @@
+"""Per-user sequences and splits: pure, vectorised functions on Arrow tables.
+
+They run inside Ray tasks (one user-hash partition each) and in the single-process
+baseline of benchmarks/data_pipeline.py alike, so both do exactly the same work.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from genrec.config import LeaveOneOutSplit, TimeSplit
+
+LIST_COLUMNS = ("items", "actions", "timestamps", "values")
+
+
+def _same_as_previous(*columns: np.ndarray) -> np.ndarray:
+    """Row i equals row i-1 on every column (NaN equals NaN); row 0 never does."""
+    same = np.ones(len(columns[0]), dtype=bool)
+    same[0] = False
+    for col in columns:
+        if col.dtype.kind == "f":
+            a, b = col[1:], col[:-1]
+            same[1:] &= (a == b) | (np.isnan(a) & np.isnan(b))
+        else:
+            same[1:] &= col[1:] == col[:-1]
+    return same
+
+
+def build_sequences(events: pa.Table, merge_actions: bool) -> tuple[pa.Table, dict]:
+    """Events with dense `user`/`item` -> one row per user, sorted by (timestamp, source order).
+
+    Duplicate rule: events identical in (user, item, timestamp, action, value) are one
+    event; the first in source order is kept, the others are counted and dropped.
+    Merge rule (merge_actions): the distinct actions on one (user, item, timestamp)
+    become one event, action = OR(1 << id), value = the largest, position = the first.
+    """
+    if events.num_rows == 0:
+        return _empty(), {"duplicates": 0, "merged": 0}
+    user = events["user"].to_numpy()
+    item = events["item"].to_numpy()
+    ts = events["timestamp"].to_numpy()
+    action = events["action"].to_numpy()
+    value = events["value"].to_numpy()
+    src = events["source_order"].to_numpy()
+
+    order = np.lexsort((src, value, action, item, ts, user))
+    user, item, ts, action, value, src = (c[order] for c in (user, item, ts, action, value, src))
+    duplicate = _same_as_previous(user, item, ts, action, value)
+    keep = ~duplicate
+    user, item, ts, action, value, src = (c[keep] for c in (user, item, ts, action, value, src))
+    stats = {"duplicates": int(duplicate.sum()), "merged": 0}
+
+    if merge_actions:
+        starts = np.flatnonzero(~_same_as_previous(user, item, ts))
+        stats["merged"] = len(user) - len(starts)
+        action = np.bitwise_or.reduceat((np.int32(1) << action).astype(np.int32), starts)
+        value = np.fmax.reduceat(value, starts)
+        src = np.minimum.reduceat(src, starts)
+        user, item, ts = user[starts], item[starts], ts[starts]
+
+    order = np.lexsort((src, ts, user))
+    user, item, ts, action, value = (c[order] for c in (user, item, ts, action, value))
+    starts = np.flatnonzero(~_same_as_previous(user))
+    offsets = pa.array(np.append(starts, len(user)).astype(np.int32))
+    table = pa.table(
+        {
+            "user": pa.array(user[starts].astype(np.int32)),
+            "items": pa.ListArray.from_arrays(offsets, pa.array(item.astype(np.int32))),
+            "actions": pa.ListArray.from_arrays(offsets, pa.array(action.astype(np.int32))),
+            "timestamps": pa.ListArray.from_arrays(offsets, pa.array(ts.astype(np.int64))),
+            "values": pa.ListArray.from_arrays(offsets, pa.array(value.astype(np.float32))),
+        }
+    )
+    return table, stats
+
+
+def _empty() -> pa.Table:
+    return pa.table(
+        {
+            "user": pa.array([], pa.int32()),
+            "items": pa.array([], pa.list_(pa.int32())),
+            "actions": pa.array([], pa.list_(pa.int32())),
+            "timestamps": pa.array([], pa.list_(pa.int64())),
+            "values": pa.array([], pa.list_(pa.float32())),
+        }
+    )
+
+
+def list_lengths(table: pa.Table) -> np.ndarray:
+    offsets = table["items"].combine_chunks().offsets.to_numpy()
+    return np.diff(offsets)
+
+
+def slice_lists(table: pa.Table, rows: np.ndarray, stops: np.ndarray) -> pa.Table:
+    """Keep `rows` of the table, each list column cut to its first `stops[i]` elements."""
+    kept = table.take(pa.array(rows, pa.int64()))
+    lengths = np.asarray(stops, dtype=np.int64)
+    new_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    within = np.arange(new_offsets[-1]) - np.repeat(new_offsets[:-1], lengths)
+    for name in LIST_COLUMNS:
+        column = kept[name].combine_chunks()
+        # .offsets index into .values (the whole child array, even for a sliced list)
+        flat = np.repeat(column.offsets.to_numpy()[:-1].astype(np.int64), lengths) + within
+        cut = pa.ListArray.from_arrays(pa.array(new_offsets), column.values.take(pa.array(flat)))
+        kept = kept.set_column(kept.schema.get_field_index(name), name, cut)
+    return kept
+
+
+def _user_fraction(users: np.ndarray) -> np.ndarray:
+    """A stable pseudo-random number in [0, 1) per user (splits users without a seed)."""
+    mixed = (users.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(11)
+    return mixed.astype(np.float64) / float(1 << 53)
+
+
+def make_splits(sequences: pa.Table, split, cutoff: int | None = None) -> tuple[dict, dict]:
+    """Full sequences -> {"train", "valid", "test"} tables plus counts.
+
+    valid/test rows carry `eval_start`: positions >= eval_start are evaluation
+    targets, everything before is history.
+    - leave-one-out: train = all but the last two items; valid = history + the
+      second-to-last (eval_start = n-2); test = history + the last (eval_start = n-1).
+      Users with fewer than 3 events train on everything and are not evaluated.
+    - time: train = events at or before the cutoff; a user with events on both
+      sides is evaluated on every event after it (eval_start = events <= cutoff),
+      in valid or test by a stable hash of the user (valid_fraction).
+    """
+    n = list_lengths(sequences)
+    rows = np.arange(len(n))
+    if isinstance(split, LeaveOneOutSplit):
+        long_enough = n >= 3
+        train = slice_lists(sequences, rows, np.where(long_enough, n - 2, n))
+        ev = rows[long_enough]
+        valid = slice_lists(sequences, ev, n[ev] - 1)
+        test = slice_lists(sequences, ev, n[ev])
+        valid = valid.append_column("eval_start", pa.array((n[ev] - 2).astype(np.int32)))
+        test = test.append_column("eval_start", pa.array((n[ev] - 1).astype(np.int32)))
+        short = int((~long_enough).sum())
+    elif isinstance(split, TimeSplit):
+        ts = sequences["timestamps"].combine_chunks()
+        before = (ts.values.to_numpy() <= cutoff).astype(np.int64) if len(ts) else np.zeros(0, np.int64)
+        offsets = ts.offsets.to_numpy()
+        cumulative = np.concatenate([[0], np.cumsum(before)])
+        n_before = cumulative[offsets[1:]] - cumulative[offsets[:-1]]
+        has_train = n_before > 0
+        train = slice_lists(sequences, rows[has_train], n_before[has_train])
+        evaluated = has_train & (n_before < n)
+        to_valid = _user_fraction(sequences["user"].to_numpy()) < split.valid_fraction
+        v, t = rows[evaluated & to_valid], rows[evaluated & ~to_valid]
+        valid = slice_lists(sequences, v, n[v]).append_column("eval_start", pa.array(n_before[v].astype(np.int32)))
+        test = slice_lists(sequences, t, n[t]).append_column("eval_start", pa.array(n_before[t].astype(np.int32)))
+        short = int((~evaluated).sum())
+    else:
+        raise TypeError(f"unknown split {split!r}")
+    splits = {"train": train, "valid": valid, "test": test}
+    counts = {f"{k}_users": v.num_rows for k, v in splits.items()}
+    counts.update({f"{k}_events": int(list_lengths(v).sum()) if v.num_rows else 0 for k, v in splits.items()})
+    counts["users_not_evaluated"] = short
+    return splits, counts

@@ -1,0 +1,59 @@
+import pytest
+
+from genrec.config import ConfigError, ExperimentConfig, load_config
+
+GOOD = """
+name: t
+data:
+  source: {kind: movielens, path: /some/where}
+  max_seq_len: 50
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides_are_typed(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), ["data.max_seq_len=200", "data.split={kind: time, quantile: 0.9}"])
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.data.max_seq_len == 200
+    assert cfg.data.split.kind == "time" and cfg.data.split.quantile == 0.9
+    assert cfg.data.source.ratings_file == "ratings.dat"
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.max_seq_lenn: unknown key"):
+        load_config(write(tmp_path, GOOD), ["data.max_seq_lenn=3"])
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.max_seq_len: .*integer.*'abc'"):
+        load_config(write(tmp_path, GOOD), ["data.max_seq_len=abc"])
+
+
+def test_wrong_source_kind_and_missing_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.source"):
+        load_config(write(tmp_path, GOOD), ["data.source.kind=ftp"])
+    with pytest.raises(ConfigError, match=r"data: required key is missing"):
+        load_config(write(tmp_path, "name: x\n"))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "data: [unclosed"))
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(write(tmp_path, GOOD), ["data.max_seq_len"])
+
+
+def test_shipped_configs_are_valid():
+    from conftest import REPO
+
+    files = sorted((REPO / "configs").rglob("*.yaml"))
+    assert files
+    for path in files:
+        load_config(path)
