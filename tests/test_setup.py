@@ -29,3 +29,16 @@ def test_genrec_imports_from_any_directory(tmp_path):
     result = run("import genrec.data, genrec.config, genrec.data.pipeline; print(genrec.data.__name__)", tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "genrec.data"
+
+
+def test_cluster_yaml_passes_the_launchers_checks():
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load((REPO / "cluster.yaml").read_text()))
+    validate_config(config)  # the schema checks `ray up` runs; raises on error
+    types = config["available_node_types"]
+    assert types["head"]["resources"] == {"CPU": 0}
+    assert types["gpu_worker"]["resources"]["GPU"] == 1
+    assert types["cpu_worker"]["min_workers"] == 0 < types["cpu_worker"]["max_workers"]
+    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])

@@ -1,0 +1,158 @@
+"""The pipeline end to end on a real local Ray cluster: counts, order, determinism, atomic output, splits."""
+
+import filecmp
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from genrec.config import ConfigError, DataConfig
+from genrec.data.loader import read_split
+from genrec.data.pipeline import OutputExistsError, prepare, read_manifest
+
+
+def config(source, out, **data) -> DataConfig:
+    return DataConfig.model_validate({"source": source, "output_dir": str(out), **data})
+
+
+def quiet(cfg):
+    return prepare(cfg, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def ml1m(ray_cluster, ml1m_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ml1m") / "prepared"
+    source = {"kind": "movielens", "path": str(ml1m_dir), "ratings_file": "ratings.partial_users_1-2999.dat"}
+    return quiet(config(source, out)), out
+
+
+def test_ml1m_counts(ml1m):
+    summary, out = ml1m
+    assert summary["users"] == 2_999
+    assert summary["accepted"] == 487_650 and summary["rejected"] == 0
+    assert summary["input_rows"] == 487_650
+    assert summary["items_observed"] == 3_615
+    assert summary["num_items"] == 3_883  # default universe: every movie of movies.dat
+    manifest = read_manifest(out)
+    assert manifest["complete"] and manifest["schema_version"] == 1
+    assert list(manifest["source_checksums_sha256"].values()) == [
+        "1273c4edfe3c0ff9e3a0a0d55819faeb947da0ad7df3927333b51ebefbeedc3d"  # as in ../shared/data/ml-1m/README.md
+    ]
+    assert pq.read_table(out / "vocab" / "items.parquet").num_rows == 3_883
+
+
+def test_ml1m_sequences_sorted_and_complete(ml1m, ml1m_dir):
+    _, out = ml1m
+    seqs = read_split(out, "sequences")
+    assert seqs.num_rows == 2_999 and sorted(seqs["user"].to_pylist()) == list(range(1, 3_000))
+    for ts in seqs["timestamps"].to_pylist():
+        assert all(a <= b for a, b in zip(ts, ts[1:]))
+    # user 1 as in the raw file: 53 ratings, and ties in time keep file order
+    raw = [line.split("::") for line in (ml1m_dir / "ratings.partial_users_1-2999.dat").read_text().splitlines()]
+    user1 = sorted(((int(t), n, int(m)) for n, (u, m, _, t) in enumerate(raw) if u == "1"))
+    items = pq.read_table(out / "vocab" / "items.parquet")["item_id"].to_pylist()
+    row = next(r for r in seqs.to_pylist() if r["user"] == 1)
+    assert len(row["items"]) == 53
+    assert [items[i - 1] for i in row["items"]] == [m for _, _, m in user1]
+    assert row["gender"] == 1 and row["age"] > 0  # users.dat context attached (F -> 1)
+
+
+def test_ml1m_leave_one_out(ml1m):
+    _, out = ml1m
+    seqs = {r["user"]: r["items"] for r in read_split(out, "sequences").to_pylist()}
+    train = {r["user"]: r for r in read_split(out, "train").to_pylist()}
+    valid = {r["user"]: r for r in read_split(out, "valid").to_pylist()}
+    test = {r["user"]: r for r in read_split(out, "test").to_pylist()}
+    assert len(train) == len(valid) == len(test) == 2_999
+    for user, items in list(seqs.items())[:300]:
+        assert train[user]["items"] == items[:-2]
+        assert valid[user]["items"] == items[:-1] and valid[user]["eval_start"] == len(items) - 2
+        assert test[user]["items"] == items and test[user]["eval_start"] == len(items) - 1
+
+
+def write_events(path, rows):
+    pq.write_table(pa.table({k: [r[i] for r in rows] for i, k in enumerate(["user_id", "item_id", "timestamp", "action"])}), path)
+
+
+PARQUET = {"columns": {"action": "action"}, "actions": {"names": ["view", "buy"]}}
+
+
+def test_tie_break_and_duplicates(ray_cluster, tmp_path):
+    rows = [  # user 1 has three events at the same second: file order decides
+        (1, 30, 1_600_000_100, "view"), (1, 10, 1_600_000_100, "view"), (1, 20, 1_600_000_100, "buy"),
+        (1, 40, 1_600_000_050, "view"), (1, 10, 1_600_000_100, "view"),  # exact duplicate of row 2
+        (2, 10, 1_600_000_000, "view"),
+    ]
+    write_events(tmp_path / "log.parquet", rows)
+    summary = quiet(config({"kind": "parquet", "path": str(tmp_path / "log.parquet"), **PARQUET}, tmp_path / "out",
+                           item_universe="observed"))
+    assert summary["duplicates_dropped"] == 1 and summary["sequence_events"] == 5
+    seqs = {r["user"]: r for r in read_split(tmp_path / "out", "sequences").to_pylist()}
+    items = pq.read_table(tmp_path / "out" / "vocab" / "items.parquet")["item_id"].to_pylist()
+    assert [items[i - 1] for i in seqs[1]["items"]] == [40, 30, 10, 20]
+    assert seqs[1]["actions"] == [0, 0, 0, 1]
+
+
+def test_same_output_twice_byte_for_byte(ray_cluster, tmp_path):
+    source = {"kind": "synthetic", "num_users": 300, "num_items": 200, "num_shards": 2, "path": str(tmp_path / "raw")}
+    quiet(config(source, tmp_path / "a", num_partitions=3))
+    quiet(config(source, tmp_path / "b", num_partitions=3))
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) > 15
+    assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    match, mismatch, errors = filecmp.cmpfiles(tmp_path / "a", tmp_path / "b", [str(f) for f in files], shallow=False)
+    assert mismatch == [] and errors == []
+
+
+def test_existing_output_is_refused_or_replaced_atomically(ray_cluster, tmp_path):
+    write_events(tmp_path / "log.parquet", [(1, 1, 1_600_000_000, "view"), (1, 2, 1_600_000_001, "buy")])
+    source = {"kind": "parquet", "path": str(tmp_path / "log.parquet"), **PARQUET}
+    out = tmp_path / "out"
+    quiet(config(source, out, item_universe="observed"))
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(OutputExistsError, match="output folder exists: .*out; set data.overwrite=true"):
+        quiet(config(source, out, item_universe="observed"))
+    assert (out / "manifest.json").read_text() == before
+    write_events(tmp_path / "log.parquet", [(1, 1, 1_600_000_000, "view"), (1, 3, 1_600_000_002, "buy")])
+    quiet(config(source, out, item_universe="observed", overwrite=True))
+    assert read_manifest(out)["source_checksums_sha256"] != json.loads(before)["source_checksums_sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.parquet", "out"]  # no staging or old copies left
+
+
+def test_failed_run_leaves_no_output(ray_cluster, tmp_path):
+    write_events(tmp_path / "log.parquet", [(1, 1, 1_600_000_000, "view")])
+    source = {"kind": "parquet", "path": str(tmp_path / "log.parquet"), **PARQUET}
+    with pytest.raises(ConfigError, match="item_universe: 'catalog' needs a source with an item catalog"):
+        quiet(config(source, tmp_path / "out"))  # fails after the first stage has written files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.parquet"]
+
+
+def test_time_split(ray_cluster, tmp_path):
+    t0 = 1_600_000_000
+    rows = [(u, i, t0 + 10 * i + u, "view") for u in (1, 2, 3) for i in range(1, 7)]
+    rows += [(4, 9, t0 + 100, "view")]  # only after the cutoff: nothing to train on, not evaluated
+    write_events(tmp_path / "log.parquet", rows)
+    cutoff = t0 + 35
+    summary = quiet(config({"kind": "parquet", "path": str(tmp_path / "log.parquet"), **PARQUET}, tmp_path / "out",
+                           item_universe="observed", split={"kind": "time", "cutoff": cutoff, "valid_fraction": 0.5}))
+    assert summary["split"]["cutoff_used"] == cutoff
+    train = read_split(tmp_path / "out", "train").to_pylist()
+    assert all(max(r["timestamps"]) <= cutoff for r in train) and len(train) == 3
+    assert sum(len(r["items"]) for r in train) == 9
+    evaluated = read_split(tmp_path / "out", "valid").to_pylist() + read_split(tmp_path / "out", "test").to_pylist()
+    assert sorted(r["user"] for r in evaluated) == [1, 2, 3]
+    for r in evaluated:
+        assert len(r["items"]) == 6 and r["eval_start"] == 3
+        assert all(t > cutoff for t in r["timestamps"][r["eval_start"]:])
+    assert summary["users_not_evaluated"] == 1
+
+
+def test_time_split_by_quantile(ray_cluster, tmp_path):
+    t0 = 1_600_000_000
+    write_events(tmp_path / "log.parquet", [(u, i, t0 + i, "view") for u in range(1, 11) for i in range(1, 101)])
+    summary = quiet(config({"kind": "parquet", "path": str(tmp_path / "log.parquet"), **PARQUET}, tmp_path / "out",
+                           item_universe="observed", split={"kind": "time", "quantile": 0.8}))
+    assert abs(summary["split"]["cutoff_used"] - (t0 + 80)) <= 1
+    assert abs(summary["train_events"] - 800) <= 10
