@@ -183,6 +183,57 @@ class DataConfig(Strict):
     chunk_bytes: int = Field(4 << 20, gt=0, description="text sources are parsed in chunks of about this size")
 
 
+class ModelConfig(Strict):
+    """The encoder; defaults are the paper's MovieLens-1M HSTU recipe."""
+
+    kind: Literal["hstu", "sasrec"] = "hstu"
+    dim: int = Field(50, gt=0)
+    num_blocks: int = Field(2, gt=0)
+    num_heads: int = Field(1, gt=0)
+    qk_dim: int | None = Field(None, gt=0, description="default dim / num_heads")
+    v_dim: int | None = Field(None, gt=0, description="default dim / num_heads")
+    ffn_dim: int | None = Field(None, gt=0, description="SASRec only; default dim")
+    dropout: float = Field(0.2, ge=0, lt=1)
+
+
+class TrainConfig(Strict):
+    """Optimiser, loss and the Ray Train run; defaults are the paper's recipe."""
+
+    epochs: int = Field(100, gt=0)
+    batch_size: int = Field(128, gt=0, description="global batch (users), split over workers")
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = Field(0.0, ge=0)
+    num_negatives: int = Field(128, gt=0)
+    temperature: float = Field(0.05, gt=0)
+    in_batch_negatives: bool = False
+    stochastic_length_alpha: float | None = Field(None, gt=1, le=2)
+    seed: int = 42
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl with GPUs, else gloo")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    threads_per_worker: int | None = Field(None, gt=0, description="torch threads; default cpus_per_worker")
+    data_mode: Literal["replicated", "streaming"] = Field(
+        "replicated",
+        description="replicated: every worker reads the split and takes its rank's slice of each seeded global "
+        "batch (results independent of the number of workers); streaming: Ray Data shards per worker",
+    )
+    eval_every: int = Field(1, gt=0)
+    eval_batch_size: int = Field(256, gt=0)
+    early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without a better valid NDCG@10")
+    storage_path: str = "outputs/ray_results"
+    run_name: str | None = Field(None, description="default: the experiment name; the same name resumes")
+    max_failures: int = Field(1, ge=0)
+    checkpoints_to_keep: int = Field(2, gt=0)
+
+
+class TrackingConfig(Strict):
+    tracking_uri: str | None = Field(None, description="default sqlite:///<cwd>/outputs/mlflow.db")
+    experiment: str = "genrec"
+    registered_model: str | None = Field(None, description="default: the experiment name")
+
+
 class RayConfig(Strict):
     address: str | None = Field(None, description="None starts a local cluster; 'auto' joins a running one")
     num_cpus: int | None = None
@@ -192,6 +243,9 @@ class RayConfig(Strict):
 class ExperimentConfig(Strict):
     name: str = "genrec"
     data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
 
@@ -234,21 +288,38 @@ def _describe(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
+def _merge(base: dict, child: dict) -> dict:
+    merged = dict(base)
+    for key, value in child.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def _read_yaml(p: Path, seen: tuple = ()) -> dict:
+    """A YAML mapping; a top-level `base: other.yaml` (relative to this file) is read first and overridden."""
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    if p.resolve() in seen:
+        raise ConfigError(f"config file {p}: 'base' chain loops back on itself")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top, got {type(tree).__name__}")
+    base = tree.pop("base", None)
+    if base is not None:
+        tree = _merge(_read_yaml(p.parent / base, seen + (p.resolve(),)), tree)
+    return tree
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), model: type[BaseModel] = ExperimentConfig):
     """Read YAML at `path` (or start empty), apply `key=value` overrides, validate into `model`."""
     tree: dict = {}
     origin = "command line"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top, got {type(tree).__name__}")
-        origin = str(p)
+        tree = _read_yaml(Path(path))
+        origin = str(path)
     for text in overrides:
         _set_dotted(tree, *parse_override(text))
     try:

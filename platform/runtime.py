@@ -10,8 +10,10 @@ from typing import Callable
 from genrec.config import ConfigError, RayConfig, load_config
 
 
-def job_arguments(description: str, argv=None) -> argparse.Namespace:
+def job_arguments(description: str, argv=None, extra: Callable | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
+    if extra is not None:
+        extra(parser)
     parser.add_argument("--config", required=True, help="YAML file under configs/")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set data.max_seq_len=200 (repeatable)")
@@ -35,12 +37,12 @@ def init_ray(cfg: RayConfig) -> None:
     ray.init(num_cpus=cfg.num_cpus, object_store_memory=memory, include_dashboard=False)
 
 
-def run_job(main: Callable[[argparse.Namespace], int | None], description: str) -> None:
+def run_job(main: Callable[[argparse.Namespace], int | None], description: str, extra: Callable | None = None) -> None:
     """Run a job's main; known user errors print one line instead of a traceback (exit 2)."""
     from genrec.data.adapters import SourceError
     from genrec.data.pipeline import OutputExistsError
 
-    args = job_arguments(description)
+    args = job_arguments(description, extra=extra)
     try:
         sys.exit(main(args) or 0)
     except (ConfigError, SourceError, OutputExistsError, FileNotFoundError) as err:

@@ -1,0 +1,43 @@
+"""genrec.model: HSTU and SASRec sequential encoders over jagged batches, and
+their retrieval loss. Depends on torch only."""
+
+from .attention import hstu_attention
+from .embeddings import SequenceEmbedding
+from .encoder import SequentialEncoder, build_encoder
+from .hstu import HSTU, HSTULayer, RelativeBucketedTimeAndPositionBias, relative_bias_index
+from .jagged import (
+    jagged_to_padded,
+    lengths_from_offsets,
+    max_length,
+    padded_index,
+    padded_to_jagged,
+    padding_mask,
+    positions_in_sequence,
+)
+from .losses import gathered_dot, sample_negatives, sampled_softmax_loss, softmax_loss_with_negatives
+from .sasrec import SASRec, SASRecBlock, causal_softmax_attention
+
+__all__ = [
+    "HSTU",
+    "HSTULayer",
+    "RelativeBucketedTimeAndPositionBias",
+    "SASRec",
+    "SASRecBlock",
+    "SequenceEmbedding",
+    "SequentialEncoder",
+    "build_encoder",
+    "causal_softmax_attention",
+    "gathered_dot",
+    "hstu_attention",
+    "jagged_to_padded",
+    "lengths_from_offsets",
+    "max_length",
+    "padded_index",
+    "padded_to_jagged",
+    "padding_mask",
+    "positions_in_sequence",
+    "relative_bias_index",
+    "sample_negatives",
+    "sampled_softmax_loss",
+    "softmax_loss_with_negatives",
+]

@@ -1,0 +1,80 @@
+"""Full-ranking evaluation: each target is ranked against the whole item universe.
+
+No sampled candidates: rank = 1 + the number of items scoring higher than the
+target, after removing padding (id 0) and the items already in the user's history
+(the target itself is never removed). Scores are computed a block of items at a
+time, so memory stays flat however large the catalog.
+
+    HR@k   = 1[rank <= k]
+    NDCG@k = 1[rank <= k] / log2(rank + 1)
+    MRR    = 1 / rank
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+HIT_KS = (10, 50, 200)
+NDCG_KS = (10, 200)
+METRICS = tuple(f"hr@{k}" for k in HIT_KS) + tuple(f"ndcg@{k}" for k in NDCG_KS) + ("mrr",)
+
+
+def full_ranks(queries: torch.Tensor, targets: torch.Tensor, items: torch.Tensor,
+               history: torch.Tensor, history_rows: torch.Tensor, item_block: int = 65_536) -> torch.Tensor:
+    """Rank of each target among all items.
+
+    queries [M, D] user vectors; targets [M] item ids; items [V+1, D] (row = id);
+    history / history_rows: flat item ids and the query row each belongs to
+    (excluded from ranking unless equal to that row's target).
+    """
+    target_scores = (queries * items[targets]).sum(-1, keepdim=True)
+    excluded = history != targets[history_rows]
+    rows, cols = history_rows[excluded], history[excluded]
+    higher = torch.zeros(len(targets), dtype=torch.long, device=queries.device)
+    for start in range(0, items.size(0), item_block):
+        scores = queries @ items[start : start + item_block].T
+        if start == 0:
+            scores[:, 0] = -math.inf  # padding
+        in_block = (cols >= start) & (cols < start + scores.size(1))
+        scores[rows[in_block], cols[in_block] - start] = -math.inf
+        higher += (scores > target_scores).sum(1)
+    return higher + 1
+
+
+def metrics_from_ranks(ranks: torch.Tensor) -> dict[str, float]:
+    ranks = ranks.double()
+    out = {f"hr@{k}": (ranks <= k).double().mean().item() for k in HIT_KS}
+    out.update({f"ndcg@{k}": torch.where(ranks <= k, 1 / torch.log2(ranks + 1), 0.0).mean().item() for k in NDCG_KS})
+    out["mrr"] = (1 / ranks).mean().item()
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, batches, item_block: int = 65_536) -> dict[str, float]:
+    """Metrics over every target position of `batches` (jagged torch batches, see genrec.data.loader)."""
+    was_training = model.training
+    model.eval()
+    items = model.all_item_embeddings()
+    ranks = []
+    for batch in batches:
+        users = model(batch["item_ids"], batch["timestamps"], batch["target_timestamps"], batch["offsets"])
+        position = torch.nonzero(batch["target_ids"] > 0).squeeze(1)
+        if len(position) == 0:
+            continue
+        # history of a target at flat position p of user u: the user's input tokens up to p
+        lengths = torch.diff(batch["offsets"])
+        user_of_token = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        start = batch["offsets"][user_of_token[position]]
+        seen = position - start + 1
+        history_rows = torch.repeat_interleave(torch.arange(len(position)), seen)
+        within = torch.arange(int(seen.sum())) - torch.repeat_interleave(torch.cumsum(seen, 0) - seen, seen)
+        history = batch["item_ids"][torch.repeat_interleave(start, seen) + within]
+        ranks.append(full_ranks(users[position], batch["target_ids"][position], items, history, history_rows, item_block))
+    model.train(was_training)
+    if not ranks:
+        raise ValueError("no evaluation targets in the split")
+    result = metrics_from_ranks(torch.cat(ranks))
+    result["count"] = float(sum(len(r) for r in ranks))
+    return result
