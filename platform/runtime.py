@@ -41,11 +41,12 @@ def run_job(main: Callable[[argparse.Namespace], int | None], description: str, 
     """Run a job's main; known user errors print one line instead of a traceback (exit 2)."""
     from genrec.data.adapters import SourceError
     from genrec.data.pipeline import OutputExistsError
+    from genrec.train.loop import NonFiniteLossError
 
     args = job_arguments(description, extra=extra)
     try:
         sys.exit(main(args) or 0)
-    except (ConfigError, SourceError, OutputExistsError, FileNotFoundError) as err:
+    except (ConfigError, SourceError, OutputExistsError, FileNotFoundError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -35,6 +35,7 @@ from genrec.train.evaluation import evaluate
 STATE_FILE = "state.pt"
 BEST_FILE = "best_model.pt"
 SELECTION_METRIC = "valid/ndcg@10"
+NON_FINITE_MARKER = "non_finite_loss.txt"  # written beside the checkpoints when a run stops on nan/inf
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -88,6 +89,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             best_state = torch.load(Path(folder) / BEST_FILE, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # the config, not the checkpoint, sets the hyper-parameters
+            group.update(lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         torch.set_rng_state(state["torch_rng"])
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
         if rank == 0:
@@ -135,10 +138,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if world > 1:
                 dist.all_reduce(bad)
             if bad.item():  # every rank stops; the last good checkpoint stays the run's latest
-                message = non_finite_message(epoch, step, float(loss), history)
                 if rank == 0:
+                    message = non_finite_message(epoch, step, float(loss), history)
                     print(f"[train] {message}", flush=True)
-                ray.train.report({"non_finite_loss": message})
+                    (Path(t.storage_path) / loop_config["run_name"] / NON_FINITE_MARKER).write_text(message)
                 return
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -17,7 +17,7 @@ import torch
 from genrec.config import ExperimentConfig, resolve_path
 from genrec.data.pipeline import read_manifest
 from genrec.train import tracking
-from genrec.train.loop import BEST_FILE, STATE_FILE, NonFiniteLossError, train_loop_per_worker
+from genrec.train.loop import BEST_FILE, NON_FINITE_MARKER, STATE_FILE, NonFiniteLossError, train_loop_per_worker
 
 
 def _backend(cfg: ExperimentConfig) -> str:
@@ -47,12 +47,14 @@ def fit(cfg: ExperimentConfig, log=print) -> dict:
     storage = resolve_path(t.storage_path)
     storage.mkdir(parents=True, exist_ok=True)
     run_id = tracking.start_or_resume_run(cfg, run_name)
+    marker = storage / run_name / NON_FINITE_MARKER
+    marker.unlink(missing_ok=True)
     datasets = None
     if t.data_mode == "streaming":
         datasets = {"train": ray.data.read_parquet(str(resolve_path(cfg.data.output_dir) / "train"))}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": cfg.model_dump(mode="json"), "mlflow_run_id": run_id},
+        train_loop_config={"experiment": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "run_name": run_name},
         torch_config=TorchConfig(backend=_backend(cfg)),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
@@ -63,13 +65,13 @@ def fit(cfg: ExperimentConfig, log=print) -> dict:
     )
     log(f"[train] run {run_name!r}: {t.num_workers} worker(s), backend {_backend(cfg)}, storage {storage / run_name}")
     result = trainer.fit()
+    if marker.exists():
+        raise NonFiniteLossError(f"{marker.read_text()} (checkpoints kept in {storage / run_name})")
     if result.checkpoint is None:
         raise RuntimeError(f"run {run_name!r} ended without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, weights_only=True)
         best_state = torch.load(Path(folder) / BEST_FILE, weights_only=True)
-    if result.metrics.get("non_finite_loss"):
-        raise NonFiniteLossError(f"{result.metrics['non_finite_loss']} (checkpoint kept: {result.checkpoint.path})")
     best, history = state["best"], state["history"]
     plot = storage / run_name / "training_curves.png"
     plot_history(history, plot, title=f"{run_name} ({cfg.model.kind})")

@@ -1,0 +1,135 @@
+"""Training on a real local Ray cluster with a real sqlite MLflow store: tracking, registry,
+resume, fault tolerance, distributed equivalence, non-finite loss, and the metrics."""
+
+import math
+import threading
+import time
+
+import mlflow
+import psutil
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from genrec.config import ExperimentConfig
+from genrec.data.pipeline import prepare
+from genrec.train.evaluation import full_ranks, metrics_from_ranks
+from genrec.train.trainer import evaluate_model, fit
+
+
+def test_full_ranking_metrics_by_hand():
+    # 6 items (ids 1..5, 0 = padding); scores of the single user = the item's x coordinate
+    items = torch.tensor([[9.0, 0], [0.5, 0], [0.9, 0], [0.1, 0], [0.7, 0], [0.3, 0]])
+    query = torch.tensor([[1.0, 0]])
+    # target 4 (score 0.7): items 2 (0.9) rank above it -> rank 2; padding never counts
+    ranks = full_ranks(query, torch.tensor([4]), items, history=torch.tensor([], dtype=torch.long),
+                       history_rows=torch.tensor([], dtype=torch.long))
+    assert ranks.tolist() == [2]
+    # item 2 in the history is removed from ranking -> rank 1; a history item equal to the target stays
+    ranks = full_ranks(query, torch.tensor([4]), items, history=torch.tensor([2, 4]), history_rows=torch.tensor([0, 0]))
+    assert ranks.tolist() == [1]
+    # item blocks smaller than the catalog give the same ranks
+    ranks = full_ranks(query.repeat(2, 1), torch.tensor([5, 3]), items, torch.tensor([1]), torch.tensor([1]), item_block=2)
+    assert ranks.tolist() == [4, 4]  # 0.1 < 0.3 < 0.5 < 0.7 < 0.9; item 1 removed for row 1
+    m = metrics_from_ranks(torch.tensor([1, 4, 20, 300]))
+    assert m["hr@10"] == 0.5 and m["hr@50"] == 0.75 and m["hr@200"] == 0.75
+    assert m["ndcg@10"] == pytest.approx((1 + 1 / math.log2(5)) / 4)
+    assert m["ndcg@200"] == pytest.approx((1 + 1 / math.log2(5) + 1 / math.log2(21)) / 4)
+    assert m["mrr"] == pytest.approx((1 + 1 / 4 + 1 / 20 + 1 / 300) / 4)
+
+
+@pytest.fixture(scope="module")
+def tiny(ray_cluster, tmp_path_factory):
+    """A prepared synthetic dataset and a tiny model config that trains in seconds."""
+    root = tmp_path_factory.mktemp("train")
+    cfg = ExperimentConfig.model_validate({
+        "name": "tiny",
+        "data": {"source": {"kind": "synthetic", "num_users": 240, "num_items": 120, "mean_events_per_user": 20,
+                            "num_shards": 2, "path": str(root / "raw")},
+                 "output_dir": str(root / "data"), "max_seq_len": 16, "num_partitions": 2},
+        "model": {"kind": "hstu", "dim": 16, "num_blocks": 1, "num_heads": 1, "dropout": 0.0},
+        "train": {"epochs": 3, "batch_size": 32, "num_negatives": 16, "storage_path": str(root / "runs"),
+                  "cpus_per_worker": 0.5, "threads_per_worker": 1, "seed": 3},
+        "tracking": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "tests"},
+    })
+    prepare(cfg.data, log=lambda *_: None)
+    return cfg, root
+
+
+def variant(cfg, run_name, **train):
+    out = cfg.model_copy(deep=True)
+    out.train = out.train.model_copy(update={"run_name": run_name, **train})
+    return out
+
+
+def curve(result):
+    return [h["train/loss"] for h in result["history"]]
+
+
+def test_fit_tracks_registers_and_resumes(tiny):
+    cfg, root = tiny
+    result = fit(variant(cfg, "tracked", epochs=2), log=lambda *_: None)
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.data.params["model.kind"] == "hstu" and run.data.params["train.batch_size"] == "32"
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in losses] == [1, 2] and losses[1].value < losses[0].value
+    assert len(client.get_metric_history(run.info.run_id, "valid/ndcg_at_10")) == 2
+    version = client.get_model_version("tiny", result["version"])
+    assert version.run_id == run.info.run_id
+    assert float(version.tags["test/ndcg_at_10"]) == pytest.approx(result["best"]["test/ndcg@10"], abs=1e-4)
+    assert "training_curves.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    # the registered model loads (weights_only) and reproduces the test metrics it was registered with
+    metrics = evaluate_model(cfg, f"models:/tiny/{result['version']}", "test")
+    assert metrics["ndcg@10"] == pytest.approx(result["best"]["test/ndcg@10"], rel=1e-5)
+    assert metrics["count"] == 240
+    # re-submitting the same run name with more epochs resumes: same MLflow run, epochs 1-2 not redone
+    resumed = fit(variant(cfg, "tracked", epochs=3), log=lambda *_: None)
+    assert resumed["mlflow_run_id"] == run.info.run_id
+    assert curve(resumed)[:2] == curve(result) and len(curve(resumed)) == 3
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
+
+
+def test_two_workers_match_one_worker(tiny):
+    cfg, _ = tiny
+    one = fit(variant(cfg, "one-worker", num_workers=1), log=lambda *_: None)
+    two = fit(variant(cfg, "two-workers", num_workers=2), log=lambda *_: None)
+    assert curve(one) == pytest.approx(curve(two), rel=1e-4)
+    assert one["best"]["valid/ndcg@10"] == pytest.approx(two["best"]["valid/ndcg@10"], rel=1e-3)
+
+
+def _train_workers():
+    """Training worker processes of this test session's Ray cluster (its processes descend from ours)."""
+    return [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
+
+
+def test_killed_worker_restarts_from_checkpoint_with_same_result(tiny):
+    cfg, root = tiny
+    reference = fit(variant(cfg, "uninterrupted", epochs=5), log=lambda *_: None)
+    chaos = variant(cfg, "chaos", epochs=5)
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(fit(chaos, log=lambda *_: None)))
+    thread.start()
+    deadline = time.time() + 240
+    while not list((root / "runs" / "chaos").glob("checkpoint_*")) and time.time() < deadline:
+        time.sleep(0.1)
+    victims = _train_workers()
+    assert victims, "no training worker process found"
+    for p in victims:
+        p.kill()
+    thread.join(timeout=600)
+    assert outcome, "the run did not complete after the worker was killed"
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in victims)
+    assert curve(outcome) == pytest.approx(curve(reference), rel=1e-6)
+    assert outcome["best"] == pytest.approx(reference["best"], rel=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny):
+    from genrec.train.loop import NonFiniteLossError
+
+    cfg, root = tiny
+    fit(variant(cfg, "diverges", epochs=1), log=lambda *_: None)
+    good = sorted((root / "runs" / "diverges").glob("checkpoint_*"))
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 2.*Last good checkpoint: epoch 1"):
+        fit(variant(cfg, "diverges", epochs=3, lr=1e30), log=lambda *_: None)
+    assert sorted((root / "runs" / "diverges").glob("checkpoint_*")) == good
