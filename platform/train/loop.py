@@ -104,7 +104,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     test = read_split(cfg.data.output_dir, "test") if rank == 0 else None
     client = _mlflow_client(cfg) if (rank == 0 and tracking_run) else None
     started = time.time()
-    epochs_without_gain = 0
+    # evaluations since the best one (restored from the history, so early stopping survives a resume)
+    epochs_without_gain = sum(1 for h in history if SELECTION_METRIC in h and h["epoch"] > best.get("best_epoch", 0))
 
     for epoch in range(start_epoch, t.epochs):
         epoch_start = time.time()
@@ -158,12 +159,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {"epoch": epoch + 1, "train/loss": loss_sum / max(steps, 1),
                    "train/examples_per_s": examples / seconds, "train/tokens_per_s": tokens / seconds,
                    "train/epoch_seconds": seconds}
-        improved = False
         if rank == 0 and ((epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs):
             valid_metrics = evaluate(core, iter_torch_batches(valid, eval_spec, t.eval_batch_size, shuffle=False))
             metrics.update({f"valid/{k}": v for k, v in valid_metrics.items() if k != "count"})
             if metrics[SELECTION_METRIC] > best.get(SELECTION_METRIC, -1.0):
-                improved = True
                 test_metrics = evaluate(core, iter_torch_batches(test, eval_spec, t.eval_batch_size, shuffle=False))
                 best = {**{k: v for k, v in metrics.items() if k.startswith("valid/")},
                         **{f"test/{k}": v for k, v in test_metrics.items() if k != "count"}, "best_epoch": epoch + 1}
