@@ -24,6 +24,7 @@ test: install
 
 bench: install
 	$(PY) benchmarks/data_pipeline.py
+	$(PY) benchmarks/train_throughput.py
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -42,8 +42,8 @@ def main() -> None:
             result = fit(cfg)
             history = result["history"]
             rows.append({"model": cfg.name, "seed": seed, "epochs": result["epochs_run"],
-                         "train_s_per_epoch": statistics.mean(h["train/epoch_seconds"] for h in history),
-                         "eval_s_per_epoch": statistics.mean(h["eval_seconds"] for h in history),
+                         "train_s_per_epoch": statistics.median(h["train/epoch_seconds"] for h in history),
+                         "eval_s_per_epoch": statistics.median(h["eval_seconds"] for h in history),
                          "wall_s": sum(h["train/epoch_seconds"] + h["eval_seconds"] for h in history), **result["best"]})
             out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
             out.write_text(table(rows))
@@ -54,7 +54,7 @@ def table(rows: list) -> str:
     lines = [f"machine: {platform.machine()}, {__import__('os').cpu_count()} CPUs; test metrics at the best validation "
              "NDCG@10 epoch; mean ± std over seeds", "",
              "| model | seeds | " + " | ".join(f"test {c}" for c in COLUMNS)
-             + " | best epoch | epochs run | s/epoch train | s/epoch eval | wall min/run |",
+             + " | best epoch | epochs run | median s/epoch train | median s/epoch eval | wall min/run |",
              "|---|---:|" + "---:|" * (len(COLUMNS) + 5)]
     for model in dict.fromkeys(r["model"] for r in rows):
         runs = [r for r in rows if r["model"] == model]
