@@ -133,3 +133,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny):
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 2.*Last good checkpoint: epoch 1"):
         fit(variant(cfg, "diverges", epochs=3, lr=1e30), log=lambda *_: None)
     assert sorted((root / "runs" / "diverges").glob("checkpoint_*")) == good
+
+
+def test_streaming_data_mode_trains_from_ray_data_shards(tiny):
+    cfg, _ = tiny
+    result = fit(variant(cfg, "streaming", epochs=2, data_mode="streaming", num_workers=2), log=lambda *_: None)
+    losses = curve(result)
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses) and losses[1] < losses[0]
+    # every training user is seen once per epoch across the two workers' shards
+    assert result["history"][0]["train/examples_per_s"] * result["history"][0]["train/epoch_seconds"] == pytest.approx(240)
