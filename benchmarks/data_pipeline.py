@@ -162,7 +162,7 @@ def main() -> None:
     print("| input events | baseline (1 process) s | Ray pipeline (2 CPUs) s | time ratio Ray/baseline "
           "| baseline events/s | Ray events/s | baseline peak GiB | Ray peak GiB | same sequences |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
-    for events, base, ours, same in rows:
+    for _, base, ours, same in rows:
         n = base["events"]
         print(f"| {n:,} | {base['seconds']:.1f} | {ours['seconds']:.1f} | {ours['seconds'] / base['seconds']:.2f} "
               f"| {n / base['seconds']:,.0f} | {n / ours['seconds']:,.0f} | {base['peak_gib']:.2f} | {ours['peak_gib']:.2f} "

@@ -13,7 +13,6 @@ import argparse
 import json
 import platform
 import statistics
-from pathlib import Path
 
 from genrec.config import load_config, resolve_path
 from genrec.runtime import init_ray

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pyarrow as pa
-import pytest
 
 from genrec.data.batches import ACTION, CONTEXT, ITEM, NO_ACTION, build_batch, stochastic_length
 from genrec.data.loader import BatchSpec, iter_torch_batches, read_split

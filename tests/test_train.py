@@ -5,7 +5,6 @@ import math
 import threading
 import time
 
-import mlflow
 import psutil
 import pytest
 import torch

@@ -12,7 +12,6 @@ Every input row ends up in exactly one of the two outputs: input = accepted + re
 from __future__ import annotations
 
 import csv
-import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -400,7 +399,6 @@ def _parse_text(chunk: Chunk, cfg_ts: tuple[int, int], known_items: set | None):
     pos = fmt.positions
     ts_lo, ts_hi = cfg_ts
     ts_div = 1000 if fmt.timestamp_unit == "ms" else 1
-    reader = None
     for offset, raw_bytes in enumerate(lines):
         row = chunk.first_row + offset
         raw_bytes = raw_bytes[:-1] if raw_bytes.endswith(b"\r") else raw_bytes
@@ -412,8 +410,7 @@ def _parse_text(chunk: Chunk, cfg_ts: tuple[int, int], known_items: set | None):
         if fmt.kind == "dat":
             fields = line.split("::")
         else:
-            reader = csv.reader([line], delimiter=fmt.delimiter)
-            fields = next(reader, [])
+            fields = next(csv.reader([line], delimiter=fmt.delimiter), [])
         if len(fields) != fmt.num_fields:
             out.reject(row, line, f"wrong number of fields: {len(fields)}, expected {fmt.num_fields}")
             continue

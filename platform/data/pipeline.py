@@ -150,7 +150,7 @@ def partition_sequences(partition: int, staging: Path, vocab: dict, cfg: DataCon
 
 # ----------------------------------------------------------------------------- driver
 
-def _map(items: list[dict], fn, name: str, **kwargs) -> list[dict]:
+def _map(items: list[dict], fn, **kwargs) -> list[dict]:
     """Run fn(**item, **kwargs) over work items as a Ray Data map; one row of stats each."""
     import ray
 
@@ -248,17 +248,17 @@ def prepare(cfg: DataConfig, log=print) -> dict:
             known_items = set(plan.catalog["item_id"].to_pylist())
         log(f"[prepare] stage 1/3: canonicalize {len(plan.chunks)} chunks")
         chunks = _map(
-            [{"index": i} for i in range(len(plan.chunks))], canonicalize_chunk, "canonicalize",
+            [{"index": i} for i in range(len(plan.chunks))], canonicalize_chunk,
             plan=plan, cfg=cfg, known_items=known_items, staging=staging,
         )
         partitions = [{"partition": p} for p in range(cfg.num_partitions)]
         log(f"[prepare] stage 2/3: vocabularies over {cfg.num_partitions} user partitions")
-        parts = _map(partitions, partition_vocabulary, "vocabulary", staging=staging)
+        parts = _map(partitions, partition_vocabulary, staging=staging)
         vocab = _vocabularies(plan, cfg, parts)
         cutoff = _cutoff(cfg, parts)
         log("[prepare] stage 3/3: sequences and splits")
         seq_stats = _map(
-            partitions, partition_sequences, "sequences",
+            partitions, partition_sequences,
             staging=staging, vocab=vocab, cfg=cfg, merge_actions=plan.merge_actions, cutoff=cutoff,
         )
         _write_vocab(staging / "vocab", plan, vocab)
