@@ -33,6 +33,9 @@ def init_ray(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
+    # Ray Train V2 re-routes print() through its logger and also tees it to the wrapped
+    # stdout, so every progress line would show twice; plain print is what we want.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     memory = int(cfg.object_store_memory_gb * (1 << 30)) if cfg.object_store_memory_gb else None
     ray.init(num_cpus=cfg.num_cpus, object_store_memory=memory, include_dashboard=False)
 
