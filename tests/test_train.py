@@ -104,21 +104,23 @@ def _train_workers():
 
 def test_killed_worker_restarts_from_checkpoint_with_same_result(tiny):
     cfg, root = tiny
-    reference = fit(variant(cfg, "uninterrupted", epochs=5), log=lambda *_: None)
-    chaos = variant(cfg, "chaos", epochs=5)
+    epochs = 12
+    reference = fit(variant(cfg, "uninterrupted", epochs=epochs), log=lambda *_: None)
+    chaos = variant(cfg, "chaos", epochs=epochs)
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(fit(chaos, log=lambda *_: None)))
     thread.start()
     deadline = time.time() + 240
     while not list((root / "runs" / "chaos").glob("checkpoint_*")) and time.time() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.05)
     victims = _train_workers()
-    assert victims, "no training worker process found"
+    assert victims and thread.is_alive(), "the run must still be training when its worker is killed"
     for p in victims:
         p.kill()
     thread.join(timeout=600)
     assert outcome, "the run did not complete after the worker was killed"
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in victims)
+    assert len(curve(outcome)) == epochs
     assert curve(outcome) == pytest.approx(curve(reference), rel=1e-6)
     assert outcome["best"] == pytest.approx(reference["best"], rel=1e-6)
 
