@@ -57,3 +57,15 @@ def test_shipped_configs_are_valid():
     assert files
     for path in files:
         load_config(path)
+
+
+def test_base_files_are_merged_under_the_child(tmp_path):
+    (tmp_path / "parent.yaml").write_text(GOOD + "train: {epochs: 7, lr: 0.5}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: parent.yaml\nname: child\ntrain: {epochs: 3}\n")
+    cfg = load_config(child)
+    assert cfg.name == "child" and cfg.train.epochs == 3 and cfg.train.lr == 0.5
+    assert cfg.data.max_seq_len == 50  # from the parent
+    child.write_text("base: child.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(child)
