@@ -11,7 +11,7 @@ Truncation to the most recent max_seq_len items (and Stochastic Length) happens 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -27,25 +27,21 @@ from genrec.data.pipeline import read_manifest
 
 @dataclass(frozen=True)
 class BatchSpec:
+    """How to build batches from a prepared dataset (see genrec.data.batches.build_batch)."""
+
     layout: str = "items"
     max_seq_len: int = 200
     context_columns: tuple[str, ...] = ()
     context_offsets: tuple[int, ...] = ()
     stochastic_alpha: float | None = None
     num_items: int = 0
-    num_actions: int = 0
-    action_encoding: str = "index"
-    context_vocab_size: int = 0
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_prepared(cls, folder, layout="items", max_seq_len=200, stochastic_alpha=None) -> "BatchSpec":
         manifest = read_manifest(folder)
         columns = tuple(manifest["context_features"]) if layout == "interleaved" else ()
         shifts = context_offsets(manifest, list(columns))
-        size = sum(manifest["context_features"][c] + 1 for c in columns)
-        return cls(layout, max_seq_len, columns, shifts, stochastic_alpha, manifest["num_items"],
-                   len(manifest["actions"]), manifest["action_encoding"], size)
+        return cls(layout, max_seq_len, columns, shifts, stochastic_alpha, manifest["num_items"])
 
 
 def read_split(folder: str | Path, split: str) -> pa.Table:
