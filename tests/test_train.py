@@ -143,3 +143,10 @@ def test_streaming_data_mode_trains_from_ray_data_shards(tiny):
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses) and losses[1] < losses[0]
     # every training user is seen once per epoch across the two workers' shards
     assert result["history"][0]["train/examples_per_s"] * result["history"][0]["train/epoch_seconds"] == pytest.approx(240)
+
+
+def test_in_batch_negatives_option_changes_training(tiny):
+    cfg, _ = tiny
+    uniform = fit(variant(cfg, "uniform-negatives", epochs=1), log=lambda *_: None)
+    in_batch = fit(variant(cfg, "in-batch-negatives", epochs=1, in_batch_negatives=True), log=lambda *_: None)
+    assert math.isfinite(curve(in_batch)[0]) and curve(in_batch)[0] != pytest.approx(curve(uniform)[0], rel=1e-3)

@@ -29,7 +29,7 @@ from genrec.config import ExperimentConfig
 from genrec.data.batches import build_batch
 from genrec.data.loader import BatchSpec, iter_torch_batches, read_split, to_torch
 from genrec.model import build_encoder
-from genrec.model.losses import softmax_loss_with_negatives
+from genrec.model.losses import sample_negatives, softmax_loss_with_negatives
 from genrec.train.evaluation import evaluate
 
 STATE_FILE = "state.pt"
@@ -126,8 +126,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 dist.all_reduce(count)
             if negatives is None:  # streaming: each worker draws its own
                 generator = torch.Generator().manual_seed(((t.seed * 1_000_003 + epoch) * 100_003 + step) * 64 + rank)
-                negatives = torch.randint(1, spec.num_items + 1, (int(has_target.sum()), t.num_negatives),
-                                          generator=generator)
+                negatives = sample_negatives(batch["target_ids"][has_target].cpu(), spec.num_items, t.num_negatives,
+                                             t.in_batch_negatives, generator)
             item_vectors = core.all_item_embeddings()
             if has_target.any():
                 mean = softmax_loss_with_negatives(users[has_target], batch["target_ids"][has_target],
@@ -208,7 +208,8 @@ def _replicated_batches(table: pa.Table, spec: BatchSpec, t, epoch: int, rank: i
                             stochastic_alpha=spec.stochastic_alpha, rng=rng)
         has_target = batch["target_ids"] > 0
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        negatives = torch.randint(1, spec.num_items + 1, (int(has_target.sum()), t.num_negatives), generator=generator)
+        negatives = sample_negatives(torch.from_numpy(batch["target_ids"][has_target]), spec.num_items,
+                                     t.num_negatives, t.in_batch_negatives, generator)
         mine = np.isin(batch["users"], users[np.array_split(rows, world)[rank]])
         lengths = np.diff(batch["offsets"])
         tokens = np.repeat(mine, lengths)
