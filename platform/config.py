@@ -219,13 +219,23 @@ class TrainConfig(Strict):
         description="replicated: every worker reads the split and takes its rank's slice of each seeded global "
         "batch (results independent of the number of workers); streaming: Ray Data shards per worker",
     )
-    eval_every: int = Field(1, gt=0)
-    eval_batch_size: int = Field(256, gt=0)
     early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without a better valid NDCG@10")
     storage_path: str = "outputs/ray_results"
     run_name: str | None = Field(None, description="default: the experiment name; the same name resumes")
     max_failures: int = Field(1, ge=0)
     checkpoints_to_keep: int = Field(2, gt=0)
+
+
+class EvalConfig(Strict):
+    """Full-ranking evaluation during training and by jobs/evaluate.py (genrec.train.evaluation)."""
+
+    every: int = Field(1, gt=0, description="rank the validation split every this many epochs (and at the last)")
+    batch_size: int = Field(256, gt=0, description="users per evaluation batch")
+    ties: Literal["pessimistic", "optimistic"] = Field(
+        "pessimistic", description="an item with exactly the target's score ranks above it (pessimistic) or not")
+    test_epochs: list[int] = Field(
+        default_factory=list,
+        description="also rank the test split after these epochs, whatever validation says (fixed-epoch figures)")
 
 
 class TrackingConfig(Strict):
@@ -245,6 +255,7 @@ class ExperimentConfig(Strict):
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Callable
 
-from genrec.config import ConfigError, RayConfig, load_config
+from .config import ConfigError, RayConfig, load_config
 
 
 def job_arguments(description: str, argv=None, extra: Callable | None = None) -> argparse.Namespace:
@@ -42,9 +42,9 @@ def init_ray(cfg: RayConfig) -> None:
 
 def run_job(main: Callable[[argparse.Namespace], int | None], description: str, extra: Callable | None = None) -> None:
     """Run a job's main; known user errors print one line instead of a traceback (exit 2)."""
-    from genrec.data.adapters import SourceError
-    from genrec.data.pipeline import OutputExistsError
-    from genrec.train.loop import NonFiniteLossError
+    from .data.adapters import SourceError
+    from .data.pipeline import OutputExistsError
+    from .train.loop import NonFiniteLossError
 
     args = job_arguments(description, extra=extra)
     try:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from genrec.config import (
+from ..config import (
     ActionsConfig,
     ColumnMapping,
     CsvSource,
@@ -33,7 +33,7 @@ from genrec.config import (
     SyntheticSource,
     resolve_path,
 )
-from genrec.data.schema import EVENT_SCHEMA, REJECT_SCHEMA, source_order
+from .schema import EVENT_SCHEMA, REJECT_SCHEMA, source_order
 
 
 class SourceError(ValueError):
@@ -263,7 +263,7 @@ def _plan_parquet(source: ParquetSource, cfg: DataConfig) -> SourcePlan:
 
 def synthetic_as_parquet(source: SyntheticSource, folder: Path) -> ParquetSource:
     """The generated folder, described as the Parquet log it is."""
-    from genrec.data.synthetic import EVENTS_DIR, USERS_FILE
+    from .synthetic import EVENTS_DIR, USERS_FILE
 
     names = list(source.action_rates)
     return ParquetSource(
@@ -279,7 +279,7 @@ def plan_source(cfg: DataConfig) -> SourcePlan:
     """Check the source exists and has the expected shape, and cut it into chunks."""
     source = cfg.source
     if isinstance(source, SyntheticSource):
-        from genrec.data.synthetic import ITEMS_FILE, generate
+        from .synthetic import ITEMS_FILE, generate
 
         folder = generate(source)
         plan = _plan_parquet(synthetic_as_parquet(source, folder), cfg)

@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from genrec.config import resolve_path
-from genrec.data.batches import build_batch, context_offsets
-from genrec.data.pipeline import read_manifest
+from ..config import resolve_path
+from .batches import build_batch, context_offsets
+from .pipeline import read_manifest
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from genrec.config import ConfigError, DataConfig, TimeSplit, resolve_path
-from genrec.data.adapters import SourcePlan, plan_source, read_chunk
-from genrec.data.schema import REJECT_SCHEMA, SCHEMA_VERSION, sequence_schema
-from genrec.data.sequences import build_sequences, make_splits
+from ..config import ConfigError, DataConfig, TimeSplit, resolve_path
+from .adapters import SourcePlan, plan_source, read_chunk
+from .schema import REJECT_SCHEMA, SCHEMA_VERSION, sequence_schema
+from .sequences import build_sequences, make_splits
 
 SPLITS = ("train", "valid", "test")
 MANIFEST = "manifest.json"

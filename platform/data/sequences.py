@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from genrec.config import LeaveOneOutSplit, TimeSplit
+from ..config import LeaveOneOutSplit, TimeSplit
 
 LIST_COLUMNS = ("items", "actions", "timestamps", "values")
 

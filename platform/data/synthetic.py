@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from genrec.config import SyntheticSource, resolve_path
+from ..config import SyntheticSource, resolve_path
 
 CONTEXT_CARDINALITY = {"gender": 2, "age_bucket": 7, "region": 50}
 EVENTS_DIR = "events"

@@ -2,45 +2,77 @@
 
 No sampled candidates: rank = 1 + the number of items scoring higher than the
 target, after removing padding (id 0) and the items already in the user's history
-(the target itself is never removed). Scores are computed a block of items at a
-time, so memory stays flat however large the catalog.
+(the target itself is never removed).
 
     HR@k   = 1[rank <= k]
     NDCG@k = 1[rank <= k] / log2(rank + 1)
     MRR    = 1 / rank
+
+One computation scores everything: the target's score is read from the same
+GEMM block that scores the rest of the catalog. (Scoring the target apart, e.g.
+as an elementwise product-sum, rounds differently in float32, and the target's
+own GEMM column can then come out above it: the target "beats itself" and every
+metric is under-reported.) Scores are computed a block of items at a time so
+memory stays flat however large the catalog; with more than one block the
+blocks are computed twice, by the same call, so both passes see the same bits.
+
+Exact ties (another item with exactly the target's score) follow `ties`:
+"pessimistic" (the default) ranks the target below every item it ties with, so a
+collapsed model that scores all items alike gets the worst rank, not the best;
+"optimistic" counts only strictly higher scores. A non-finite target score
+ranks last.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
 HIT_KS = (10, 50, 200)
 NDCG_KS = (10, 200)
 METRICS = tuple(f"hr@{k}" for k in HIT_KS) + tuple(f"ndcg@{k}" for k in NDCG_KS) + ("mrr",)
+TiePolicy = Literal["pessimistic", "optimistic"]
 
 
 def full_ranks(queries: torch.Tensor, targets: torch.Tensor, items: torch.Tensor,
-               history: torch.Tensor, history_rows: torch.Tensor, item_block: int = 65_536) -> torch.Tensor:
+               history: torch.Tensor, history_rows: torch.Tensor, item_block: int = 65_536,
+               ties: TiePolicy = "pessimistic") -> torch.Tensor:
     """Rank of each target among all items.
 
     queries [M, D] user vectors; targets [M] item ids; items [V+1, D] (row = id);
     history / history_rows: flat item ids and the query row each belongs to
     (excluded from ranking unless equal to that row's target).
     """
-    target_scores = (queries * items[targets]).sum(-1, keepdim=True)
+    if ties not in ("pessimistic", "optimistic"):
+        raise ValueError(f"ties must be 'pessimistic' or 'optimistic', got {ties!r}")
     excluded = history != targets[history_rows]
     rows, cols = history_rows[excluded], history[excluded]
-    higher = torch.zeros(len(targets), dtype=torch.long, device=queries.device)
-    for start in range(0, items.size(0), item_block):
+
+    def block_scores(start: int) -> torch.Tensor:
         scores = queries @ items[start : start + item_block].T
         if start == 0:
             scores[:, 0] = -math.inf  # padding
         in_block = (cols >= start) & (cols < start + scores.size(1))
         scores[rows[in_block], cols[in_block] - start] = -math.inf
-        higher += (scores > target_scores).sum(1)
-    return higher + 1
+        return scores
+
+    starts = range(0, items.size(0), item_block)
+    only_block = block_scores(0) if len(starts) == 1 else None
+    target_scores = queries.new_empty(len(targets))
+    for start in starts:
+        scores = only_block if only_block is not None else block_scores(start)
+        here = torch.nonzero((targets >= start) & (targets < start + scores.size(1))).squeeze(1)
+        target_scores[here] = scores[here, targets[here] - start]
+    higher = torch.zeros(len(targets), dtype=torch.long, device=queries.device)
+    equal = torch.zeros_like(higher)  # counts the target itself
+    for start in starts:
+        scores = only_block if only_block is not None else block_scores(start)
+        higher += (scores > target_scores.unsqueeze(1)).sum(1)
+        equal += (scores == target_scores.unsqueeze(1)).sum(1)
+    ranks = higher + equal if ties == "pessimistic" else higher + 1
+    return torch.where(torch.isfinite(target_scores), ranks, items.size(0) - 1)
 
 
 def metrics_from_ranks(ranks: torch.Tensor) -> dict[str, float]:
@@ -52,7 +84,7 @@ def metrics_from_ranks(ranks: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model, batches, item_block: int = 65_536) -> dict[str, float]:
+def evaluate(model, batches, item_block: int = 65_536, ties: TiePolicy = "pessimistic") -> dict[str, float]:
     """Metrics over every target position of `batches` (jagged torch batches, see genrec.data.loader)."""
     was_training = model.training
     model.eval()
@@ -71,7 +103,8 @@ def evaluate(model, batches, item_block: int = 65_536) -> dict[str, float]:
         history_rows = torch.repeat_interleave(torch.arange(len(position)), seen)
         within = torch.arange(int(seen.sum())) - torch.repeat_interleave(torch.cumsum(seen, 0) - seen, seen)
         history = batch["item_ids"][torch.repeat_interleave(start, seen) + within]
-        ranks.append(full_ranks(users[position], batch["target_ids"][position], items, history, history_rows, item_block))
+        ranks.append(full_ranks(users[position], batch["target_ids"][position], items, history, history_rows,
+                                item_block, ties))
     model.train(was_training)
     if not ranks:
         raise ValueError("no evaluation targets in the split")

@@ -25,12 +25,12 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
-from genrec.config import ExperimentConfig
-from genrec.data.batches import build_batch
-from genrec.data.loader import BatchSpec, iter_torch_batches, read_split, to_torch
-from genrec.model import build_encoder
-from genrec.model.losses import sample_negatives, softmax_loss_with_negatives
-from genrec.train.evaluation import evaluate
+from ..config import ExperimentConfig
+from ..data.batches import build_batch
+from ..data.loader import BatchSpec, iter_torch_batches, read_split, to_torch
+from ..model import build_encoder
+from ..model.losses import sample_negatives, softmax_loss_with_negatives
+from .evaluation import evaluate
 
 STATE_FILE = "state.pt"
 BEST_FILE = "best_model.pt"
@@ -159,11 +159,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {"epoch": epoch + 1, "train/loss": loss_sum / max(steps, 1),
                    "train/examples_per_s": examples / seconds, "train/tokens_per_s": tokens / seconds,
                    "train/epoch_seconds": seconds}
-        if rank == 0 and ((epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs):
-            valid_metrics = evaluate(core, iter_torch_batches(valid, eval_spec, t.eval_batch_size, shuffle=False))
+        ev = cfg.eval
+        rank_split = lambda table: evaluate(core, iter_torch_batches(table, eval_spec, ev.batch_size, shuffle=False),
+                                            ties=ev.ties)
+        if rank == 0 and epoch + 1 in ev.test_epochs:
+            metrics.update({f"test/{k}": v for k, v in rank_split(test).items() if k != "count"})
+        if rank == 0 and ((epoch + 1) % ev.every == 0 or epoch + 1 == t.epochs):
+            valid_started = time.time()
+            valid_metrics = rank_split(valid)
+            metrics["valid_seconds"] = time.time() - valid_started  # one full ranking of the split
             metrics.update({f"valid/{k}": v for k, v in valid_metrics.items() if k != "count"})
             if metrics[SELECTION_METRIC] > best.get(SELECTION_METRIC, -1.0):
-                test_metrics = evaluate(core, iter_torch_batches(test, eval_spec, t.eval_batch_size, shuffle=False))
+                test_metrics = rank_split(test)
                 best = {**{k: v for k, v in metrics.items() if k.startswith("valid/")},
                         **{f"test/{k}": v for k, v in test_metrics.items() if k != "count"}, "best_epoch": epoch + 1}
                 best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
@@ -239,7 +246,7 @@ def _print_epoch(metrics: dict, epoch: int, epochs: int, started: float, start_e
 def _mlflow_client(cfg: ExperimentConfig):
     from mlflow.tracking import MlflowClient
 
-    from genrec.train.tracking import tracking_uri
+    from .tracking import tracking_uri
 
     return MlflowClient(tracking_uri(cfg))
 
@@ -247,7 +254,7 @@ def _mlflow_client(cfg: ExperimentConfig):
 def _mlflow_metrics(metrics: dict, epoch: int):
     from mlflow.entities import Metric
 
-    from genrec.train.tracking import metric_key
+    from .tracking import metric_key
 
     now = int(time.time() * 1000)
     return [Metric(metric_key(k), float(v), now, epoch + 1) for k, v in metrics.items()

@@ -12,7 +12,7 @@ import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
-from genrec.config import ExperimentConfig, resolve_path
+from ..config import ExperimentConfig, resolve_path
 
 RUN_NAME_TAG = "genrec.run_name"
 WEIGHTS = "model.pt"
@@ -72,7 +72,7 @@ def save_model_folder(folder: Path, cfg: ExperimentConfig, state_dict: dict) -> 
 
 def load_encoder(folder: str | Path):
     """A model folder (or a downloaded MLflow model's artifacts) -> (encoder in eval mode, config)."""
-    from genrec.train.loop import encoder_from_config
+    from .loop import encoder_from_config
 
     folder = Path(folder)
     cfg = ExperimentConfig.model_validate_json((folder / CONFIG).read_text())

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from genrec.config import ExperimentConfig, resolve_path
-from genrec.data.pipeline import read_manifest
-from genrec.train import tracking
-from genrec.train.loop import BEST_FILE, NON_FINITE_MARKER, STATE_FILE, NonFiniteLossError, train_loop_per_worker
+from ..config import ExperimentConfig, resolve_path
+from ..data.pipeline import read_manifest
+from . import tracking
+from .loop import BEST_FILE, NON_FINITE_MARKER, STATE_FILE, NonFiniteLossError, train_loop_per_worker
 
 
 def _backend(cfg: ExperimentConfig) -> str:
@@ -108,9 +108,9 @@ def plot_history(history: list, path: Path, title: str) -> None:
 
 def evaluate_model(cfg: ExperimentConfig, model_uri: str, split: str) -> dict:
     """Evaluate a registered model (`models:/name/version`) or a model folder on a split."""
-    from genrec.data.loader import iter_torch_batches, read_split
-    from genrec.train.evaluation import evaluate
-    from genrec.train.loop import batch_spec
+    from ..data.loader import iter_torch_batches, read_split
+    from .evaluation import evaluate
+    from .loop import batch_spec
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(model_uri) if Path(model_uri).is_dir() else tracking.download_model(cfg, model_uri, Path(tmp))
@@ -118,4 +118,4 @@ def evaluate_model(cfg: ExperimentConfig, model_uri: str, split: str) -> dict:
     model_cfg = model_cfg.model_copy(update={"data": cfg.data})
     spec = batch_spec(model_cfg)
     table = read_split(cfg.data.output_dir, split)
-    return evaluate(encoder, iter_torch_batches(table, spec, cfg.train.eval_batch_size, shuffle=False))
+    return evaluate(encoder, iter_torch_batches(table, spec, cfg.eval.batch_size, shuffle=False), ties=cfg.eval.ties)
