@@ -117,20 +117,47 @@ class ParquetSource(Strict):
 
 
 class SyntheticSource(Strict):
-    """Generated events: Zipf item popularity, heavy-tailed user lengths, several actions."""
+    """Generated events from a latent world with a known optimum (see genrec.data.synthetic).
+
+    Items have topics, latent vectors and Zipf popularity; users have drifting topic
+    interests and sessions in which the next topic follows the previous item's topic
+    (a topic-level Markov process); items enter and fade over time; actions depend on
+    user-item affinity and position in session. The generator computes the oracle.
+    """
 
     kind: Literal["synthetic"]
     num_users: int = Field(20_000, gt=0)
     num_items: int = Field(5_000, gt=1)
     mean_events_per_user: float = Field(50.0, gt=1)
     min_events_per_user: int = Field(5, ge=1)
-    max_events_per_user: int = Field(2_000, ge=1)
-    zipf_exponent: float = Field(1.05, gt=0)
+    max_events_per_user: int = Field(2_000, ge=1, description="also capped at half the catalog (no repeats)")
+    zipf_exponent: float = Field(1.05, gt=0, description="item popularity weight 1 / rank^s")
+    num_topics: int = Field(32, gt=0)
+    latent_dim: int = Field(16, gt=0, description="item/user latent vectors (action affinity)")
+    interest_concentration: float = Field(
+        0.1, gt=0, description="Dirichlet parameter per topic of a user's interests; small = focused users")
+    interest_drift: float = Field(0.1, ge=0, le=1, description="per session: interests move this far to a fresh draw")
+    topic_transition: float = Field(
+        0.5, ge=0, le=1, description="within a session, weight of the previous item's topic transition vs interests")
+    transition_concentration: float = Field(0.1, gt=0, description="Dirichlet parameter of topic transition rows")
+    exploration: float = Field(0.05, ge=0, le=1, description="share of next topics drawn from global topic popularity")
+    session_end_prob: float = Field(0.15, gt=0, le=1, description="chance a session ends after each event")
+    duration_days: float = Field(365.0, gt=0, description="users start uniformly over this span; items enter over it")
+    period_days: float = Field(7.0, gt=0, description="granularity of the vocabulary clock")
+    new_item_fraction: float = Field(0.0, ge=0, lt=1, description="share of the catalog that enters after the start")
+    item_half_life_days: float | None = Field(None, gt=0, description="item popularity halves every this many days")
     action_rates: dict[str, float] = Field(
         default_factory=lambda: {"click": 0.72, "like": 0.12, "add_to_cart": 0.08, "share": 0.03, "purchase": 0.05},
         min_length=1,
+        description="weakest action first; base rates of an impression's (first) action",
     )
+    action_affinity: float = Field(3.0, ge=0, description="how strongly actions respond to user-item affinity")
+    action_session_slope: float = Field(0.3, description="how strongly strong actions grow with position in session")
     multi_action_rate: float = Field(0.05, ge=0, le=1, description="chance an impression gets a second action")
+    oracle_max_users: int = Field(20_000, gt=0, description="oracle metrics on at most this many users (every k-th)")
+    block_users: int = Field(
+        1024, gt=0, description="users simulated together on one RNG stream (fewer for large catalogs): the unit "
+        "of determinism, so changing it changes the data and num_shards does not")
     start_time: int = 1_577_836_800  # 2020-01-01
     seed: int = 0
     num_shards: int = Field(8, gt=0)

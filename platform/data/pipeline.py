@@ -307,6 +307,12 @@ def _summary(cfg, plan, chunks, seq_stats, vocab, cutoff, staging: Path) -> dict
     for key in ("train_users", "valid_users", "test_users", "train_events", "valid_events", "test_events", "users_not_evaluated"):
         summary[key] = total(seq_stats, key)
     summary["source_checksums_sha256"] = plan.checksums
+    from ..config import SyntheticSource
+
+    if isinstance(cfg.source, SyntheticSource):  # the generator's exact oracle and popularity baseline
+        from .synthetic import read_oracle
+
+        summary["synthetic_oracle"] = read_oracle(cfg.source)
     if summary["input_rows"] != summary["accepted"] + summary["rejected"]:
         raise RuntimeError(f"row accounting broke: {summary}")
     if summary["accepted"] != summary["sequence_events"] + summary["duplicates_dropped"] + summary["merged_into_bitmask"]:
