@@ -1,7 +1,7 @@
 """Benchmark: the fused HSTU attention against its PyTorch reference and softmax attention.
 
     python benchmarks/attention.py [--device cpu|cuda] [--lengths 200 1024 2048] [--tokens 8192]
-                                   [--heads 2] [--dim 32] [--reps 3]
+                                   [--heads 2] [--dim 32] [--reps 3] [--threads T]
 
 Forward and forward+backward time and peak memory of
   fused:     hstu_attention_cpu on CPU, hstu_attention_triton on CUDA (bias from the tables, in the op)
@@ -159,7 +159,10 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--dim", type=int, default=32, help="dqk = dv per head")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda":
         from genrec.model.ops.hstu_attention_triton import hstu_attention_triton as fused

@@ -46,8 +46,8 @@ def _forward(Q, K, V, Out, offsets, TS, TTS, PW, TW, num_targets,
              H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr,
              BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              HAS_TARGETS: tl.constexpr, LOG_WIDTH: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    b, h = tl.program_id(1) // H, tl.program_id(1) % H
+    start_m = tl.program_id(1) * BLOCK_M
+    b, h = tl.program_id(0) // H, tl.program_id(0) % H
     start = tl.load(offsets + b)
     n = (tl.load(offsets + b + 1) - start).to(tl.int32)
     if start_m < n:
@@ -85,8 +85,8 @@ def _backward(Q, K, V, dOut, dQ, dK, dV, dPW, dTW, offsets, TS, TTS, PW, TW, num
               H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr,
               BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_TARGETS: tl.constexpr, LOG_WIDTH: tl.constexpr):
-    start_n = tl.program_id(0) * BLOCK_N
-    b, h = tl.program_id(1) // H, tl.program_id(1) % H
+    start_n = tl.program_id(1) * BLOCK_N
+    b, h = tl.program_id(0) // H, tl.program_id(0) % H
     start = tl.load(offsets + b)
     n = (tl.load(offsets + b + 1) - start).to(tl.int32)
     if start_n < n:
@@ -133,7 +133,8 @@ def _launch_args(q, v, offsets, num_targets, max_seq_len, time_weights, normaliz
     lengths = offsets.diff()
     max_len = int(lengths.max()) if lengths.numel() else 0
     H, dqk, dv = q.size(1), q.size(2), v.size(2)
-    grid = (triton.cdiv(max_len, BLOCK), lengths.numel() * H)
+    # Users x heads on the first axis: CUDA allows 2^31 - 1 programs there, 65535 on the others.
+    grid = (lengths.numel() * H, triton.cdiv(max_len, BLOCK))
     scalars = (max_seq_len, time_weights.numel() - 1, 1.0 / normalizer)
     meta = dict(H=H, DQK=dqk, DV=dv, BLOCK_DQK=max(16, triton.next_power_of_2(dqk)),
                 BLOCK_DV=max(16, triton.next_power_of_2(dv)), BLOCK_M=BLOCK, BLOCK_N=BLOCK,
@@ -148,7 +149,7 @@ class _HSTUAttention(torch.autograd.Function):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         grid, scalars, meta = _launch_args(q, v, offsets, num_targets, max_seq_len, time_weights, normalizer)
         out = torch.empty_like(v)
-        if grid[0] > 0:
+        if grid[0] * grid[1] > 0:
             _forward[grid](q, k, v, out, offsets, timestamps, target_timestamps, position_weights, time_weights,
                            num_targets, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
                            *scalars, **meta)
@@ -166,7 +167,7 @@ class _HSTUAttention(torch.autograd.Function):
         grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
         grad_position = torch.zeros(position_weights.shape, dtype=torch.float32, device=q.device)
         grad_time = torch.zeros(time_weights.shape, dtype=torch.float32, device=q.device)
-        if grid[0] > 0:
+        if grid[0] * grid[1] > 0:
             _backward[grid](q, k, v, grad_out, grad_q, grad_k, grad_v, grad_position, grad_time, offsets, timestamps,
                             target_timestamps, position_weights, time_weights, num_targets,
                             *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *grad_out.stride()[:2],
