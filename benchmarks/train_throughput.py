@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from genrec.data.batches import stochastic_length
-from genrec.model import build_encoder
-from genrec.model.losses import sampled_softmax_loss
+from genrec.data.jagged import concat_ranges, offsets_from_lengths
+from genrec.model import EncoderConfig, build_encoder, sampled_softmax_loss
 
 NUM_ITEMS = 10_000
 DIM, NUM_BLOCKS, NUM_HEADS = 64, 2, 2  # dqk = dv = DIM / NUM_HEADS = 32; SASRec FFN width DIM
@@ -67,19 +67,18 @@ def synthetic_users(n: int, tokens: int, rng: np.random.Generator) -> dict[str, 
 
 def most_recent(users: dict[str, np.ndarray], kept: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
     """The jagged model inputs when each user keeps only its `kept` most recent items."""
-    lengths = users["lengths"]
-    ends = np.cumsum(lengths)
-    keep = np.arange(ends[-1]) >= np.repeat(ends - kept, lengths)
+    keep = concat_ranges(np.cumsum(users["lengths"]) - kept, kept)
     inputs = {k: torch.from_numpy(users[k][keep]).to(device)
               for k in ("item_ids", "target_ids", "timestamps", "target_timestamps")}
-    inputs["offsets"] = torch.from_numpy(np.concatenate([[0], np.cumsum(kept)])).to(device)
+    inputs["offsets"] = torch.from_numpy(offsets_from_lengths(kept)).to(device)
     return inputs
 
 
 def step_seconds(kind: str, n: int, inputs: dict[str, torch.Tensor], steps: int, device: torch.device) -> list[float]:
     """Seconds of each timed training step of a fresh `kind` encoder on one batch."""
     torch.manual_seed(0)
-    encoder = build_encoder(kind, NUM_ITEMS, n, DIM, NUM_BLOCKS, NUM_HEADS, ffn_dim=DIM, dropout=0.0).to(device)
+    config = EncoderConfig(kind, NUM_ITEMS, n, DIM, NUM_BLOCKS, NUM_HEADS, ffn_dim=DIM, dropout=0.0)
+    encoder = build_encoder(config).to(device)
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-3)
     negatives = torch.Generator(device).manual_seed(0)
     seconds = []

@@ -9,10 +9,10 @@ test split and prints how to browse the run in MLflow.
 
 import json
 
-from prepare import summary_text
-
-from genrec.data.loader import BatchSpec, iter_torch_batches, read_split
+from genrec.data.loader import BatchSpec, iter_torch_batches
 from genrec.data.pipeline import prepare
+from genrec.data.prepared import read_split
+from genrec.data.summary import summary_text
 from genrec.runtime import init_ray, load_job_config, run_job
 from genrec.train.trainer import evaluate_model, fit
 
@@ -31,7 +31,7 @@ def main(args) -> int:
 
 
 def show_interleaved_user(cfg) -> None:
-    spec = BatchSpec.from_prepared(cfg.data.output_dir, "interleaved", cfg.data.max_seq_len)
+    spec = BatchSpec.from_prepared(cfg.data.output_dir, "interleaved", cfg.kept_items)
     batch = next(iter_torch_batches(read_split(cfg.data.output_dir, "train"), spec, batch_size=1, seed=0))
     print(f"user {int(batch['users'][0])} in the interleaved layout (context tokens, then item, action, ...):")
     for key in ("token_types", "item_ids", "target_ids", "target_actions"):

@@ -18,8 +18,10 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import GenrecError
 
-class ConfigError(ValueError):
+
+class ConfigError(GenrecError, ValueError):
     """A bad config file, key or value; the message names the file and the key."""
 
 
@@ -204,8 +206,6 @@ class DataConfig(Strict):
     )
     timestamp_min: int = 631_152_000  # 1990-01-01
     timestamp_max: int = 4_102_444_800  # 2100-01-01
-    max_seq_len: int = Field(200, gt=1, description="most recent N items kept by the batch builder")
-    layout: Literal["items", "interleaved"] = "items"
     num_partitions: int = Field(8, gt=0, description="user-hash partitions for sequence building")
     chunk_bytes: int = Field(4 << 20, gt=0, description="text sources are parsed in chunks of about this size")
 
@@ -221,6 +221,22 @@ class ModelConfig(Strict):
     v_dim: int | None = Field(None, gt=0, description="default dim / num_heads")
     ffn_dim: int | None = Field(None, gt=0, description="SASRec only; default dim")
     dropout: float = Field(0.2, ge=0, lt=1)
+    max_seq_len: int = Field(200, gt=1, description="N: the longest history the model is built for (position "
+                             "tables, relative bias, HSTU's 1/N); saved with the model")
+    attention_normalizer: int | None = Field(
+        None, gt=0, description="the N of HSTU's 1/N; default max_seq_len (the paper's ML-1M code: 211)")
+    attention_impl: Literal["auto", "pytorch", "cpu", "triton"] = Field(
+        "auto", description="HSTU attention: auto = Triton on CUDA, plain PyTorch on CPU; cpu = the tiled CPU "
+        "path (never builds the L x L bias: less memory at long lengths)")
+
+
+class BatchingConfig(Strict):
+    """How sequences become model batches (genrec.data.batches)."""
+
+    layout: Literal["items", "interleaved"] = "items"
+    max_seq_len: int | None = Field(None, gt=1, description="most recent items kept per user; default "
+                                    "model.max_seq_len, and never more than the model was built for")
+    stochastic_length_alpha: float | None = Field(None, gt=1, le=2, description="Stochastic Length (training only)")
 
 
 class TrainConfig(Strict):
@@ -234,7 +250,6 @@ class TrainConfig(Strict):
     num_negatives: int = Field(128, gt=0)
     temperature: float = Field(0.05, gt=0)
     in_batch_negatives: bool = False
-    stochastic_length_alpha: float | None = Field(None, gt=1, le=2)
     seed: int = 42
     num_workers: int = Field(1, gt=0)
     use_gpu: bool = False
@@ -246,6 +261,10 @@ class TrainConfig(Strict):
         description="replicated: every worker reads the split and takes its rank's slice of each seeded global "
         "batch (results independent of the number of workers); streaming: Ray Data shards per worker",
     )
+    train_on: Literal["train", "train_and_valid"] = Field(
+        "train", description="train_and_valid: also train on each user's validation target, as the paper's code "
+        "does (it has no validation split); the model is then not selected on validation: test is reported "
+        "at the last evaluation")
     early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without a better valid NDCG@10")
     storage_path: str = "outputs/ray_results"
     run_name: str | None = Field(None, description="default: the experiment name; the same name resumes")
@@ -275,16 +294,44 @@ class RayConfig(Strict):
     address: str | None = Field(None, description="None starts a local cluster; 'auto' joins a running one")
     num_cpus: int | None = None
     object_store_memory_gb: float | None = 2.0
+    verbose: bool = Field(False, description="also show Ray's own logs (workers, Train, Data) on the terminal; "
+                          "they always go to Ray's log files (<temp dir>/session_latest/logs)")
 
 
 class ExperimentConfig(Strict):
+    """A whole experiment: data, model, batching, training, evaluation, tracking, Ray."""
+
     name: str = "genrec"
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _batches_fit_the_model(self):
+        kept = self.batching.max_seq_len
+        if kept is not None and kept > self.model.max_seq_len:
+            raise ValueError(f"batching.max_seq_len={kept} exceeds model.max_seq_len={self.model.max_seq_len}, "
+                             "the longest history the model is built for")
+        return self
+
+    @property
+    def kept_items(self) -> int:
+        """How many of each user's most recent items a batch keeps."""
+        return self.batching.max_seq_len or self.model.max_seq_len
+
+
+# Keys that moved to the section that owns them: named in the error instead of "unknown key".
+MOVED_KEYS = {
+    "data.max_seq_len": "model.max_seq_len (the model's shape) or batching.max_seq_len (what a batch keeps)",
+    "data.layout": "batching.layout",
+    "train.stochastic_length_alpha": "batching.stochastic_length_alpha",
+    "train.eval_every": "eval.every",
+    "train.eval_batch_size": "eval.batch_size",
+}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -316,13 +363,14 @@ def _describe(err: ValidationError, origin: str) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key")
+            moved = MOVED_KEYS.get(loc)
+            lines.append(f"  {loc}: moved to {moved}" if moved else f"  {loc}: unknown key")
         elif e["type"] == "missing":
             lines.append(f"  {loc}: required key is missing")
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {loc}: {e['msg']}{shown}")
+            lines.append(f"  {loc}: {e['msg']}{shown}" if loc else f"  {e['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 

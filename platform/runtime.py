@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Callable
 
-from .config import ConfigError, RayConfig, load_config
+from .config import RayConfig, load_config
+from .errors import GenrecError
 
 
 def job_arguments(description: str, argv=None, extra: Callable | None = None) -> argparse.Namespace:
@@ -29,27 +31,28 @@ def init_ray(cfg: RayConfig) -> None:
 
     if ray.is_initialized():
         return
+    # What a person sees is genrec's summaries and per-epoch lines (printed by the driver,
+    # see genrec.train.tracking.follow_progress); Ray's internals stay in its log files.
+    quiet = dict(log_to_driver=cfg.verbose, logging_level=logging.INFO if cfg.verbose else logging.WARNING)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = cfg.verbose
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **quiet)
         return
-    # Ray Train V2 re-routes print() through its logger and also tees it to the wrapped
-    # stdout, so every progress line would show twice; plain print is what we want.
+    # Ray Train V2 re-routes print() through its logger and also tees it to the wrapped stdout.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     memory = int(cfg.object_store_memory_gb * (1 << 30)) if cfg.object_store_memory_gb else None
-    ray.init(num_cpus=cfg.num_cpus, object_store_memory=memory, include_dashboard=False)
+    ray.init(num_cpus=cfg.num_cpus, object_store_memory=memory, include_dashboard=False, **quiet)
 
 
 def run_job(main: Callable[[argparse.Namespace], int | None], description: str, extra: Callable | None = None) -> None:
     """Run a job's main; known user errors print one line instead of a traceback (exit 2)."""
-    from .data.adapters import SourceError
-    from .data.pipeline import OutputExistsError
-    from .train.loop import NonFiniteLossError
-
     args = job_arguments(description, extra=extra)
     try:
         sys.exit(main(args) or 0)
-    except (ConfigError, SourceError, OutputExistsError, FileNotFoundError, NonFiniteLossError) as err:
+    except (GenrecError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

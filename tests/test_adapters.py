@@ -12,8 +12,9 @@ import pytest
 from conftest import REPO
 from genrec.config import DataConfig, SyntheticSource
 from genrec.data.adapters import SourceError
-from genrec.data.loader import read_split
-from genrec.data.pipeline import prepare, read_rejects
+from genrec.data.prepared import read_split
+from genrec.data.pipeline import prepare
+from genrec.data.prepared import read_rejects
 
 MOVIES = "1::Toy Story (1995)::Animation|Children's|Comedy\n2::Jumanji (1995)::Adventure\n3::Heat (1995)::Action\n"
 USERS = "1::F::1::10::48067\n2::M::56::16::70072\n"

@@ -4,7 +4,8 @@ import numpy as np
 import pyarrow as pa
 
 from genrec.data.batches import ACTION, CONTEXT, ITEM, NO_ACTION, build_batch, stochastic_length
-from genrec.data.loader import BatchSpec, iter_torch_batches, read_split
+from genrec.data.loader import BatchSpec, iter_torch_batches
+from genrec.data.prepared import read_split
 
 
 def table(rows, eval_start=None, context=None):
@@ -93,3 +94,16 @@ def test_loader_through_ray_data_matches_local(ray_cluster, tmp_path):
         for b in batches for i, u in enumerate(b["users"]))
     assert key(local) == key(streamed)
     assert sum(len(b["users"]) for b in local) == pq.read_table(out / "train").num_rows
+
+
+def test_numpy_jagged_helpers():
+    from genrec.data.jagged import concat_ranges, offsets_from_lengths, select_sequences
+
+    assert concat_ranges(np.array([5, 0, 2]), np.array([2, 0, 3])).tolist() == [5, 6, 2, 3, 4]
+    assert concat_ranges(np.array([]), np.array([])).tolist() == []
+    assert offsets_from_lengths(np.array([2, 0, 3])).tolist() == [0, 2, 2, 5]
+    batch = {"item_ids": np.arange(5), "offsets": np.array([0, 2, 2, 5]), "users": np.array([7, 8, 9])}
+    kept = select_sequences(batch, np.array([True, False, True]))
+    assert kept["item_ids"].tolist() == [0, 1, 2, 3, 4] and kept["offsets"].tolist() == [0, 2, 5]
+    kept = select_sequences(batch, np.array([False, True, True]))
+    assert kept["item_ids"].tolist() == [2, 3, 4] and kept["users"].tolist() == [8, 9]

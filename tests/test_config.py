@@ -6,6 +6,7 @@ GOOD = """
 name: t
 data:
   source: {kind: movielens, path: /some/where}
+model:
   max_seq_len: 50
 """
 
@@ -17,21 +18,21 @@ def write(tmp_path, text):
 
 
 def test_yaml_and_overrides_are_typed(tmp_path):
-    cfg = load_config(write(tmp_path, GOOD), ["data.max_seq_len=200", "data.split={kind: time, quantile: 0.9}"])
+    cfg = load_config(write(tmp_path, GOOD), ["model.max_seq_len=200", "data.split={kind: time, quantile: 0.9}"])
     assert isinstance(cfg, ExperimentConfig)
-    assert cfg.data.max_seq_len == 200
+    assert cfg.model.max_seq_len == 200
     assert cfg.data.split.kind == "time" and cfg.data.split.quantile == 0.9
     assert cfg.data.source.ratings_file == "ratings.dat"
 
 
 def test_unknown_key_is_named(tmp_path):
-    with pytest.raises(ConfigError, match=r"data\.max_seq_lenn: unknown key"):
-        load_config(write(tmp_path, GOOD), ["data.max_seq_lenn=3"])
+    with pytest.raises(ConfigError, match=r"model\.max_seq_lenn: unknown key"):
+        load_config(write(tmp_path, GOOD), ["model.max_seq_lenn=3"])
 
 
 def test_wrong_type_names_key_and_value(tmp_path):
-    with pytest.raises(ConfigError, match=r"data\.max_seq_len: .*integer.*'abc'"):
-        load_config(write(tmp_path, GOOD), ["data.max_seq_len=abc"])
+    with pytest.raises(ConfigError, match=r"model\.max_seq_len: .*integer.*'abc'"):
+        load_config(write(tmp_path, GOOD), ["model.max_seq_len=abc"])
 
 
 def test_wrong_source_kind_and_missing_key(tmp_path):
@@ -47,7 +48,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "data: [unclosed"))
     with pytest.raises(ConfigError, match="key=value"):
-        load_config(write(tmp_path, GOOD), ["data.max_seq_len"])
+        load_config(write(tmp_path, GOOD), ["model.max_seq_len"])
 
 
 def test_shipped_configs_are_valid():
@@ -65,7 +66,22 @@ def test_base_files_are_merged_under_the_child(tmp_path):
     child.write_text("base: parent.yaml\nname: child\ntrain: {epochs: 3}\n")
     cfg = load_config(child)
     assert cfg.name == "child" and cfg.train.epochs == 3 and cfg.train.lr == 0.5
-    assert cfg.data.max_seq_len == 50  # from the parent
+    assert cfg.model.max_seq_len == 50  # from the parent
     child.write_text("base: child.yaml\n")
     with pytest.raises(ConfigError, match="loops back"):
         load_config(child)
+
+
+def test_moved_keys_say_where_they_went(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.max_seq_len: moved to model\.max_seq_len"):
+        load_config(write(tmp_path, GOOD), ["data.max_seq_len=100"])
+    with pytest.raises(ConfigError, match=r"train\.stochastic_length_alpha: moved to batching"):
+        load_config(write(tmp_path, GOOD), ["train.stochastic_length_alpha=1.6"])
+
+
+def test_batches_cannot_keep_more_than_the_model_was_built_for(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), ["batching.max_seq_len=30"])
+    assert cfg.kept_items == 30
+    assert load_config(write(tmp_path, GOOD)).kept_items == 50  # default: the model's N
+    with pytest.raises(ConfigError, match=r"batching\.max_seq_len=60 exceeds model\.max_seq_len=50"):
+        load_config(write(tmp_path, GOOD), ["batching.max_seq_len=60"])

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from genrec.model import build_encoder, sampled_softmax_loss
-from genrec.train.evaluation import full_ranks, metrics_from_ranks
+from genrec.model import EncoderConfig, build_encoder, sampled_softmax_loss
+from genrec.train.evaluation import evaluate, full_ranks, metrics_from_ranks
 
 NO_HISTORY = (torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
 
@@ -77,7 +77,7 @@ def test_tie_policy():
 def test_trained_tiny_model_ranks_equal_float64_reference():
     torch.manual_seed(0)
     num_items, users, length = 800, 64, 30
-    model = build_encoder("hstu", num_items, max_seq_len=length, dim=24, num_blocks=1, num_heads=2, dropout=0.0)
+    model = build_encoder(EncoderConfig("hstu", num_items, max_seq_len=length, dim=24, num_blocks=1, num_heads=2, dropout=0.0))
     g = torch.Generator().manual_seed(1)
     # learnable sequences: each user walks the catalog in steps of its own stride
     stride = torch.randint(1, 5, (users, 1), generator=g)
@@ -113,3 +113,9 @@ def test_trained_tiny_model_ranks_equal_float64_reference():
     assert near_tie.float().mean() < 0.01
     assert torch.equal(ranks[~near_tie], exact[~near_tie])
     assert metrics_from_ranks(ranks)["hr@10"] > 10 / num_items  # better than chance: a real trained model
+    # evaluate() finds the same histories on its own from the jagged batch
+    batch = {"item_ids": flat_items, "timestamps": flat_ts, "target_timestamps": target_ts, "offsets": offsets,
+             "target_ids": targets}
+    metrics = evaluate(model, [batch])
+    assert metrics.pop("count") == len(rows)
+    assert metrics == pytest.approx(metrics_from_ranks(ranks))

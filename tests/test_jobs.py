@@ -61,8 +61,7 @@ name: job-test
 data:
   source: {{kind: synthetic, num_users: 200, num_items: 80, mean_events_per_user: 15, num_shards: 2, path: {tmp_path / 'raw'}}}
   output_dir: {tmp_path / 'data'}
-  max_seq_len: 12
-model: {{kind: sasrec, dim: 8, num_blocks: 1, num_heads: 1}}
+model: {{kind: sasrec, dim: 8, num_blocks: 1, num_heads: 1, max_seq_len: 12}}
 train: {{epochs: 1, batch_size: 64, num_negatives: 8, storage_path: {tmp_path / 'runs'}, cpus_per_worker: 1}}
 tracking: {{tracking_uri: "sqlite:///{tmp_path / 'mlflow.db'}", experiment: job-test}}
 """)

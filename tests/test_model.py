@@ -1,15 +1,15 @@
 """Tests of genrec.model: jagged helpers, HSTU attention and relative bias,
 HSTU and SASRec encoders, and the sampled-softmax loss. Small and CPU-only."""
 
-import ast
 import math
-import pathlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from genrec.model.jagged import concat_ranges
 from genrec.model import (
+    EncoderConfig,
     HSTULayer,
     RelativeBucketedTimeAndPositionBias,
     build_encoder,
@@ -22,12 +22,10 @@ from genrec.model import (
     relative_bias_index,
     sample_negatives,
     sampled_softmax_loss,
-    softmax_loss_with_negatives,
 )
 
 torch.set_num_threads(1)
 
-MODEL_DIR = pathlib.Path(__file__).resolve().parents[1] / "platform" / "model"
 
 
 def offsets_of(lengths):
@@ -75,6 +73,8 @@ def test_jagged_helpers_match_a_per_user_loop():
     assert torch.equal(padding_mask(offsets, 5), torch.arange(5).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1))
     assert torch.equal(padded_to_jagged(padded, offsets), values)
     assert positions_in_sequence(offsets, 8).tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
+    assert concat_ranges(torch.tensor([5, 0, 2]), torch.tensor([2, 0, 3])).tolist() == [5, 6, 2, 3, 4]
+    assert concat_ranges(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)).tolist() == []
 
 
 # ----------------------------------------------------------------------------- attention
@@ -161,7 +161,7 @@ def test_hstu_layer_gradcheck_inputs_and_weights():
     torch.manual_seed(0)
     N, lengths = 5, [3, 2]
     offsets, T = offsets_of(lengths), sum(lengths)
-    layer = HSTULayer(dim=4, num_heads=2, qk_dim=3, v_dim=2, max_seq_len=N).double()
+    layer = HSTULayer(EncoderConfig(dim=4, num_heads=2, qk_dim=3, v_dim=2, max_seq_len=N, dropout=0.0)).double()
     ts = torch.tensor([0, 100, 5000, 7, 70000])
     index = relative_bias_index(ts, ts + 3000, offsets, max(lengths), N)
     names = [name for name, _ in layer.named_parameters()]
@@ -205,7 +205,7 @@ def naive_hstu_encoder(model, ids, ts, target_ts):
 def test_padding_invariance(kind):
     torch.manual_seed(0)
     lengths = [5, 1, 3, 6]
-    model = build_encoder(kind, num_items=30, max_seq_len=8, dim=8, num_heads=2).eval()
+    model = build_encoder(EncoderConfig(kind, num_items=30, max_seq_len=8, dim=8, num_heads=2)).eval()
     batch = random_batch(lengths, 30)
     with torch.no_grad():
         together = model(*batch)
@@ -221,7 +221,7 @@ def test_padding_invariance(kind):
 @pytest.mark.parametrize("kind", ["hstu", "sasrec"])
 def test_causality(kind):
     torch.manual_seed(0)
-    model = build_encoder(kind, num_items=30, max_seq_len=8, dim=8, num_heads=2).eval()
+    model = build_encoder(EncoderConfig(kind, num_items=30, max_seq_len=8, dim=8, num_heads=2)).eval()
     ids, ts, target_ts, offsets = random_batch([4, 6, 3], 30)
     start, cut = 4, 3  # user 1, its positions >= 3 change
     changed_ids, changed_ts, changed_target_ts = ids.clone(), ts.clone(), target_ts.clone()
@@ -239,7 +239,7 @@ def test_causality(kind):
 
 def test_hstu_position_sees_its_target_time():
     """Position i is biased by |target_ts[i] - ts[j]|: the request time matters."""
-    model = build_encoder("hstu", num_items=30, max_seq_len=8, dim=8).eval()
+    model = build_encoder(EncoderConfig("hstu", num_items=30, max_seq_len=8, dim=8)).eval()
     ids, ts, target_ts, offsets = random_batch([4], 30)
     later_request = target_ts.clone()
     later_request[-1] += 10**8
@@ -251,7 +251,7 @@ def test_sasrec_block_matches_reference_multihead_attention():
     """The reference block: Q = LN(x); MHA(Q, x, x) with a causal mask; h = LN(Q + mha); h + FFN(h)."""
     torch.manual_seed(0)
     D, H, lengths = 8, 2, [4, 2]
-    model = build_encoder("sasrec", num_items=30, max_seq_len=8, dim=D, num_heads=H).eval()
+    model = build_encoder(EncoderConfig("sasrec", num_items=30, max_seq_len=8, dim=D, num_heads=H)).eval()
     block = model.blocks.layers[0]
     mha = torch.nn.MultiheadAttention(D, H, batch_first=True).eval()
     mha.in_proj_weight.data.copy_(block.in_proj.weight)
@@ -275,7 +275,7 @@ def test_same_seed_same_outputs_and_loss(kind):
     results = []
     for _ in range(2):
         torch.manual_seed(0)
-        model = build_encoder(kind, num_items=40, max_seq_len=8, dim=8)  # train mode: dropout active
+        model = build_encoder(EncoderConfig(kind, num_items=40, max_seq_len=8, dim=8))  # train mode: dropout active
         torch.manual_seed(1)
         out = model(*batch)
         loss = sampled_softmax_loss(
@@ -287,7 +287,7 @@ def test_same_seed_same_outputs_and_loss(kind):
 
 
 def test_encoder_output_and_item_vectors_are_unit_length():
-    model = build_encoder("hstu", num_items=30, max_seq_len=8, dim=8)
+    model = build_encoder(EncoderConfig("hstu", num_items=30, max_seq_len=8, dim=8))
     out = model(*random_batch([3, 2], 30))
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(5))
     table = model.all_item_embeddings()
@@ -311,7 +311,7 @@ def hstu_layer_params(D, H, dqk, dv, N):
 def test_movielens_recipes_build_and_train(kind, blocks, heads, per_block):
     V, N, D = 3883, 200, 50
     torch.manual_seed(0)
-    model = build_encoder(kind, num_items=V, max_seq_len=N, dim=D, num_blocks=blocks, num_heads=heads)
+    model = build_encoder(EncoderConfig(kind, num_items=V, max_seq_len=N, dim=D, num_blocks=blocks, num_heads=heads))
     assert sum(p.numel() for p in model.parameters()) == (V + 1) * D + N * D + blocks * per_block
     if kind == "hstu":
         assert model.blocks.layers[0].uvqk.weight.shape == (2 * heads * 2 * (D // heads), D)
@@ -342,7 +342,7 @@ def test_loss_is_temperature_scaled_softmax_with_accidental_hits_masked():
     items = F.normalize(torch.randn(6, 4), dim=-1)
     targets = torch.tensor([1, 2])
     negatives = torch.tensor([[1, 3, 4], [5, 2, 2]])  # 1 and the two 2s are accidental hits
-    loss = softmax_loss_with_negatives(users, targets, negatives, items, temperature=0.05)
+    loss = sampled_softmax_loss(users, targets, items, negatives, temperature=0.05)
     cos = users @ items.T
     expected = [
         -torch.log_softmax(torch.stack([cos[0, 1], cos[0, 3], cos[0, 4]]) / 0.05, 0)[0],
@@ -364,7 +364,7 @@ def test_loss_skips_positions_without_target():
     targets = torch.tensor([3, 0, 5, 0])
     loss = sampled_softmax_loss(users, targets, items, num_negatives=5, generator=torch.Generator().manual_seed(0))
     negatives = sample_negatives(targets[[0, 2]], 8, 5, generator=g)
-    expected = softmax_loss_with_negatives(users[[0, 2]], targets[[0, 2]], negatives, items)
+    expected = sampled_softmax_loss(users[[0, 2]], targets[[0, 2]], items, negatives)
     assert torch.equal(loss, expected)
 
 
@@ -391,17 +391,39 @@ def test_in_batch_loss_trains_and_masks_hits():
     assert loss.item() > 0 and users.grad.abs().sum() > 0
 
 
-# ----------------------------------------------------------------------------- packaging
+
+def test_attention_normalizer_option_sets_hstu_one_over_n():
+    torch.manual_seed(0)
+    default = build_encoder(EncoderConfig("hstu", num_items=30, max_seq_len=8, dim=8, dropout=0.0)).eval()
+    paper = build_encoder(EncoderConfig("hstu", num_items=30, max_seq_len=8, dim=8, dropout=0.0,
+                                        attention_normalizer=11)).eval()
+    paper.load_state_dict(default.state_dict())  # same weights, tables still sized by max_seq_len
+    assert [layer.normalizer for layer in paper.blocks.layers] == [11, 11]
+    assert [layer.normalizer for layer in default.blocks.layers] == [8, 8]
+    batch = random_batch([3, 2], 30)
+    assert not torch.allclose(default(*batch), paper(*batch))
+    # it is exactly the 1/N of Eq. (2): the layer's attention with N = 11
+    layer, x = paper.blocks.layers[0], torch.randn(5, 8)
+    offsets = batch[3]
+    index = relative_bias_index(batch[1], batch[2], offsets, 3, 8)
+    u, v, q, k = F.silu(layer.uvqk(F.layer_norm(x, (8,), eps=1e-6))).split([8, 8, 8, 8], dim=-1)
+    attended = hstu_attention(q.view(5, 1, 8), k.view(5, 1, 8), v.view(5, 1, 8), layer.rab(index), offsets, 11)
+    expected = x + layer.out(u * F.layer_norm(attended.reshape(5, 8), (8,), eps=1e-6))
+    torch.testing.assert_close(layer(x, offsets, index), expected)
 
 
-def test_model_package_imports_only_torch():
-    allowed = {"torch", "math", "typing", "__future__"}
-    for path in MODEL_DIR.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                roots = {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                roots = {node.module.split(".")[0]}
-            else:
-                continue
-            assert roots <= allowed, (path.name, roots)
+def test_fused_attention_dispatch_matches_the_plain_path():
+    torch.manual_seed(0)
+    plain = build_encoder(EncoderConfig("hstu", num_items=30, max_seq_len=8, dim=8, num_heads=2, dropout=0.0))
+    tiled = build_encoder(EncoderConfig("hstu", num_items=30, max_seq_len=8, dim=8, num_heads=2, dropout=0.0,
+                                        attention_impl="cpu"))
+    tiled.load_state_dict(plain.state_dict())
+    batch = random_batch([5, 1, 8], 30)
+    out_plain, out_tiled = plain(*batch), tiled(*batch)
+    torch.testing.assert_close(out_tiled, out_plain, atol=1e-5, rtol=1e-4)
+    out_plain.sum().backward()
+    out_tiled.sum().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), tiled.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="attention_impl"):
+        build_encoder(EncoderConfig("hstu", num_items=30, max_seq_len=8, dim=8, attention_impl="fast"))(*batch)

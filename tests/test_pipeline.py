@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from genrec.config import ConfigError, DataConfig
-from genrec.data.loader import read_split
-from genrec.data.pipeline import OutputExistsError, prepare, read_manifest
+from genrec.data.prepared import read_split
+from genrec.data.pipeline import OutputExistsError, prepare
+from genrec.data.prepared import read_manifest
 
 
 def config(source, out, **data) -> DataConfig:

@@ -45,8 +45,8 @@ def tiny(ray_cluster, tmp_path_factory):
         "name": "tiny",
         "data": {"source": {"kind": "synthetic", "num_users": 240, "num_items": 120, "mean_events_per_user": 20,
                             "num_shards": 2, "path": str(root / "raw")},
-                 "output_dir": str(root / "data"), "max_seq_len": 16, "num_partitions": 2},
-        "model": {"kind": "hstu", "dim": 16, "num_blocks": 1, "num_heads": 1, "dropout": 0.0},
+                 "output_dir": str(root / "data"), "num_partitions": 2},
+        "model": {"kind": "hstu", "dim": 16, "num_blocks": 1, "num_heads": 1, "dropout": 0.0, "max_seq_len": 16},
         "train": {"epochs": 3, "batch_size": 32, "num_negatives": 16, "storage_path": str(root / "runs"),
                   "cpus_per_worker": 0.5, "threads_per_worker": 1, "seed": 3},
         "tracking": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "tests"},
@@ -150,3 +150,47 @@ def test_in_batch_negatives_option_changes_training(tiny):
     uniform = fit(variant(cfg, "uniform-negatives", epochs=1), log=lambda *_: None)
     in_batch = fit(variant(cfg, "in-batch-negatives", epochs=1, in_batch_negatives=True), log=lambda *_: None)
     assert math.isfinite(curve(in_batch)[0]) and curve(in_batch)[0] != pytest.approx(curve(uniform)[0], rel=1e-3)
+
+
+def test_model_artifact_round_trip_through_folder_and_registry(tiny, tmp_path):
+    from genrec.config import ConfigError
+    from genrec.train.artifact import load_model, save_model_folder
+
+    cfg, _ = tiny
+    result = fit(variant(cfg, "artifact", epochs=1), log=lambda *_: None)
+    from_registry, saved_cfg = load_model(f"models:/tiny/{result['version']}", cfg.tracking.tracking_uri)
+    assert saved_cfg.model == cfg.model and not from_registry.training
+    folder = save_model_folder(tmp_path / "model", saved_cfg, from_registry.state_dict())
+    from_folder, _ = load_model(folder)
+    for (name, a), (_, b) in zip(from_registry.state_dict().items(), from_folder.state_dict().items()):
+        assert torch.equal(a, b), name
+    batch = (torch.tensor([3, 7, 9]), torch.tensor([10, 20, 30]), torch.tensor([20, 30, 40]), torch.tensor([0, 3]))
+    assert torch.equal(from_registry(*batch), from_folder(*batch))
+    assert evaluate_model(cfg, str(folder), "test") == evaluate_model(cfg, f"models:/tiny/{result['version']}", "test")
+    with pytest.raises(FileNotFoundError, match="not a genrec model folder: no model.pt"):
+        load_model(tmp_path)
+    # the model keeps its own shape: batches may not keep more than the 16 items it was built for
+    longer = cfg.model_copy(deep=True)
+    longer.batching.max_seq_len = 8
+    assert evaluate_model(longer, str(folder), "test")["count"] == 240
+    longer.batching.max_seq_len = 32
+    with pytest.raises(ConfigError, match=r"batching.max_seq_len=32 exceeds the max_seq_len=16"):
+        evaluate_model(longer, str(folder), "test")
+
+
+def test_paper_protocol_options(tiny):
+    """train_on: train_and_valid trains on each user's validation target too (as the paper's
+    code does) and reports test at the last evaluation; eval.test_epochs adds fixed-epoch test."""
+    from genrec.data.prepared import read_split
+
+    cfg, _ = tiny
+    run = variant(cfg, "paper-protocol", epochs=2, train_on="train_and_valid")
+    run.eval.test_epochs = [1, 2]
+    run.model.attention_normalizer = 21
+    result = fit(run, log=lambda *_: None)
+    first, second = result["history"]
+    assert "test/ndcg@10" in first and "test/ndcg@10" in second
+    assert result["best"]["best_epoch"] == 2 and result["best"]["test/ndcg@10"] == second["test/ndcg@10"]
+    lengths = [len(items) for items in read_split(cfg.data.output_dir, "valid")["items"].to_pylist()]
+    tokens = sum(min(n - 1, cfg.model.max_seq_len) for n in lengths)
+    assert first["train/tokens_per_s"] * first["train/epoch_seconds"] == pytest.approx(tokens)

@@ -33,10 +33,11 @@ from ..config import (
     SyntheticSource,
     resolve_path,
 )
+from ..errors import GenrecError
 from .schema import EVENT_SCHEMA, REJECT_SCHEMA, source_order
 
 
-class SourceError(ValueError):
+class SourceError(GenrecError, ValueError):
     """A source that cannot be read at all (missing file, empty file, wrong format)."""
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from .jagged import concat_ranges, offsets_from_lengths
+
 CONTEXT, ITEM, ACTION = 0, 1, 2
 NO_ACTION = -1
 
@@ -30,12 +32,6 @@ def _lists(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
     column = table[name].combine_chunks()
     offsets = column.offsets.to_numpy().astype(np.int64)
     return column.values.to_numpy(), offsets
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, s + l) for each (s, l): a vectorised gather index."""
-    ends = np.cumsum(lengths)
-    return np.repeat(starts - (ends - lengths), lengths) + np.arange(ends[-1] if len(ends) else 0)
 
 
 def stochastic_length(lengths: np.ndarray, max_seq_len: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
@@ -76,7 +72,7 @@ def build_batch(
     n, offsets0, eval_start, inputs = n[keep], offsets[:-1][keep], eval_start[keep], inputs[keep]
     users = table["user"].to_numpy()[keep].astype(np.int64)
     first = offsets0 + n - 1 - inputs  # index of the first input item of each user
-    src = _ranges(first, inputs)  # input token k of a user -> flat index of its item
+    src = concat_ranges(first, inputs)  # input token k of a user -> flat index of its item
     nxt = src + 1  # what it predicts
     local_src = src - np.repeat(offsets0, inputs)  # index of the input item within its user
     is_target = local_src + 1 >= np.repeat(eval_start, inputs)
@@ -86,7 +82,7 @@ def build_batch(
             "timestamps": stamps[src].astype(np.int64),
             "target_ids": np.where(is_target, items[nxt], 0).astype(np.int64),
             "target_timestamps": stamps[nxt].astype(np.int64),
-            "offsets": np.concatenate([[0], np.cumsum(inputs)]).astype(np.int64),
+            "offsets": offsets_from_lengths(inputs),
             "users": users,
         }
     if layout == "interleaved":
@@ -102,7 +98,7 @@ def _interleave(table, keep, users, items, stamps, actions, src, nxt, is_target,
     c = len(context_columns)
     # per user: c context tokens, 2 tokens per input item, then the next item (whose action is a target)
     lengths = c + 2 * inputs + 1
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    offsets = offsets_from_lengths(lengths)
     total = int(offsets[-1])
     ids = np.zeros(total, np.int64)
     types = np.zeros(total, np.int8)
@@ -112,14 +108,15 @@ def _interleave(table, keep, users, items, stamps, actions, src, nxt, is_target,
     target_actions = np.full(total, NO_ACTION, np.int64)
 
     base = offsets[:-1]
-    first_ts = stamps[src[np.concatenate([[0], np.cumsum(inputs)[:-1]])]] if b else np.zeros(0, np.int64)
+    input_starts = offsets_from_lengths(inputs)[:-1]
+    first_ts = stamps[src[input_starts]] if b else np.zeros(0, np.int64)
     for f, (name, shift) in enumerate(zip(context_columns, context_offsets)):
         pos = base + f
         ids[pos] = table[name].to_numpy()[keep].astype(np.int64) + shift
         ts[pos] = first_ts
         target_ts[pos] = first_ts
     # k-th input of a user sits at base + c + 2k (item) and base + c + 2k + 1 (action)
-    k = np.arange(len(src)) - np.repeat(np.concatenate([[0], np.cumsum(inputs)[:-1]]), inputs)
+    k = concat_ranges(np.zeros(b), inputs)
     item_pos = np.repeat(base + c, inputs) + 2 * k
     action_pos = item_pos + 1
     ids[item_pos], types[item_pos], ts[item_pos] = items[src], ITEM, stamps[src]

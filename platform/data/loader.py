@@ -12,17 +12,14 @@ Truncation to the most recent max_seq_len items (and Stochastic Length) happens 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from ..config import resolve_path
 from .batches import build_batch, context_offsets
-from .pipeline import read_manifest
+from .prepared import read_manifest
 
 
 @dataclass(frozen=True)
@@ -42,14 +39,6 @@ class BatchSpec:
         columns = tuple(manifest["context_features"]) if layout == "interleaved" else ()
         shifts = context_offsets(manifest, list(columns))
         return cls(layout, max_seq_len, columns, shifts, stochastic_alpha, manifest["num_items"])
-
-
-def read_split(folder: str | Path, split: str) -> pa.Table:
-    path = resolve_path(folder) / split
-    files = sorted(path.glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"no Parquet files in {path}; run jobs/prepare.py first")
-    return pa.concat_tables(pq.read_table(f) for f in files)
 
 
 def to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

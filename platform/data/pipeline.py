@@ -37,16 +37,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import ConfigError, DataConfig, TimeSplit, resolve_path
+from ..errors import GenrecError
 from .adapters import SourcePlan, plan_source, read_chunk
-from .schema import REJECT_SCHEMA, SCHEMA_VERSION, sequence_schema
+from .prepared import MANIFEST, REJECTS, SEQUENCES, SPLITS, VOCAB
+from .schema import SCHEMA_VERSION, sequence_schema
 from .sequences import build_sequences, make_splits
 
-SPLITS = ("train", "valid", "test")
-MANIFEST = "manifest.json"
 
 
-class OutputExistsError(FileExistsError):
-    pass
+class OutputExistsError(GenrecError, FileExistsError):
+    """The output folder exists and data.overwrite is off."""
 
 
 # ----------------------------------------------------------------------------- partitioning
@@ -70,7 +70,7 @@ def canonicalize_chunk(index: int, plan: SourcePlan, cfg: DataConfig, known_item
             f"{events.num_rows} + rejected {rejects.num_rows}"
         )
     if rejects.num_rows:
-        pq.write_table(rejects, staging / "rejects" / _part(index))
+        pq.write_table(rejects, staging / REJECTS / _part(index))
     parts = user_partition(events["user_id"], cfg.num_partitions)
     for p in np.unique(parts):
         folder = staging / "_events" / f"bucket={p:05d}"
@@ -135,7 +135,7 @@ def partition_sequences(partition: int, staging: Path, vocab: dict, cfg: DataCon
             sequences = sequences.append_column(name, pa.array(per_user[users]))
         sequences = sequences.cast(schema)
     splits, counts = make_splits(sequences, cfg.split, cutoff)
-    out = staging / "sequences"
+    out = staging / SEQUENCES
     pq.write_table(sequences, out / _part(partition))
     for name, table in splits.items():
         pq.write_table(table, staging / name / _part(partition))
@@ -240,7 +240,7 @@ def prepare(cfg: DataConfig, log=print) -> dict:
     plan = plan_source(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.incomplete-{uuid.uuid4().hex[:8]}")
-    for sub in ("rejects", "sequences", *SPLITS):
+    for sub in (REJECTS, SEQUENCES, *SPLITS):
         (staging / sub).mkdir(parents=True)
     try:
         known_items = None
@@ -261,7 +261,7 @@ def prepare(cfg: DataConfig, log=print) -> dict:
             partitions, partition_sequences,
             staging=staging, vocab=vocab, cfg=cfg, merge_actions=plan.merge_actions, cutoff=cutoff,
         )
-        _write_vocab(staging / "vocab", plan, vocab)
+        _write_vocab(staging / VOCAB, plan, vocab)
         shutil.rmtree(staging / "_events")
         summary = _summary(cfg, plan, chunks, seq_stats, vocab, cutoff, staging)
         summary["seconds"] = round(time.time() - started, 2)
@@ -279,7 +279,7 @@ def _summary(cfg, plan, chunks, seq_stats, vocab, cutoff, staging: Path) -> dict
     total = lambda rows, key: int(sum(r[key] for r in rows))  # noqa: E731
     rejected = total(chunks, "rejected")
     reasons: dict = {}
-    for f in sorted((staging / "rejects").glob("*.parquet")):
+    for f in sorted((staging / REJECTS).glob("*.parquet")):
         for reason in pq.read_table(f, columns=["reason"])["reason"].to_pylist():
             kind = reason.split(":")[0]
             reasons[kind] = reasons.get(kind, 0) + 1
@@ -324,18 +324,6 @@ def _manifest(summary: dict) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "complete": True,
-        "layout": {"sequences": "sequences/", "splits": list(SPLITS), "rejects": "rejects/", "vocab": "vocab/"},
+        "layout": {"sequences": f"{SEQUENCES}/", "splits": list(SPLITS), "rejects": f"{REJECTS}/", "vocab": f"{VOCAB}/"},
         **{k: v for k, v in summary.items() if k != "seconds"},
     }
-
-
-def read_manifest(folder: str | Path) -> dict:
-    path = resolve_path(folder) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"no prepared data at {path.parent} (no {MANIFEST}); run jobs/prepare.py first")
-    return json.loads(path.read_text())
-
-
-def read_rejects(folder: str | Path) -> pa.Table:
-    files = sorted((resolve_path(folder) / "rejects").glob("*.parquet"))
-    return pa.concat_tables([pq.read_table(f) for f in files]) if files else REJECT_SCHEMA.empty_table()

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import LeaveOneOutSplit, TimeSplit
+from .jagged import concat_ranges, offsets_from_lengths
 
 LIST_COLUMNS = ("items", "actions", "timestamps", "values")
 
@@ -96,12 +97,11 @@ def slice_lists(table: pa.Table, rows: np.ndarray, stops: np.ndarray) -> pa.Tabl
     """Keep `rows` of the table, each list column cut to its first `stops[i]` elements."""
     kept = table.take(pa.array(rows, pa.int64()))
     lengths = np.asarray(stops, dtype=np.int64)
-    new_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    within = np.arange(new_offsets[-1]) - np.repeat(new_offsets[:-1], lengths)
+    new_offsets = offsets_from_lengths(lengths).astype(np.int32)
     for name in LIST_COLUMNS:
         column = kept[name].combine_chunks()
         # .offsets index into .values (the whole child array, even for a sliced list)
-        flat = np.repeat(column.offsets.to_numpy()[:-1].astype(np.int64), lengths) + within
+        flat = concat_ranges(column.offsets.to_numpy()[:-1], lengths)
         cut = pa.ListArray.from_arrays(pa.array(new_offsets), column.values.take(pa.array(flat)))
         kept = kept.set_column(kept.schema.get_field_index(name), name, cut)
     return kept

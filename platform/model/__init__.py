@@ -1,9 +1,9 @@
 """genrec.model: HSTU and SASRec sequential encoders over jagged batches, and
-their retrieval loss. Depends on torch only."""
+their retrieval loss. Depends on torch only; fast ops live in `ops/`."""
 
-from .attention import hstu_attention
 from .embeddings import SequenceEmbedding
 from .encoder import SequentialEncoder, build_encoder
+from .encoder_config import EncoderConfig
 from .hstu import HSTU, HSTULayer, RelativeBucketedTimeAndPositionBias, relative_bias_index
 from .jagged import (
     jagged_to_padded,
@@ -14,12 +14,15 @@ from .jagged import (
     padding_mask,
     positions_in_sequence,
 )
-from .losses import gathered_dot, sample_negatives, sampled_softmax_loss, softmax_loss_with_negatives
+from .losses import sample_negatives, sampled_softmax_loss
+from .ops.gathered_dot import gathered_dot
+from .ops.hstu_attention import hstu_attention
 from .sasrec import SASRec, SASRecBlock, causal_softmax_attention
 
 __all__ = [
     "HSTU",
     "HSTULayer",
+    "EncoderConfig",
     "RelativeBucketedTimeAndPositionBias",
     "SASRec",
     "SASRecBlock",
@@ -39,5 +42,4 @@ __all__ = [
     "relative_bias_index",
     "sample_negatives",
     "sampled_softmax_loss",
-    "softmax_loss_with_negatives",
 ]

@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .embeddings import SequenceEmbedding
+from .encoder_config import EncoderConfig
 from .hstu import HSTU
 from .sasrec import SASRec
 
@@ -13,12 +14,13 @@ L2_NORM_EPS = 1e-6
 
 
 class SequentialEncoder(nn.Module):
-    def __init__(self, embedding: SequenceEmbedding, blocks: nn.Module) -> None:
+    def __init__(self, embedding: SequenceEmbedding, blocks: nn.Module, config: EncoderConfig) -> None:
         """blocks: `HSTU` or `SASRec` (anything taking
         (x [T, D], offsets, timestamps, target_timestamps) -> [T, D])."""
         super().__init__()
         self.embedding = embedding
         self.blocks = blocks
+        self.config = config
 
     @property
     def num_items(self) -> int:
@@ -52,37 +54,14 @@ class SequentialEncoder(nn.Module):
         return F.normalize(self.embedding.items.weight, dim=-1, eps=L2_NORM_EPS)
 
 
-def build_encoder(
-    kind: str,
-    num_items: int,
-    max_seq_len: int,
-    dim: int = 50,
-    num_blocks: int = 2,
-    num_heads: int = 1,
-    qk_dim: int | None = None,
-    v_dim: int | None = None,
-    ffn_dim: int | None = None,
-    dropout: float = 0.2,
-) -> SequentialEncoder:
-    """kind "hstu" or "sasrec". Defaults are the paper's MovieLens-1M recipes:
-    HSTU D=50, 2 blocks, 1 head, dqk = dv = D / heads (so HSTU-large is
-    num_blocks=8, num_heads=2); SASRec D=50, 2 blocks, 1 head, FFN width D.
-    The dropout rate is used for the input embedding and inside every block."""
-    if kind == "hstu":
-        blocks = HSTU(
-            dim,
-            num_blocks,
-            num_heads,
-            qk_dim or dim // num_heads,
-            v_dim or dim // num_heads,
-            max_seq_len,
-            dropout,
-        )
-        position_init = "xavier_normal"
-    elif kind == "sasrec":
-        blocks = SASRec(dim, num_blocks, num_heads, ffn_dim or dim, dropout)
-        position_init = "truncated_normal"
+def build_encoder(config: EncoderConfig) -> SequentialEncoder:
+    """The encoder `config` describes (see `EncoderConfig` for the recipes).
+    Its dropout rate is used for the input embedding and inside every block."""
+    if config.kind == "hstu":
+        blocks, position_init = HSTU(config), "xavier_normal"
+    elif config.kind == "sasrec":
+        blocks, position_init = SASRec(config), "truncated_normal"
     else:
-        raise ValueError(f"unknown encoder kind {kind!r}; expected 'hstu' or 'sasrec'")
-    embedding = SequenceEmbedding(num_items, max_seq_len, dim, dropout, position_init)
-    return SequentialEncoder(embedding, blocks)
+        raise ValueError(f"unknown encoder kind {config.kind!r}; expected 'hstu' or 'sasrec'")
+    embedding = SequenceEmbedding(config.num_items, config.max_seq_len, config.dim, config.dropout, position_init)
+    return SequentialEncoder(embedding, blocks, config)

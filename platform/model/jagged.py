@@ -25,6 +25,14 @@ def positions_in_sequence(offsets: torch.Tensor, num_tokens: int) -> torch.Tenso
     return torch.arange(num_tokens, device=offsets.device) - starts
 
 
+def concat_ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Concatenation of arange(s, s + l) for each (s, l): a vectorised gather index."""
+    ends = lengths.cumsum(0)
+    total = int(ends[-1]) if ends.numel() else 0
+    return (starts - ends + lengths).repeat_interleave(lengths, output_size=total) + torch.arange(
+        total, device=starts.device)
+
+
 def padded_index(offsets: torch.Tensor, num_tokens: int, padded_length: int) -> torch.Tensor:
     """[T] row of each token in the flattened [B * padded_length] padded layout."""
     lengths = lengths_from_offsets(offsets)

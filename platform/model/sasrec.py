@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .encoder_config import EncoderConfig
 from .jagged import jagged_to_padded, max_length, padded_index, padded_to_jagged
 
 LAYER_NORM_EPS = 1e-8
@@ -76,9 +77,12 @@ class SASRecBlock(nn.Module):
 class SASRec(nn.Module):
     """A stack of SASRec blocks; takes (and ignores) timestamps to share HSTU's interface."""
 
-    def __init__(self, dim: int, num_blocks: int, num_heads: int, ffn_dim: int, dropout: float = 0.0) -> None:
+    def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(SASRecBlock(dim, num_heads, ffn_dim, dropout) for _ in range(num_blocks))
+        c = config
+        self.layers = nn.ModuleList(
+            SASRecBlock(c.dim, c.num_heads, c.ffn_dim or c.dim, c.dropout) for _ in range(c.num_blocks)
+        )
 
     def forward(
         self,

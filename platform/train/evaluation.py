@@ -30,6 +30,8 @@ from typing import Literal
 
 import torch
 
+from ..model.jagged import concat_ranges, positions_in_sequence
+
 HIT_KS = (10, 50, 200)
 NDCG_KS = (10, 200)
 METRICS = tuple(f"hr@{k}" for k in HIT_KS) + tuple(f"ndcg@{k}" for k in NDCG_KS) + ("mrr",)
@@ -95,14 +97,10 @@ def evaluate(model, batches, item_block: int = 65_536, ties: TiePolicy = "pessim
         position = torch.nonzero(batch["target_ids"] > 0).squeeze(1)
         if len(position) == 0:
             continue
-        # history of a target at flat position p of user u: the user's input tokens up to p
-        lengths = torch.diff(batch["offsets"])
-        user_of_token = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-        start = batch["offsets"][user_of_token[position]]
-        seen = position - start + 1
-        history_rows = torch.repeat_interleave(torch.arange(len(position)), seen)
-        within = torch.arange(int(seen.sum())) - torch.repeat_interleave(torch.cumsum(seen, 0) - seen, seen)
-        history = batch["item_ids"][torch.repeat_interleave(start, seen) + within]
+        # history of a target at flat position p: its user's input tokens up to p
+        seen = positions_in_sequence(batch["offsets"], len(batch["item_ids"]))[position] + 1
+        history = batch["item_ids"][concat_ranges(position + 1 - seen, seen)]
+        history_rows = torch.arange(len(position)).repeat_interleave(seen)
         ranks.append(full_ranks(users[position], batch["target_ids"][position], items, history, history_rows,
                                 item_block, ties))
     model.train(was_training)

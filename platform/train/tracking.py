@@ -1,24 +1,28 @@
-"""MLflow: one run per training run (resumed by name), per-epoch metrics, the final model
-as a loadable artifact (weights + config + vocabularies), registered with its metrics."""
+"""MLflow and the run's progress: one MLflow run per training run (found again by
+name when a job is re-submitted), per-epoch metrics and progress lines from the
+MetricLogger, and the final model logged and registered with its metrics.
+
+The database and the artifacts live together: by default
+outputs/mlflow.db and outputs/mlartifacts/ (never ./mlruns of whatever folder a
+job ran in)."""
 
 from __future__ import annotations
 
-import json
-import shutil
+import math
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
-import torch
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from ..config import ExperimentConfig, resolve_path
+from .artifact import save_model_folder
 
 RUN_NAME_TAG = "genrec.run_name"
-WEIGHTS = "model.pt"
-CONFIG = "config.json"
-VOCAB = "vocab"
 MODEL_FILES = "model_files"
+PROGRESS_FILE = "progress.log"  # beside the run's checkpoints; the driver prints what the workers write
 
 
 def metric_key(name: str) -> str:
@@ -34,6 +38,13 @@ def tracking_uri(cfg: ExperimentConfig) -> str:
     return f"sqlite:///{path}"
 
 
+def _artifact_location(uri: str) -> str | None:
+    """Beside a sqlite database: <db folder>/mlartifacts. Servers keep their own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in tree.items():
@@ -44,42 +55,73 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def _experiment_id(client: MlflowClient, cfg: ExperimentConfig) -> str:
+    found = client.get_experiment_by_name(cfg.tracking.experiment)
+    if found:
+        return found.experiment_id
+    return client.create_experiment(cfg.tracking.experiment, artifact_location=_artifact_location(tracking_uri(cfg)))
+
+
 def start_or_resume_run(cfg: ExperimentConfig, run_name: str) -> str:
     """The MLflow run for this training run name: found again when a job is re-submitted."""
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    experiment = mlflow.set_experiment(cfg.tracking.experiment)
     client = MlflowClient(tracking_uri(cfg))
-    found = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
-                               max_results=1)
+    experiment_id = _experiment_id(client, cfg)
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
     if found:
         return found[0].info.run_id
-    run = client.create_run(experiment.experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
     params = {k: str(v)[:500] for k, v in _flatten(cfg.model_dump(mode="json")).items()}
-    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
     return run.info.run_id
 
 
-def save_model_folder(folder: Path, cfg: ExperimentConfig, state_dict: dict) -> Path:
-    """weights (state dict, loadable with weights_only=True) + config + vocabularies, in one folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(state_dict, folder / WEIGHTS)
-    (folder / CONFIG).write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
-    vocab = resolve_path(cfg.data.output_dir) / VOCAB
-    shutil.copytree(vocab, folder / VOCAB, dirs_exist_ok=True)
-    shutil.copy(resolve_path(cfg.data.output_dir) / "manifest.json", folder / "manifest.json")
-    return folder
+class MetricLogger:
+    """Rank 0's voice: per-epoch metrics to MLflow and one progress line per event to
+    the run's progress file (the driver prints it; see `follow_progress`)."""
+
+    def __init__(self, cfg: ExperimentConfig, run_folder: Path, mlflow_run_id: str | None, start_epoch: int) -> None:
+        self.client = MlflowClient(tracking_uri(cfg)) if mlflow_run_id else None
+        self.run_id = mlflow_run_id
+        self.progress = run_folder / PROGRESS_FILE
+        self.epochs = cfg.train.epochs
+        self.started, self.start_epoch = time.time(), start_epoch
+
+    def say(self, text: str) -> None:
+        self.progress.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.progress, "a") as f:
+            f.write(f"[train] {text}\n")
+
+    def log_epoch(self, metrics: dict, epoch: int, best: dict) -> None:
+        if self.client:
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[
+                Metric(metric_key(k), float(v), now, epoch + 1) for k, v in metrics.items()
+                if isinstance(v, (int, float)) and math.isfinite(float(v)) and k != "epoch"])
+        elapsed = time.time() - self.started
+        eta = elapsed / (epoch + 1 - self.start_epoch) * (self.epochs - epoch - 1)
+        valid = (f" valid ndcg@10 {metrics['valid/ndcg@10']:.4f} hr@10 {metrics['valid/hr@10']:.4f}"
+                 if "valid/ndcg@10" in metrics else "")
+        self.say(f"epoch {epoch + 1}/{self.epochs} loss {metrics['train/loss']:.4f} "
+                 f"{metrics['train/examples_per_s']:,.0f} ex/s {metrics['train/tokens_per_s']:,.0f} tok/s "
+                 f"epoch {metrics['train/epoch_seconds']:.1f}s (+eval {metrics['eval_seconds']:.1f}s)"
+                 f"{valid} | best epoch {best.get('best_epoch', '-')} | elapsed {elapsed:.0f}s ETA {eta:.0f}s")
 
 
-def load_encoder(folder: str | Path):
-    """A model folder (or a downloaded MLflow model's artifacts) -> (encoder in eval mode, config)."""
-    from .loop import encoder_from_config
-
-    folder = Path(folder)
-    cfg = ExperimentConfig.model_validate_json((folder / CONFIG).read_text())
-    manifest = json.loads((folder / "manifest.json").read_text())
-    encoder = encoder_from_config(cfg, manifest["num_items"])
-    encoder.load_state_dict(torch.load(folder / WEIGHTS, weights_only=True))
-    return encoder.eval(), cfg
+def follow_progress(run_folder: Path, print_line, stop) -> None:
+    """Print the lines the workers append to the run's progress file until `stop` is set
+    (a threading.Event), then the rest. Lines already there (an earlier attempt) are skipped."""
+    path = run_folder / PROGRESS_FILE
+    position = path.stat().st_size if path.exists() else 0
+    while True:
+        finished = stop.wait(0.5)
+        if path.exists():
+            with open(path) as f:
+                f.seek(position)
+                for line in f:
+                    print_line(line.rstrip("\n"))
+                position = f.tell()
+        if finished:
+            return
 
 
 def log_final_model(cfg: ExperimentConfig, run_id: str, state_dict: dict, best: dict, history: list,
@@ -102,9 +144,3 @@ def log_final_model(cfg: ExperimentConfig, run_id: str, state_dict: dict, best: 
     tags.update({metric_key(k): f"{v:.4f}" for k, v in best.items() if k.startswith(("test/", "valid/"))})
     version = client.create_model_version(name, source, run_id=run_id, tags=tags)
     return version.version
-
-
-def download_model(cfg: ExperimentConfig, uri: str, into: Path) -> Path:
-    """`models:/name/version` (or any artifact URI of a logged model folder) -> a local folder."""
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(into)))

@@ -4,20 +4,24 @@
 
 Re-running with the same train.run_name resumes the Ray Train run from its last
 checkpoint and logs into the same MLflow run. Worker failures restart the worker
-group from the last checkpoint (train.max_failures).
+group from the last checkpoint (train.max_failures). The workers' progress lines
+are printed here, so a terminal shows them without Ray's own logs.
 """
 
 from __future__ import annotations
 
-import tempfile
+import threading
 from pathlib import Path
 
-import torch
-
-from ..config import ExperimentConfig, resolve_path
-from ..data.pipeline import read_manifest
+from ..config import ConfigError, ExperimentConfig, resolve_path
+from ..data.loader import iter_torch_batches
+from ..data.prepared import read_manifest, read_split
 from . import tracking
-from .loop import BEST_FILE, NON_FINITE_MARKER, STATE_FILE, NonFiniteLossError, train_loop_per_worker
+from .artifact import load_model
+from .batching import batch_spec
+from .checkpoint import read_progress
+from .evaluation import evaluate
+from .loop import NON_FINITE_MARKER, NonFiniteLossError, train_loop_per_worker
 
 
 def _backend(cfg: ExperimentConfig) -> str:
@@ -45,16 +49,18 @@ def fit(cfg: ExperimentConfig, log=print) -> dict:
     t = cfg.train
     run_name = t.run_name or cfg.name
     storage = resolve_path(t.storage_path)
-    storage.mkdir(parents=True, exist_ok=True)
+    run_folder = storage / run_name
+    run_folder.mkdir(parents=True, exist_ok=True)
     run_id = tracking.start_or_resume_run(cfg, run_name)
-    marker = storage / run_name / NON_FINITE_MARKER
+    marker = run_folder / NON_FINITE_MARKER
     marker.unlink(missing_ok=True)
     datasets = None
     if t.data_mode == "streaming":
         datasets = {"train": ray.data.read_parquet(str(resolve_path(cfg.data.output_dir) / "train"))}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "run_name": run_name},
+        train_loop_config={"experiment": cfg.model_dump(mode="json"), "mlflow_run_id": run_id,
+                           "run_folder": str(run_folder)},
         torch_config=TorchConfig(backend=_backend(cfg)),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
@@ -63,19 +69,25 @@ def fit(cfg: ExperimentConfig, log=print) -> dict:
                              checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep)),
         datasets=datasets,
     )
-    log(f"[train] run {run_name!r}: {t.num_workers} worker(s), backend {_backend(cfg)}, storage {storage / run_name}")
-    result = trainer.fit()
+    log(f"[train] run {run_name!r}: {t.num_workers} worker(s), backend {_backend(cfg)}, storage {run_folder}")
+    stop = threading.Event()
+    follower = threading.Thread(target=tracking.follow_progress, args=(run_folder, log, stop), daemon=True)
+    follower.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        follower.join()
     if marker.exists():
-        raise NonFiniteLossError(f"{marker.read_text()} (checkpoints kept in {storage / run_name})")
+        raise NonFiniteLossError(f"{marker.read_text()} (checkpoints kept in {run_folder})")
     if result.checkpoint is None:
         raise RuntimeError(f"run {run_name!r} ended without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / STATE_FILE, weights_only=True)
-        best_state = torch.load(Path(folder) / BEST_FILE, weights_only=True)
-    best, history = state["best"], state["history"]
-    plot = storage / run_name / "training_curves.png"
+        _, progress = read_progress(folder)
+    best, history = progress.best, progress.history
+    plot = run_folder / "training_curves.png"
     plot_history(history, plot, title=f"{run_name} ({cfg.model.kind})")
-    version = tracking.log_final_model(cfg, run_id, best_state, best, history, plot)
+    version = tracking.log_final_model(cfg, run_id, progress.best_state, best, history, plot)
     name = cfg.tracking.registered_model or cfg.name
     log(f"[train] best epoch {best.get('best_epoch')}: test ndcg@10 {best.get('test/ndcg@10', float('nan')):.4f} "
         f"hr@10 {best.get('test/hr@10', float('nan')):.4f}; registered {name!r} version {version}")
@@ -107,15 +119,15 @@ def plot_history(history: list, path: Path, title: str) -> None:
 
 
 def evaluate_model(cfg: ExperimentConfig, model_uri: str, split: str) -> dict:
-    """Evaluate a registered model (`models:/name/version`) or a model folder on a split."""
-    from ..data.loader import iter_torch_batches, read_split
-    from .evaluation import evaluate
-    from .loop import batch_spec
-
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(model_uri) if Path(model_uri).is_dir() else tracking.download_model(cfg, model_uri, Path(tmp))
-        encoder, model_cfg = tracking.load_encoder(folder)
-    model_cfg = model_cfg.model_copy(update={"data": cfg.data})
-    spec = batch_spec(model_cfg)
-    table = read_split(cfg.data.output_dir, split)
-    return evaluate(encoder, iter_torch_batches(table, spec, cfg.eval.batch_size, shuffle=False), ties=cfg.eval.ties)
+    """Evaluate a registered model (`models:/name/version`) or a model folder on a split of
+    cfg's data. The model keeps its own shape (model section); batching and evaluation
+    settings come from cfg, and batches may not keep more items than the model was built for."""
+    encoder, model_cfg = load_model(model_uri, tracking.tracking_uri(cfg))
+    built_for = model_cfg.model.max_seq_len
+    if cfg.batching.max_seq_len and cfg.batching.max_seq_len > built_for:
+        raise ConfigError(f"batching.max_seq_len={cfg.batching.max_seq_len} exceeds the max_seq_len={built_for} "
+                          f"that model {model_uri} was built for")
+    run_cfg = model_cfg.model_copy(update={"data": cfg.data, "batching": cfg.batching, "eval": cfg.eval})
+    batches = iter_torch_batches(read_split(cfg.data.output_dir, split), batch_spec(run_cfg), cfg.eval.batch_size,
+                                 shuffle=False)
+    return evaluate(encoder, batches, ties=cfg.eval.ties)

@@ -23,7 +23,7 @@ scores: simple and obviously right, not fast.
 import torch
 import torch.nn.functional as F
 
-TIME_BUCKET_LOG_WIDTH = 0.301
+TIME_BUCKET_LOG_WIDTH = 0.301  # buckets of ln(seconds): each is e^0.301 ~ 1.35x wider than the last
 
 
 def time_buckets(target_ts: torch.Tensor, ts: torch.Tensor, max_bucket: int) -> torch.Tensor:
@@ -31,6 +31,7 @@ def time_buckets(target_ts: torch.Tensor, ts: torch.Tensor, max_bucket: int) -> 
 
     The gap is exact in int64 and rounded once to float32; every implementation
     must take these same steps so that gaps near a bucket edge land alike.
+    ln(gap) >= 0, so truncating to long is the floor. (In place: [B, L, L] is large.)
     """
     gap = (target_ts - ts).abs_().float()
     return gap.clamp_(min=1).log_().div_(TIME_BUCKET_LOG_WIDTH).clamp_(max=max_bucket).long()

@@ -2,14 +2,15 @@
 
     A(X) V(X) = phi2(Q K^T + rab^{p,t}) V,   phi2 = SiLU, scaled by 1/N
 
-This is the plain-PyTorch reference. A fused kernel (kernels/) keeps exactly
-this signature and must match it numerically.
+This is the plain-PyTorch reference: it materialises the [B, H, L, L] scores and
+takes the [B, L, L] bias. The fused versions beside it compute the bias inside
+from the two bias tables and are tested against this one.
 """
 
 import torch
 import torch.nn.functional as F
 
-from .jagged import jagged_to_padded, padded_index, padded_to_jagged
+from ..jagged import jagged_to_padded, padded_index, padded_to_jagged
 
 
 def hstu_attention(
@@ -47,3 +48,29 @@ def hstu_attention(
     weights = F.silu(scores).tril_()
     out = (weights @ v) / max_seq_len
     return padded_to_jagged(out.transpose(1, 2), offsets, index)
+
+
+ATTENTION_IMPLS = ("auto", "pytorch", "cpu", "triton")
+
+
+def resolve_attention_impl(impl: str, x: torch.Tensor) -> str:
+    """auto: the Triton kernel on CUDA tensors, else this plain version (on CPU the tiled
+    `cpu` path saves memory at long lengths but is not yet faster; see the README)."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if x.is_cuda else "pytorch"
+    return impl
+
+
+def fused_attention(impl: str):
+    """The fused op (same signature as hstu_attention_reference) behind a name."""
+    if impl == "cpu":
+        from .hstu_attention_cpu import hstu_attention_cpu
+
+        return hstu_attention_cpu
+    if impl == "triton":
+        from .hstu_attention_triton import hstu_attention_triton  # imports triton: only when asked for
+
+        return hstu_attention_triton
+    raise ValueError(f"no fused attention named {impl!r}")

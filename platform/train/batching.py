@@ -1,0 +1,73 @@
+"""What each training worker feeds the model, and the one place seeds are derived.
+
+Determinism is by construction, so a restart from a checkpoint replays exactly
+what an uninterrupted run would have done:
+- epoch e of a run seeded s draws everything (shuffle, Stochastic Length cuts,
+  negatives) from one generator seeded (s, e), plus the worker's rank in the
+  streaming mode, where each worker reads its own shard;
+- "replicated": every worker draws the same global batches and negatives and
+  keeps its rank's slice, so the number of workers does not change the maths.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ..config import ExperimentConfig
+from ..data.batches import build_batch
+from ..data.jagged import select_sequences
+from ..data.loader import BatchSpec, iter_torch_batches, to_torch
+from ..model import sample_negatives
+
+Batch = dict[str, torch.Tensor]
+
+
+def batch_spec(cfg: ExperimentConfig, training: bool = False) -> BatchSpec:
+    """Batches as the experiment's `batching` section asks (Stochastic Length only when training)."""
+    b = cfg.batching
+    if b.layout != "items":
+        raise ValueError("training supports batching.layout 'items' today (the interleaved encoder is not built yet)")
+    alpha = b.stochastic_length_alpha if training else None
+    return BatchSpec.from_prepared(cfg.data.output_dir, b.layout, cfg.kept_items, alpha)
+
+
+def epoch_rng(seed: int, epoch: int, rank: int | None = None) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch] if rank is None else [seed, epoch, rank])
+
+
+def draw_negatives(rng: np.random.Generator, target_ids: torch.Tensor, spec: BatchSpec, cfg: ExperimentConfig):
+    """[P, K] negatives for the P target positions of a batch, from the next seed of `rng`."""
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    t = cfg.train
+    return sample_negatives(target_ids[target_ids > 0], spec.num_items, t.num_negatives, t.in_batch_negatives, generator)
+
+
+def replicated_batches(table: pa.Table, spec: BatchSpec, cfg: ExperimentConfig, epoch: int, rank: int,
+                       world: int) -> Iterator[tuple[Batch, torch.Tensor]]:
+    """This rank's share of each global batch of the epoch, with its rows of the global negatives."""
+    rng = epoch_rng(cfg.train.seed, epoch)
+    order = rng.permutation(table.num_rows)
+    users = table["user"].to_numpy()
+    batch_size = cfg.train.batch_size
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = build_batch(table.take(pa.array(rows)), spec.layout, spec.max_seq_len,
+                            stochastic_alpha=spec.stochastic_alpha, rng=rng)
+        negatives = draw_negatives(rng, torch.from_numpy(batch["target_ids"]), spec, cfg)
+        mine = np.isin(batch["users"], users[np.array_split(rows, world)[rank]])
+        has_target = batch["target_ids"] > 0
+        my_targets = np.repeat(mine, np.diff(batch["offsets"]))[has_target]
+        yield to_torch(select_sequences(batch, mine)), negatives[torch.from_numpy(my_targets)]
+
+
+def streaming_batches(shard, spec: BatchSpec, cfg: ExperimentConfig, epoch: int, rank: int,
+                      world: int) -> Iterator[tuple[Batch, torch.Tensor]]:
+    """Batches of this worker's Ray Data shard, with negatives from the worker's own seed."""
+    rng = epoch_rng(cfg.train.seed, epoch, rank)
+    batches = iter_torch_batches(shard, spec, max(1, cfg.train.batch_size // world), seed=int(rng.integers(2**31)))
+    for batch in batches:
+        yield batch, draw_negatives(rng, batch["target_ids"], spec, cfg)
