@@ -37,6 +37,7 @@ def init_ray(cfg: RayConfig) -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = cfg.verbose
+    logging.getLogger("mlflow").setLevel(quiet["logging_level"])
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **quiet)
