@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench mlflow clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,23 @@ test: install
 bench: install
 	$(PY) benchmarks/data_pipeline.py
 	$(PY) benchmarks/train_throughput.py
+
+# A shared MLflow tracking server. Jobs use it with MLFLOW_TRACKING_URI=http://$(MLFLOW_HOST):$(MLFLOW_PORT)
+# (or tracking.tracking_uri). Defaults: a sqlite database and an artifact folder under outputs/mlflow-server,
+# bound to 127.0.0.1. A PostgreSQL database instead: MLFLOW_BACKEND=postgresql://user:password@host:5432/mlflow
+# (pip install psycopg2-binary); artifacts on S3: MLFLOW_ARTIFACTS=s3://bucket/mlflow (boto3 and AWS credentials
+# on this server only: clients upload through it). MLFLOW_HOST=<private IP> lets cluster nodes reach it.
+MLFLOW_HOST      ?= 127.0.0.1
+MLFLOW_PORT      ?= 5000
+MLFLOW_DIR       ?= $(CURDIR)/outputs/mlflow-server
+MLFLOW_BACKEND   ?= sqlite:///$(MLFLOW_DIR)/mlflow.db
+MLFLOW_ARTIFACTS ?= $(MLFLOW_DIR)/artifacts
+MLFLOW_WORKERS   ?= 2
+
+mlflow: install
+	mkdir -p $(MLFLOW_DIR)
+	$(VENV)/bin/mlflow server --backend-store-uri $(MLFLOW_BACKEND) --artifacts-destination $(MLFLOW_ARTIFACTS) \
+		--serve-artifacts --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers $(MLFLOW_WORKERS)
 
 clean:
 	rm -rf outputs .pytest_cache

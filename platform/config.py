@@ -37,6 +37,20 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return (Path(os.environ.get("GENREC_ROOT") or os.getcwd()) / p).resolve()
 
 
+def is_uri(path: str | os.PathLike) -> bool:
+    """s3://bucket/x, gs://..., file:///...: a storage URI rather than a (local or mounted) path."""
+    return "://" in str(path)
+
+
+def local_or_mounted(path: str, key: str) -> str:
+    """Check a storage path that genrec reads and writes with the local file system: on a cluster it
+    must be a shared mount every node sees (e.g. /mnt/genrec, or relative with GENREC_ROOT=/mnt/genrec)."""
+    if is_uri(path):
+        raise ValueError(f"{key}={path!r}: a URI is not supported here; use a local path or a shared mount "
+                         "every node sees (EFS/NFS, or an s3 bucket mounted with mountpoint-s3), e.g. /mnt/genrec/...")
+    return path
+
+
 # ----------------------------------------------------------------------------- sources
 
 class ColumnMapping(Strict):
@@ -209,6 +223,11 @@ class DataConfig(Strict):
     num_partitions: int = Field(8, gt=0, description="user-hash partitions for sequence building")
     chunk_bytes: int = Field(4 << 20, gt=0, description="text sources are parsed in chunks of about this size")
 
+    @model_validator(mode="after")
+    def _output_on_a_file_system(self):
+        local_or_mounted(self.output_dir, "data.output_dir")
+        return self
+
 
 class ModelConfig(Strict):
     """The encoder; defaults are the paper's MovieLens-1M HSTU recipe."""
@@ -266,10 +285,16 @@ class TrainConfig(Strict):
         "does (it has no validation split); the model is then not selected on validation: test is reported "
         "at the last evaluation")
     early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without a better valid NDCG@10")
-    storage_path: str = "outputs/ray_results"
+    storage_path: str = Field("outputs/ray_results", description="checkpoints and run folders: a local path, "
+                              "or on a cluster a shared mount every node sees (relative paths follow GENREC_ROOT)")
     run_name: str | None = Field(None, description="default: the experiment name; the same name resumes")
     max_failures: int = Field(1, ge=0)
     checkpoints_to_keep: int = Field(2, gt=0)
+
+    @model_validator(mode="after")
+    def _storage_on_a_file_system(self):
+        local_or_mounted(self.storage_path, "train.storage_path")  # workers' progress file lives there too
+        return self
 
 
 class EvalConfig(Strict):
@@ -285,7 +310,8 @@ class EvalConfig(Strict):
 
 
 class TrackingConfig(Strict):
-    tracking_uri: str | None = Field(None, description="default sqlite:///<cwd>/outputs/mlflow.db")
+    tracking_uri: str | None = Field(None, description="http://host:port of an `mlflow server` (make mlflow), or "
+                                     "a database URI; default $MLFLOW_TRACKING_URI, else sqlite:///<root>/outputs/mlflow.db")
     experiment: str = "genrec"
     registered_model: str | None = Field(None, description="default: the experiment name")
 

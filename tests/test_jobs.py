@@ -1,12 +1,16 @@
-"""The recipes as a user runs them: `ray job submit` against a running head node (token auth on)."""
+"""The recipes as a user runs them: `ray job submit` against a running head node (token auth on),
+tracking to a shared MLflow server (`make mlflow`) over HTTP, as on a cluster."""
 
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -42,10 +46,42 @@ def head_node():
     shutil.rmtree(temp, ignore_errors=True)
 
 
-def submit(address, env, *command, retries=10):
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`make mlflow` on a free port: a real `mlflow server` (sqlite backend, proxied artifact root
+    in its own folder), bound to 127.0.0.1; stopped by its process group."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    with open(folder / "server.log", "w") as log:
+        server = subprocess.Popen(
+            ["make", "-o", ".venv/.installed-stamp", "mlflow", f"MLFLOW_PORT={port}", f"MLFLOW_DIR={folder}",
+             "MLFLOW_WORKERS=1"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    yield f"http://127.0.0.1:{port}", folder, server
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=3)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+def wait_until_up(url: str, server, folder: Path, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert server.poll() is None, (folder / "server.log").read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"mlflow server not up after {timeout} s:\n{(folder / 'server.log').read_text()[-3000:]}")
+
+
+def submit(address, env, *command, retries=10, env_vars=None):
+    runtime_env = json.dumps({"env_vars": {"GENREC_ROOT": str(REPO), **(env_vars or {})}})
     for _ in range(retries):  # the job agent comes up a few seconds after the head
         result = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
-                                 "--runtime-env-json", f'{{"env_vars": {{"GENREC_ROOT": "{REPO}"}}}}', "--", *command],
+                                 "--runtime-env-json", runtime_env, "--", *command],
                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         if "No available agent" not in result.stdout + result.stderr:
             return result
@@ -53,8 +89,12 @@ def submit(address, env, *command, retries=10):
     return result
 
 
-def test_prepare_and_train_as_ray_jobs(head_node, tmp_path):
+def test_prepare_train_and_evaluate_as_ray_jobs_tracked_by_an_mlflow_server(head_node, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
     address, env = head_node
+    url, server_folder, server = mlflow_server
+    tracked = {"MLFLOW_TRACKING_URI": url}  # as on a cluster: the config names no tracking URI
     config = tmp_path / "job.yaml"
     config.write_text(f"""
 name: job-test
@@ -63,12 +103,30 @@ data:
   output_dir: {tmp_path / 'data'}
 model: {{kind: sasrec, dim: 8, num_blocks: 1, num_heads: 1, max_seq_len: 12}}
 train: {{epochs: 1, batch_size: 64, num_negatives: 8, storage_path: {tmp_path / 'runs'}, cpus_per_worker: 1}}
-tracking: {{tracking_uri: "sqlite:///{tmp_path / 'mlflow.db'}", experiment: job-test}}
+tracking: {{experiment: job-test}}
 """)
     prepared = submit(address, env, "python", "jobs/prepare.py", "--config", str(config))
     assert prepared.returncode == 0, prepared.stdout[-3000:] + prepared.stderr[-3000:]
     assert "succeeded" in prepared.stdout + prepared.stderr
     assert "== prepare summary ==" in prepared.stdout and (tmp_path / "data" / "manifest.json").exists()
-    trained = submit(address, env, "python", "jobs/train.py", "--config", str(config))
+    wait_until_up(url, server, server_folder)
+    trained = submit(address, env, "python", "jobs/train.py", "--config", str(config), env_vars=tracked)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     assert "[train] epoch 1/1" in trained.stdout and "registered 'job-test' version 1" in trained.stdout
+    # the run, its metrics and the registered model are read back from the server over HTTP;
+    # the model files went through the server into its artifact root
+    client = MlflowClient(url)
+    version = client.get_model_version("job-test", "1")
+    run = client.get_run(version.run_id)
+    assert run.data.params["model.kind"] == "sasrec"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1]
+    assert list(server_folder.glob("artifacts/**/model_files/*")), "model files not in the server's artifact root"
+    assert not (tmp_path / "mlflow.db").exists() and not (REPO / "mlruns" / "job-test").exists()
+
+    evaluated = submit(address, env, "python", "jobs/evaluate.py", "--config", str(config),
+                       "--model", "models:/job-test/1", "--split", "test", env_vars=tracked)
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    printed = evaluated.stdout[evaluated.stdout.index('{\n "model"'):]
+    metrics = json.loads(printed[:printed.index("\n}") + 2])
+    assert metrics["model"] == "models:/job-test/1" and metrics["split"] == "test"
+    assert metrics["ndcg@10"] == pytest.approx(run.data.metrics["best/test/ndcg_at_10"], abs=1e-6)

@@ -9,6 +9,7 @@ job ran in)."""
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -31,8 +32,12 @@ def metric_key(name: str) -> str:
 
 
 def tracking_uri(cfg: ExperimentConfig) -> str:
+    """tracking.tracking_uri, else $MLFLOW_TRACKING_URI (e.g. a shared `mlflow server`), else a
+    sqlite file under outputs/ (GENREC_ROOT)."""
     if cfg.tracking.tracking_uri:
         return cfg.tracking.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
     path = resolve_path("outputs/mlflow.db")
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
