@@ -7,12 +7,11 @@ with Ray Train for a few minutes on CPU, evaluates the registered model on the
 test split and prints how to browse the run in MLflow.
 """
 
-import json
-
 from genrec.data.loader import BatchSpec, iter_torch_batches
 from genrec.data.pipeline import prepare
-from genrec.data.prepared import read_split
+from genrec.data.prepared import read_manifest, read_split
 from genrec.data.summary import summary_text
+from genrec.data.synthetic import oracle_ratio_text
 from genrec.runtime import init_ray, load_job_config, run_job
 from genrec.train.trainer import evaluate_model, fit
 
@@ -25,8 +24,11 @@ def main(args) -> int:
     result = fit(cfg)
     model_uri = f"models:/{result['registered_model']}/{result['version']}"
     metrics = evaluate_model(cfg, model_uri, "test")
-    print(f"== {model_uri} on the test split (full ranking over {metrics['count']:.0f} users) ==")
-    print(json.dumps({k: round(v, 4) for k, v in metrics.items() if k != "count"}, indent=1))
+    print(f"== {model_uri} on the test split (full ranking, {metrics.pop('count'):.0f} users) ==")
+    print("  " + "  ".join(f"{k.upper()} {v:.4f}" for k, v in metrics.items()))
+    oracle = read_manifest(cfg.data.output_dir).get("synthetic_oracle")
+    if oracle:  # the generator knows the best achievable score
+        print(f"  vs the generator's optimum: {oracle_ratio_text(metrics, oracle)}")
     return 0
 
 
