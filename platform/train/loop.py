@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ExperimentConfig
-from ..data.loader import iter_torch_batches
+from ..data.loader import BatchSpec, iter_torch_batches
 from ..data.prepared import read_split
 from ..errors import GenrecError
 from ..model import sampled_softmax_loss
@@ -54,6 +54,8 @@ class Worker:
     core: torch.nn.Module  # the encoder itself
     optimizer: torch.optim.Optimizer
     run_folder: Path
+    train_spec: BatchSpec  # with Stochastic Length, if configured
+    eval_spec: BatchSpec
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -116,7 +118,8 @@ def setup_and_resume(cfg: ExperimentConfig, run_folder: Path) -> tuple[Worker, P
     else:
         progress = Progress(best_state={k: v.clone() for k, v in model.state_dict().items()})
     wrapped = ray.train.torch.prepare_model(model)  # DDP when world > 1, moved to the device
-    worker = Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, wrapped, model, optimizer, run_folder)
+    worker = Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, wrapped, model, optimizer, run_folder,
+                    batch_spec(cfg, training=True), batch_spec(cfg))
     return worker, progress
 
 
@@ -125,11 +128,10 @@ def train_one_epoch(w: Worker, epoch: int, train_table) -> dict:
     import ray.train
 
     cfg, t = w.cfg, w.cfg.train
-    spec = batch_spec(cfg, training=True)
     if train_table is not None:
-        batches = replicated_batches(train_table, spec, cfg, epoch, w.rank, w.world)
+        batches = replicated_batches(train_table, w.train_spec, cfg, epoch, w.rank, w.world)
     else:
-        batches = streaming_batches(ray.train.get_dataset_shard("train"), spec, cfg, epoch, w.rank, w.world)
+        batches = streaming_batches(ray.train.get_dataset_shard("train"), w.train_spec, cfg, epoch, w.rank, w.world)
     started = time.time()
     w.model.train()
     loss_sum, steps, examples, tokens = 0.0, 0, 0, 0
@@ -160,10 +162,9 @@ def evaluate_and_select(w: Worker, splits: dict, metrics: dict, epoch: int, prog
     training on train+valid, always) rank the test split and keep this model as the best."""
     cfg, ev = w.cfg, w.cfg.eval
     started = time.time()
-    spec = batch_spec(cfg)
 
     def rank(split: str) -> dict:
-        batches = iter_torch_batches(splits[split], spec, ev.batch_size, shuffle=False)
+        batches = iter_torch_batches(splits[split], w.eval_spec, ev.batch_size, shuffle=False)
         return {f"{split}/{k}": v for k, v in evaluate(w.core, batches, ties=ev.ties).items() if k != "count"}
 
     if epoch + 1 in ev.test_epochs:
