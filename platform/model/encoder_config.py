@@ -10,7 +10,11 @@ class EncoderConfig:
     num_heads=2; SASRec has an FFN of width `ffn_dim` (default D).
 
     max_seq_len N sizes the position tables; `attention_normalizer` is the N of
-    HSTU's 1/N (default max_seq_len; the paper's ML-1M code uses 211)."""
+    HSTU's 1/N (default max_seq_len; the paper's ML-1M code uses 211).
+
+    The paper's ablations (its Table 2) are named options of HSTU: `attention`
+    "softmax" replaces SiLU(.)/N by a causal softmax over the keys, and
+    `relative_bias` keeps both rab terms, one of them, or none."""
 
     kind: str = "hstu"
     num_items: int = 0
@@ -24,6 +28,8 @@ class EncoderConfig:
     dropout: float = 0.2
     attention_normalizer: int | None = None
     attention_impl: str = "auto"  # auto | pytorch | cpu | triton (see ops/hstu_attention.py)
+    attention: str = "pointwise"  # pointwise | softmax
+    relative_bias: str = "both"  # both | position | time | none
 
     @property
     def head_qk_dim(self) -> int:
@@ -36,6 +42,11 @@ class EncoderConfig:
     @property
     def normalizer(self) -> int:
         return self.attention_normalizer or self.max_seq_len
+
+    @property
+    def is_paper_hstu(self) -> bool:
+        """The full model (pointwise attention, both bias terms): what the fused kernels implement."""
+        return self.attention == "pointwise" and self.relative_bias == "both"
 
     def to_dict(self) -> dict:
         return asdict(self)

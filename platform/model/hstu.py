@@ -19,6 +19,7 @@ from .jagged import jagged_to_padded, max_length, padded_index
 from .ops.hstu_attention import fused_attention, hstu_attention, resolve_attention_impl
 from .ops.hstu_attention_reference import time_buckets
 from .ops.table_lookup import table_lookup
+from .sasrec import causal_softmax_attention
 
 LAYER_NORM_EPS = 1e-6
 NUM_TIME_BUCKETS = 128
@@ -26,15 +27,18 @@ NUM_TIME_BUCKETS = 128
 
 class HSTULayer(nn.Module):
     """Eq. (1)-(3) on a pre-normalised input (LayerNorm without affine), with a
-    residual connection. dropout acts on the gated attention output before f2."""
+    residual connection. dropout acts on the gated attention output before f2.
+    config.attention / config.relative_bias select the paper's ablations."""
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         H, dqk, dv, D = config.num_heads, config.head_qk_dim, config.head_v_dim, config.dim
         self.num_heads, self.qk_dim, self.v_dim, self.normalizer = H, dqk, dv, config.normalizer
         self.max_seq_len, self.attention_impl = config.max_seq_len, config.attention_impl
+        self.attention, self.is_paper_hstu = config.attention, config.is_paper_hstu
         self.uvqk = nn.Linear(D, 2 * H * (dv + dqk), bias=False)  # f1
-        self.rab = RelativeBucketedTimeAndPositionBias(config.max_seq_len)
+        self.rab = None if config.relative_bias == "none" else \
+            RelativeBucketedTimeAndPositionBias(config.max_seq_len, terms=config.relative_bias)
         self.dropout = nn.Dropout(config.dropout)
         self.out = nn.Linear(H * dv, D)  # f2
         nn.init.normal_(self.uvqk.weight, mean=0.0, std=0.02)
@@ -43,15 +47,16 @@ class HSTULayer(nn.Module):
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, bias_index: torch.Tensor | None,
                 timestamps: torch.Tensor | None = None, target_timestamps: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, D] jagged -> [T, D]. The plain attention takes bias_index [B, L, L]
-        (`relative_bias_index`); the fused ones compute the bias from the timestamps."""
+        (`relative_bias_index`; None without rab); the fused ones (the full model
+        only) compute the bias from the timestamps."""
         T, H, dqk, dv = x.size(0), self.num_heads, self.qk_dim, self.v_dim
         normed_x = F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS)  # pre-norm, no affine
         # Eq. (1): one projection, SiLU over all of it, then split.
         u, v, q, k = F.silu(self.uvqk(normed_x)).split([H * dv, H * dv, H * dqk, H * dqk], dim=-1)
         q, k, v = q.view(T, H, dqk), k.view(T, H, dqk), v.view(T, H, dv)
         # Eq. (2): pointwise causal attention with the relative bias, scaled by 1/N.
-        if bias_index is not None:
-            attended = hstu_attention(q, k, v, self.rab(bias_index), offsets, self.normalizer)
+        if not self.is_paper_hstu or bias_index is not None:
+            attended = self.plain_attention(q, k, v, offsets, bias_index)
         else:
             fused = fused_attention(resolve_attention_impl(self.attention_impl, x))
             attended = fused(q, k, v, offsets, timestamps, target_timestamps, self.rab.position_weights,
@@ -61,6 +66,17 @@ class HSTULayer(nn.Module):
         gated = u * F.layer_norm(attended, attended.shape[-1:], eps=LAYER_NORM_EPS)
         return x + self.out(self.dropout(gated))
 
+    def plain_attention(self, q, k, v, offsets, bias_index) -> torch.Tensor:
+        """Eq. (2) on the materialised bias, or its ablations: softmax instead of
+        SiLU(.)/N, and rab with one term or none."""
+        rab = None if self.rab is None else self.rab(bias_index)
+        if self.attention == "softmax":
+            return causal_softmax_attention(q, k, v, offsets, bias=rab)
+        if rab is None:
+            L = max_length(offsets)
+            rab = q.new_zeros(offsets.numel() - 1, L, L)
+        return hstu_attention(q, k, v, rab, offsets, self.normalizer)
+
 
 class HSTU(nn.Module):
     """A stack of HSTU layers over a jagged batch."""
@@ -68,6 +84,8 @@ class HSTU(nn.Module):
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         self.max_seq_len, self.attention_impl = config.max_seq_len, config.attention_impl
+        # The fused kernels implement the full model; the ablations run on the plain path.
+        self.is_paper_hstu, self.uses_bias = config.is_paper_hstu, config.relative_bias != "none"
         self.layers = nn.ModuleList(HSTULayer(config) for _ in range(config.num_blocks))
 
     def forward(
@@ -75,7 +93,8 @@ class HSTU(nn.Module):
     ) -> torch.Tensor:
         """x [T, D], offsets [B+1], timestamps and target_timestamps [T] -> [T, D]."""
         bias_index = None
-        if resolve_attention_impl(self.attention_impl, x) == "pytorch":
+        plain = not self.is_paper_hstu or resolve_attention_impl(self.attention_impl, x) == "pytorch"
+        if plain and self.uses_bias:
             # The bias index depends on the batch only: computed once, shared by every layer.
             bias_index = relative_bias_index(timestamps, target_timestamps, offsets, max_length(offsets),
                                              self.max_seq_len)
@@ -86,19 +105,29 @@ class HSTU(nn.Module):
 
 class RelativeBucketedTimeAndPositionBias(nn.Module):
     """rab^{p,t} of Eq. (2): a learned scalar per relative position (2N - 1 of
-    them) plus one per log-bucketed time gap (129), shared by all heads."""
+    them) plus one per log-bucketed time gap (129), shared by all heads.
+    terms "position" or "time" keeps one of the two (the paper's ablations)."""
 
-    def __init__(self, max_seq_len: int, num_time_buckets: int = NUM_TIME_BUCKETS) -> None:
+    def __init__(self, max_seq_len: int, num_time_buckets: int = NUM_TIME_BUCKETS, terms: str = "both") -> None:
         super().__init__()
-        self.position_weights = nn.Parameter(torch.empty(2 * max_seq_len - 1).normal_(0, 0.02))
-        self.time_weights = nn.Parameter(torch.empty(num_time_buckets + 1).normal_(0, 0.02))
+        if terms not in ("both", "position", "time"):
+            raise ValueError(f"relative bias terms must be 'both', 'position' or 'time', got {terms!r}")
+        self.shape = (num_time_buckets + 1, 2 * max_seq_len - 1)
+        self.position_weights = nn.Parameter(torch.empty(self.shape[1]).normal_(0, 0.02)) \
+            if terms != "time" else None
+        self.time_weights = nn.Parameter(torch.empty(self.shape[0]).normal_(0, 0.02)) \
+            if terms != "position" else None
 
     def forward(self, bias_index: torch.Tensor) -> torch.Tensor:
         """bias_index [B, L, L] from `relative_bias_index` -> rab [B, L, L]."""
         # Every (time bucket, relative position) sum in one small table, so the
         # [B, L, L] bias is a single gather (and its backward a single scatter).
-        table = self.time_weights.unsqueeze(1) + self.position_weights.unsqueeze(0)
-        return table_lookup(table.view(-1), bias_index)
+        table = torch.zeros(self.shape, device=bias_index.device)
+        if self.time_weights is not None:
+            table = table + self.time_weights.unsqueeze(1)
+        if self.position_weights is not None:
+            table = table + self.position_weights.unsqueeze(0)
+        return table_lookup(table.reshape(-1), bias_index)
 
 
 def relative_bias_index(

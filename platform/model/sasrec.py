@@ -21,16 +21,24 @@ def causal_softmax_attention(
     v: torch.Tensor,
     offsets: torch.Tensor,
     dropout_p: float = 0.0,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product causal attention over a jagged batch.
 
-    q, k, v: [T, H, d] jagged; returns [T, H, d]. Pads to the batch's longest
-    sequence; the causal mask alone keeps real queries off the padded keys.
+    q, k, v: [T, H, d] jagged; returns [T, H, d]. bias: an optional [B, L, L]
+    additive bias shared by all heads (HSTU's softmax ablation with rab), L the
+    batch's longest sequence. Pads to that length; the causal mask alone keeps
+    real queries off the padded keys.
     """
     padded_length = max_length(offsets)
     index = padded_index(offsets, q.size(0), padded_length)
     q, k, v = (jagged_to_padded(t, offsets, padded_length, index=index).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if bias is None:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    else:
+        future = torch.ones(padded_length, padded_length, dtype=torch.bool, device=q.device).triu_(1)
+        mask = bias.masked_fill(future, -torch.inf).unsqueeze(1).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     return padded_to_jagged(out.transpose(1, 2), offsets, index)
 
 
