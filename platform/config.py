@@ -88,7 +88,7 @@ class ActionsConfig(Strict):
         return self
 
 
-TimestampUnit = Literal["s", "ms"]
+TimestampUnit = Literal["s", "ms", "iso"]  # iso: ISO-8601 text (Parquet timestamp columns need none)
 
 
 class MovieLensSource(Strict):
@@ -111,14 +111,25 @@ class MovieLensCsvSource(Strict):
 
 
 class CsvSource(Strict):
-    """A CSV event log (one event per line, header first) with a column mapping."""
+    """A delimited text event log (one event per line), plain, .gz or .zst, with a column mapping."""
 
     kind: Literal["csv"]
-    path: str = Field(description="a .csv file or a folder of them")
+    path: str = Field(description="a file or a folder of them (.csv/.tsv/.txt, optionally .gz/.zst)")
     columns: ColumnMapping = Field(default_factory=ColumnMapping)
     delimiter: str = Field(",", min_length=1, max_length=1)
+    header: bool = Field(True, description="false: no header line; name columns with column_names, "
+                         "else they are named by position \"0\", \"1\", ...")
+    column_names: list[str] | None = Field(None, description="names of a headerless file's columns, in order")
     timestamp_unit: TimestampUnit = "s"
     actions: ActionsConfig = Field(default_factory=ActionsConfig)
+    item_features: list[str] = Field(default_factory=list, description="extra columns kept as item features "
+                                     "(the value on the item's first event in source order)")
+
+    @model_validator(mode="after")
+    def _names_only_without_header(self):
+        if self.column_names is not None and self.header:
+            raise ValueError("column_names is for headerless files; set header: false")
+        return self
 
 
 class ParquetSource(Strict):
@@ -130,6 +141,8 @@ class ParquetSource(Strict):
     timestamp_unit: TimestampUnit = "s"
     actions: ActionsConfig = Field(default_factory=ActionsConfig)
     users_file: str | None = Field(None, description="optional Parquet of user context (user_id + features)")
+    item_features: list[str] = Field(default_factory=list, description="extra columns kept as item features "
+                                     "(the value on the item's first event in source order)")
 
 
 class SyntheticSource(Strict):
@@ -211,9 +224,10 @@ class DataConfig(Strict):
     source: Source
     output_dir: str = "outputs/data/default"
     overwrite: bool = Field(False, description="replace an existing output atomically; else refuse")
-    item_universe: Literal["catalog", "observed"] = Field(
-        "catalog",
-        description="catalog: every item of the source's catalog (movies.dat); observed: items seen in events",
+    item_universe: Literal["catalog", "observed"] | None = Field(
+        None,
+        description="catalog: every item of the source's catalog (movies.dat); observed: items seen in events; "
+        "default: catalog where the source has one, else observed",
     )
     split: Annotated[Union[LeaveOneOutSplit, TimeSplit], Field(discriminator="kind")] = Field(
         default_factory=LeaveOneOutSplit

@@ -146,8 +146,8 @@ def test_parquet_log_with_column_mapping_and_nulls(ray_cluster, tmp_path):
     summary = run(tmp_path, source, item_universe="observed")
     assert (summary["input_rows"], summary["accepted"], summary["rejected"]) == (5, 2, 3)
     reasons = {r["row_number"]: r["reason"] for r in read_rejects(tmp_path / "out").to_pylist()}
-    assert reasons == {3: "missing field user_id", 4: reasons[4], 5: "unknown action"}
-    assert reasons[4].startswith("timestamp out of range")
+    assert reasons == {3: "missing field user_id", 4: reasons[4], 5: "unknown action 'teleport'; known: ['buy', 'click']"}
+    assert reasons[4] == "timestamp out of range [631152000, 4102444800]: 1600000003000"
 
 
 def test_source_errors_name_the_path(ray_cluster, tmp_path):

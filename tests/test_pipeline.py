@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from genrec.config import ConfigError, DataConfig
+from genrec.data.adapters import SourceError
 from genrec.data.prepared import read_split
 from genrec.data.pipeline import OutputExistsError, prepare
 from genrec.data.prepared import read_manifest
@@ -125,8 +126,13 @@ def test_failed_run_leaves_no_output(ray_cluster, tmp_path):
     write_events(tmp_path / "log.parquet", [(1, 1, 1_600_000_000, "view")])
     source = {"kind": "parquet", "path": str(tmp_path / "log.parquet"), **PARQUET}
     with pytest.raises(ConfigError, match="item_universe: 'catalog' needs a source with an item catalog"):
-        quiet(config(source, tmp_path / "out"))  # fails after the first stage has written files
+        quiet(config(source, tmp_path / "out", item_universe="catalog"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.parquet"]
+    # every row rejected: fails after the first stage has written files; only the rejects stay, beside the output
+    with pytest.raises(SourceError, match=r"all 1 rows rejected: timestamp out of range \(1\); rejects kept at .*out.rejects"):
+        quiet(config(source, tmp_path / "out", timestamp_max=1_500_000_000))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.parquet", "out.rejects"]
+    assert pq.read_table(tmp_path / "out.rejects")["row_number"].to_pylist() == [1]
 
 
 def test_time_split(ray_cluster, tmp_path):

@@ -14,12 +14,13 @@ from __future__ import annotations
 import csv
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ..config import (
@@ -35,6 +36,7 @@ from ..config import (
 )
 from ..errors import GenrecError
 from .schema import EVENT_SCHEMA, REJECT_SCHEMA, source_order
+from .validation import FIELDS, Rules, read_text, validate
 
 
 class SourceError(GenrecError, ValueError):
@@ -43,20 +45,19 @@ class SourceError(GenrecError, ValueError):
 
 MOVIELENS_ACTIONS = ["rating_1", "rating_2", "rating_3", "rating_4", "rating_5"]
 INTEGER = re.compile(r"-?\d+\Z")
-NUMBER = re.compile(r"-?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\Z")
 
 
 @dataclass(frozen=True)
 class TextFormat:
-    """How to split one text line into the canonical fields."""
+    """How to cut one text file into lines and fields."""
 
-    kind: str  # "dat" (`::` separated) or "csv"
-    num_fields: int
-    positions: dict  # canonical field -> column index
-    delimiter: str = ","
-    timestamp_unit: str = "s"
-    action_ids: dict | None = None  # raw action value -> action id; None: derive from rating
-    id_kind: str = "int"  # raw ids: "int" or "string"
+    names: tuple  # column names in file order (the header, given names, or "0", "1", ...)
+    positions: dict  # canonical field (and kept feature) -> column index
+    delimiter: str = ","  # "::" for MovieLens .dat
+    quoting: bool = True
+    newline: bytes = b"\n"  # b"\r" for old Mac files
+    compression: str | None = None  # "gzip" or "zstd": the whole file is one chunk
+    header: bool = False  # the chunk starts with the header line (compressed files only)
 
 
 @dataclass(frozen=True)
@@ -78,14 +79,19 @@ class SourcePlan:
     chunks: list[Chunk]
     actions: list[str]
     merge_actions: bool
-    checksums: dict  # file -> sha256 of its first and last MiB plus size (cheap, detects edits)
+    checksums: dict  # file -> sha256 of the file
+    rules: Rules = field(default_factory=Rules)
     catalog: pa.Table | None = None  # item_id + item features (movies.dat / movies.csv / items.parquet)
     users: pa.Table | None = None  # user_id + context features
     context_columns: list[str] = field(default_factory=list)
-    action_lookup: dict | None = None  # Parquet: raw action value -> id
+    item_features: list[str] = field(default_factory=list)  # event columns kept as item features
 
 
 # ----------------------------------------------------------------------------- helpers
+
+COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+TEXT_SUFFIXES = (".csv", ".tsv", ".txt", ".dat")
+
 
 def _require_file(path: Path, what: str) -> Path:
     if not path.exists():
@@ -97,11 +103,12 @@ def _require_file(path: Path, what: str) -> Path:
     return path
 
 
-def _files_in(path: Path, suffix: str, what: str) -> list[Path]:
+def _files_in(path: Path, suffixes: tuple, what: str) -> list[Path]:
     if path.is_dir():
-        files = sorted(p for p in path.rglob(f"*{suffix}") if p.is_file())
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                       and any(p.name.endswith(s) for s in suffixes))
         if not files:
-            raise SourceError(f"{what}: no *{suffix} files in folder {path}")
+            raise SourceError(f"{what}: no {'/'.join('*' + s for s in suffixes)} files in folder {path}")
         return [_require_file(p, what) for p in files]
     return [_require_file(path, what)]
 
@@ -117,41 +124,88 @@ def file_checksum(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _compression(path: Path) -> str | None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] == b"\x1f\x8b":
+        return "gzip"
+    if magic == b"\x28\xb5\x2f\xfd":
+        return "zstd"
+    return COMPRESSION.get(path.suffix)
+
+
+def _open_text(path: str, compression: str | None):
+    """A binary stream of the file's text, decompressed on the fly."""
+    raw = pa.OSFile(str(path))
+    return pa.CompressedInputStream(raw, compression) if compression else raw
+
+
+def _first_line(path: Path, compression: str | None) -> tuple[bytes, bytes]:
+    """(first line without its end, the line end: LF or CR)."""
+    stream = _open_text(path, compression)
+    try:
+        head = stream.read(1 << 20)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise SourceError(f"{path}: cannot read as {compression or 'text'} ({err})") from None
+    finally:
+        stream.close()
+    lf, cr = head.find(b"\n"), head.find(b"\r")
+    newline = b"\r" if cr >= 0 and (lf < 0 or (cr < lf - 1)) else b"\n"  # CR alone, not CRLF: an old Mac file
+    end = head.find(newline)
+    line = head if end < 0 else head[:end]
+    return line.rstrip(b"\r"), newline
+
+
 def _text_chunks(file_index: int, path: Path, fmt: TextFormat, chunk_bytes: int, skip_header: bool) -> list[Chunk]:
-    """Split a text file at line ends into ~chunk_bytes pieces, counting lines to number rows."""
+    """Split a text file at line ends into ~chunk_bytes pieces, counting lines to number rows.
+
+    A compressed file cannot be cut without reading it, so it is one chunk.
+    """
+    if fmt.compression:
+        return [Chunk(file_index, str(path), "text", 0, -1, 2 if skip_header else 1,
+                      text_format=replace(fmt, header=skip_header))]
     chunks = []
     size = path.stat().st_size
+    nl = fmt.newline
     with open(path, "rb") as f:
         start, line = 0, 1
         if skip_header:
-            header = f.readline()
-            start, line = len(header), 2
+            head = f.read(1 << 20)
+            start, line = (head.index(nl) + 1 if nl in head else size), 2
         while start < size:
-            f.seek(min(start + chunk_bytes, size))
-            f.readline()  # finish the line we landed in
-            stop = min(f.tell(), size)
+            stop = min(start + chunk_bytes, size)
+            f.seek(stop)
+            while stop < size:  # finish the line we landed in
+                block = f.read(1 << 16)
+                if not block:
+                    stop = size
+                elif nl in block:
+                    stop += block.index(nl) + 1
+                    break
+                else:
+                    stop += len(block)
             f.seek(start)
-            lines_in_chunk = f.read(stop - start).count(b"\n")
+            lines_in_chunk = f.read(stop - start).count(nl)
             chunks.append(Chunk(file_index, str(path), "text", start, stop, line, text_format=fmt))
             start, line = stop, line + lines_in_chunk
     return chunks
 
 
-def _csv_header(path: Path, delimiter: str) -> list[str]:
-    with open(path, "rb") as f:
-        first = f.readline()
+def _csv_header(path: Path, delimiter: str, compression: str | None) -> tuple[list[str], bytes]:
+    first, newline = _first_line(path, compression)
     try:
-        return next(csv.reader([first.decode("utf-8-sig").rstrip("\r\n")], delimiter=delimiter))
-    except (UnicodeDecodeError, StopIteration):
-        raise SourceError(f"{path}: the first line is not a readable CSV header") from None
+        text = first.decode("utf-8-sig")
+        header = pacsv.read_csv(pa.BufferReader(text.encode() + b"\n"),
+                                parse_options=pacsv.ParseOptions(delimiter=delimiter)).column_names
+    except (UnicodeDecodeError, pa.ArrowInvalid):
+        header = []
+    if not header:
+        raise SourceError(f"{path}: the first line is not a readable CSV header; for a headerless file set "
+                          f"data.source.header: false")
+    return header, newline
 
 
-def _positions(header: list[str], columns: ColumnMapping, path: Path) -> dict:
-    wanted = {"user_id": columns.user_id, "item_id": columns.item_id, "timestamp": columns.timestamp}
-    if columns.action:
-        wanted["action"] = columns.action
-    if columns.value:
-        wanted["value"] = columns.value
+def _positions(header: list[str], wanted: dict, path: Path) -> dict:
     missing = {k: v for k, v in wanted.items() if v not in header}
     if missing:
         names = ", ".join(f"{v!r} (for {k})" for k, v in missing.items())
@@ -159,10 +213,35 @@ def _positions(header: list[str], columns: ColumnMapping, path: Path) -> dict:
     return {k: header.index(v) for k, v in wanted.items()}
 
 
+def _wanted(columns: ColumnMapping, features: list[str]) -> dict:
+    """canonical field (or feature column) -> source column name"""
+    wanted = {"user_id": columns.user_id, "item_id": columns.item_id, "timestamp": columns.timestamp}
+    if columns.action:
+        wanted["action"] = columns.action
+    if columns.value:
+        wanted["value"] = columns.value
+    for name in features:
+        if name in wanted.values():
+            raise SourceError(f"data.source.item_features: {name!r} is already mapped in data.source.columns")
+        wanted[f"feature:{name}"] = name
+    return wanted
+
+
 def action_ids(actions: ActionsConfig) -> dict:
     ids = {name: i for i, name in enumerate(actions.names)}
     ids.update({raw: ids[name] for raw, name in actions.mapping.items()})
     return ids
+
+
+def _rules(cfg: DataConfig, **kw) -> Rules:
+    return Rules(timestamp_min=cfg.timestamp_min, timestamp_max=cfg.timestamp_max, **kw)
+
+
+def _action_rules(source) -> dict:
+    if not source.columns.action:
+        return {}
+    ids = action_ids(source.actions)
+    return {"actions": tuple(ids.items()), "num_action_ids": len(source.actions.names)}
 
 
 # ----------------------------------------------------------------------------- planning
@@ -175,7 +254,8 @@ def _plan_movielens(source: MovieLensSource, cfg: DataConfig) -> SourcePlan:
     with open(ratings, "rb") as f:
         if b"::" not in f.readline():
             raise SourceError(f"{ratings}: not a MovieLens '::' file (first line has no '::')")
-    fmt = TextFormat("dat", 4, {"user_id": 0, "item_id": 1, "value": 2, "timestamp": 3})
+    fmt = TextFormat(("user_id", "item_id", "value", "timestamp"), {"user_id": 0, "item_id": 1, "value": 2, "timestamp": 3},
+                     delimiter="::", quoting=False)
     catalog = read_movies_dat(_require_file(root / source.movies_file, "MovieLens movies file"))
     users = read_users_dat(_require_file(root / source.users_file, "MovieLens users file")) if source.users_file else None
     return SourcePlan(
@@ -183,6 +263,7 @@ def _plan_movielens(source: MovieLensSource, cfg: DataConfig) -> SourcePlan:
         actions=MOVIELENS_ACTIONS,
         merge_actions=False,
         checksums={str(ratings): file_checksum(ratings)},
+        rules=_rules(cfg, rating="stars"),
         catalog=catalog,
         users=users,
         context_columns=[c for c in (users.column_names[1:] if users is not None else [])],
@@ -192,40 +273,50 @@ def _plan_movielens(source: MovieLensSource, cfg: DataConfig) -> SourcePlan:
 def _plan_movielens_csv(source: MovieLensCsvSource, cfg: DataConfig) -> SourcePlan:
     root = resolve_path(source.path)
     ratings = _require_file(root / source.ratings_file, "MovieLens ratings.csv")
-    header = _csv_header(ratings, ",")
-    positions = _positions(header, ColumnMapping(user_id="userId", item_id="movieId", timestamp="timestamp", value="rating"), ratings)
-    fmt = TextFormat("csv", len(header), positions)
+    compression = _compression(ratings)
+    header, newline = _csv_header(ratings, ",", compression)
+    positions = _positions(header, {"user_id": "userId", "item_id": "movieId", "timestamp": "timestamp", "value": "rating"}, ratings)
+    fmt = TextFormat(tuple(header), positions, newline=newline, compression=compression)
     catalog = read_movies_csv(_require_file(root / source.movies_file, "MovieLens movies.csv")) if source.movies_file else None
     return SourcePlan(
         chunks=_text_chunks(0, ratings, fmt, cfg.chunk_bytes, skip_header=True),
         actions=[f"rating_{h}" for h in ("0.5", "1", "1.5", "2", "2.5", "3", "3.5", "4", "4.5", "5")],
         merge_actions=False,
         checksums={str(ratings): file_checksum(ratings)},
+        rules=_rules(cfg, rating="half_stars"),
         catalog=catalog,
     )
 
 
 def _plan_csv(source: CsvSource, cfg: DataConfig) -> SourcePlan:
-    files = _files_in(resolve_path(source.path), ".csv", "CSV event log")
+    files = _files_in(resolve_path(source.path), tuple(t + c for t in TEXT_SUFFIXES for c in ("", *COMPRESSION)),
+                      "CSV event log")
+    wanted = _wanted(source.columns, source.item_features)
     chunks = []
     for index, path in enumerate(files):
-        header = _csv_header(path, source.delimiter)
-        positions = _positions(header, source.columns, path)
-        fmt = TextFormat(
-            "csv", len(header), positions, source.delimiter, source.timestamp_unit,
-            action_ids(source.actions) if source.columns.action else None, id_kind=source.columns.id_type,
-        )
-        chunks += _text_chunks(index, path, fmt, cfg.chunk_bytes, skip_header=True)
+        compression = _compression(path)
+        if source.header:
+            names, newline = _csv_header(path, source.delimiter, compression)
+        else:
+            first, newline = _first_line(path, compression)
+            count = len(first.split(source.delimiter.encode()))
+            names = source.column_names or [str(i) for i in range(count)]
+        fmt = TextFormat(tuple(names), _positions(names, wanted, path), source.delimiter, newline=newline,
+                         compression=compression)
+        chunks += _text_chunks(index, path, fmt, cfg.chunk_bytes, skip_header=source.header)
     return SourcePlan(
         chunks=chunks,
         actions=source.actions.names,
         merge_actions=source.actions.merge_same_impression,
         checksums={str(p): file_checksum(p) for p in files},
+        rules=_rules(cfg, id_kind=source.columns.id_type, timestamp_unit=source.timestamp_unit, **_action_rules(source)),
+        item_features=list(source.item_features),
     )
 
 
 def _plan_parquet(source: ParquetSource, cfg: DataConfig) -> SourcePlan:
-    files = _files_in(resolve_path(source.path), ".parquet", "Parquet event log")
+    files = _files_in(resolve_path(source.path), (".parquet",), "Parquet event log")
+    wanted = _wanted(source.columns, source.item_features)
     chunks = []
     for index, path in enumerate(files):
         try:
@@ -233,9 +324,6 @@ def _plan_parquet(source: ParquetSource, cfg: DataConfig) -> SourcePlan:
         except (pa.ArrowInvalid, OSError) as err:
             raise SourceError(f"{path}: not a readable Parquet file ({err})") from None
         names = meta.schema.names
-        mapping = source.columns
-        wanted = {k: getattr(mapping, k) for k in ("user_id", "item_id", "timestamp", "action", "value")}
-        wanted = {k: v for k, v in wanted.items() if v}
         missing = {k: v for k, v in wanted.items() if v not in names}
         if missing:
             names_missing = ", ".join(f"{v!r} (for {k})" for k, v in missing.items())
@@ -256,9 +344,10 @@ def _plan_parquet(source: ParquetSource, cfg: DataConfig) -> SourcePlan:
         actions=source.actions.names,
         merge_actions=source.actions.merge_same_impression,
         checksums={str(p): file_checksum(p) for p in files},
+        rules=_rules(cfg, id_kind=source.columns.id_type, timestamp_unit=source.timestamp_unit, **_action_rules(source)),
         users=users,
         context_columns=users.column_names[1:] if users is not None else [],
-        action_lookup=action_ids(source.actions) if source.columns.action else None,
+        item_features=list(source.item_features),
     )
 
 
@@ -351,215 +440,71 @@ def read_movies_csv(path: Path) -> pa.Table:
 
 # ----------------------------------------------------------------------------- reading chunks
 
-class _Collector:
-    """Accumulates accepted rows and rejects of one chunk."""
-
-    def __init__(self, chunk: Chunk, id_type):
-        self.chunk = chunk
-        self.cols = {"user_id": [], "item_id": [], "timestamp": [], "action": [], "value": [], "row": []}
-        self.rejects = {"row_number": [], "raw": [], "reason": []}
-        self.id_type = id_type
-
-    def reject(self, row: int, raw: str, reason: str):
-        self.rejects["row_number"].append(row)
-        self.rejects["raw"].append(raw)
-        self.rejects["reason"].append(reason)
-
-    def events(self) -> pa.Table:
-        c = self.cols
-        rows = np.asarray(c["row"], dtype=np.int64)
-        return pa.table(
-            {
-                "user_id": pa.array(c["user_id"], self.id_type),
-                "item_id": pa.array(c["item_id"], self.id_type),
-                "timestamp": pa.array(c["timestamp"], pa.int64()),
-                "action": pa.array(c["action"], pa.int32()),
-                "value": pa.array(c["value"], pa.float32()),
-                "source_order": pa.array(source_order(self.chunk.file_index, rows)),
-            },
-            schema=EVENT_SCHEMA.set(0, pa.field("user_id", self.id_type)).set(1, pa.field("item_id", self.id_type)),
-        )
-
-    def rejects_table(self) -> pa.Table:
-        n = len(self.rejects["reason"])
-        return pa.table(
-            {"source_file": [self.chunk.path] * n, **self.rejects}, schema=REJECT_SCHEMA
-        )
-
-
-def _parse_text(chunk: Chunk, cfg_ts: tuple[int, int], known_items: set | None):
+def _read_text_chunk(chunk: Chunk) -> tuple[dict, np.ndarray, object, np.ndarray, list, int]:
     fmt = chunk.text_format
-    with open(chunk.path, "rb") as f:
-        f.seek(chunk.start)
-        data = f.read(chunk.stop - chunk.start)
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    string_ids = fmt.id_kind == "string"
-    out = _Collector(chunk, pa.string() if string_ids else pa.int64())
-    pos = fmt.positions
-    ts_lo, ts_hi = cfg_ts
-    ts_div = 1000 if fmt.timestamp_unit == "ms" else 1
-    for offset, raw_bytes in enumerate(lines):
-        row = chunk.first_row + offset
-        raw_bytes = raw_bytes[:-1] if raw_bytes.endswith(b"\r") else raw_bytes
+    if fmt.compression:
+        stream = _open_text(chunk.path, fmt.compression)
         try:
-            line = raw_bytes.decode("utf-8")
-        except UnicodeDecodeError as err:
-            out.reject(row, raw_bytes.decode("utf-8", "backslashreplace"), f"bad encoding: not UTF-8 at byte {err.start}")
-            continue
-        if fmt.kind == "dat":
-            fields = line.split("::")
-        else:
-            fields = next(csv.reader([line], delimiter=fmt.delimiter), [])
-        if len(fields) != fmt.num_fields:
-            out.reject(row, line, f"wrong number of fields: {len(fields)}, expected {fmt.num_fields}")
-            continue
-        reason = None
-        values = {}
-        for name in ("user_id", "item_id", "timestamp"):
-            text = fields[pos[name]].strip()
-            if not text:
-                reason = f"missing field {name}"
-                break
-            if string_ids and name != "timestamp":
-                values[name] = text
-            elif not INTEGER.match(text):
-                reason = f"{name} is not an integer: {text!r}"
-                break
-            else:
-                values[name] = int(text)
-        if reason is None:
-            ts = values["timestamp"] // ts_div
-            if not ts_lo <= ts <= ts_hi:
-                reason = f"timestamp out of range [{ts_lo}, {ts_hi}]: {values['timestamp']}"
-            values["timestamp"] = ts
-        value = float("nan")
-        if reason is None and "value" in pos:
-            text = fields[pos["value"]].strip()
-            if not text:
-                reason = "missing field value"
-            elif not NUMBER.match(text):
-                reason = f"value is not a number: {text!r}"
-            else:
-                value = float(text)
-        action = 0
-        if reason is None:
-            if fmt.action_ids is not None:
-                text = fields[pos["action"]].strip()
-                if text not in fmt.action_ids:
-                    reason = f"unknown action {text!r}; known: {sorted(fmt.action_ids)}"
-                else:
-                    action = fmt.action_ids[text]
-            elif "value" in pos:  # MovieLens: the rating is the action
-                action = _rating_action(value, fmt)
-                if action is None:
-                    reason = f"rating out of range: {fields[pos['value']]!r}"
-        if reason is None and known_items is not None and values["item_id"] not in known_items:
-            reason = f"item_id {values['item_id']} is not in the item catalog"
-        if reason is not None:
-            out.reject(row, line, reason)
-            continue
-        for name in ("user_id", "item_id", "timestamp"):
-            out.cols[name].append(values[name])
-        out.cols["action"].append(action)
-        out.cols["value"].append(value)
-        out.cols["row"].append(row)
-    return out.events(), out.rejects_table(), len(lines)
+            data = stream.read()
+        except (OSError, pa.ArrowInvalid) as err:
+            raise SourceError(f"{chunk.path}: cannot decompress ({fmt.compression}): {err}") from None
+        finally:
+            stream.close()
+        if fmt.header:
+            end = data.find(fmt.newline)
+            data = data[end + 1:] if end >= 0 else b""
+    else:
+        with open(chunk.path, "rb") as f:
+            f.seek(chunk.start)
+            data = f.read(chunk.stop - chunk.start)
+    text = read_text(data, chunk.first_row, list(fmt.names), fmt.positions, fmt.delimiter, fmt.quoting, fmt.newline)
+    return text.columns, text.rows, text.raw, text.rejected_rows, text.rejected_reasons, text.input_rows
 
 
-def _rating_action(rating: float, fmt: TextFormat):
-    if fmt.kind == "dat":  # ML-1M: integer stars 1..5
-        return int(rating) - 1 if rating in (1, 2, 3, 4, 5) else None
-    half_steps = rating * 2  # ML-20M/25M: 0.5 .. 5 in half stars
-    return int(half_steps) - 1 if half_steps == int(half_steps) and 1 <= half_steps <= 10 else None
-
-
-def _raw_rows(table: pa.Table, mask: np.ndarray) -> list[str]:
-    return [json.dumps(r, default=str) for r in table.filter(pa.array(mask)).to_pylist()]
-
-
-def _parse_parquet(chunk: Chunk, cfg_ts, known_items: set | None, actions: dict | None, ts_unit: str):
+def _read_parquet_chunk(chunk: Chunk):
     cols = chunk.parquet_columns
     table = pq.ParquetFile(chunk.path).read_row_group(chunk.start, columns=sorted(set(cols.values())))
     n = table.num_rows
     rows = np.arange(chunk.first_row, chunk.first_row + n, dtype=np.int64)
-    reasons = np.full(n, None, dtype=object)
 
-    def flag(mask, reason):
-        mask = np.asarray(mask, dtype=bool) & (reasons == None)  # noqa: E711 (elementwise)
-        reasons[mask] = reason
+    def raw(row_numbers):
+        picked = table.take(pa.array(np.asarray(row_numbers, dtype=np.int64) - chunk.first_row))
+        return [json.dumps(r, default=str) for r in picked.to_pylist()]
 
-    out = {}
-    for name in ("user_id", "item_id"):
-        col = table[cols[name]]
-        flag(col.is_null().to_numpy(zero_copy_only=False), f"missing field {name}")
-        if pa.types.is_integer(col.type):
-            out[name] = pc.cast(col, pa.int64())
-        elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            out[name] = col
-        else:
-            raise SourceError(f"{chunk.path}: column {cols[name]!r} ({name}) has type {col.type}; want integer or string")
-    ts = table[cols["timestamp"]]
-    if pa.types.is_timestamp(ts.type):
-        ts = pc.cast(pc.cast(ts, pa.timestamp("s")), pa.int64())
-    elif not pa.types.is_integer(ts.type):
-        raise SourceError(f"{chunk.path}: column {cols['timestamp']!r} (timestamp) has type {ts.type}; want integer or timestamp")
-    else:
-        ts = pc.cast(ts, pa.int64())
-        if ts_unit == "ms":
-            ts = pc.divide(ts, 1000)
-    flag(ts.is_null().to_numpy(zero_copy_only=False), "missing field timestamp")
-    ts_np = ts.fill_null(0).to_numpy()
-    flag((ts_np < cfg_ts[0]) | (ts_np > cfg_ts[1]), f"timestamp out of range [{cfg_ts[0]}, {cfg_ts[1]}]")
-    action = np.zeros(n, dtype=np.int32)
-    if "action" in cols:
-        raw_action = table[cols["action"]]
-        flag(raw_action.is_null().to_numpy(zero_copy_only=False), "missing field action")
-        known = pa.array(list(actions), type=raw_action.type) if pa.types.is_string(raw_action.type) else None
-        if known is None:
-            ids = raw_action.fill_null(-1).to_numpy().astype(np.int64)
-            flag((ids < 0) | (ids >= len(set(actions.values()))), "unknown action id")
-            action = np.clip(ids, 0, None).astype(np.int32)
-        else:
-            index = pc.index_in(raw_action, value_set=known)
-            flag(index.is_null().to_numpy(zero_copy_only=False) & ~raw_action.is_null().to_numpy(zero_copy_only=False), "unknown action")
-            index = index.fill_null(0).to_numpy()
-            action = np.array([actions[a] for a in known.to_pylist()], dtype=np.int32)[index]
-    value = np.full(n, np.nan, dtype=np.float32)
-    if "value" in cols:
-        value = pc.cast(table[cols["value"]], pa.float32()).fill_null(np.nan).to_numpy()
-    if known_items is not None:
-        in_catalog = pc.is_in(out["item_id"], value_set=pa.array(sorted(known_items), out["item_id"].type))
-        flag(~in_catalog.fill_null(True).to_numpy(zero_copy_only=False), "item_id is not in the item catalog")
-    ok = reasons == None  # noqa: E711
-    events = pa.table(
-        {
-            "user_id": out["user_id"].filter(pa.array(ok)),
-            "item_id": out["item_id"].filter(pa.array(ok)),
-            "timestamp": pa.array(ts_np[ok]),
-            "action": pa.array(action[ok]),
-            "value": pa.array(value[ok]),
-            "source_order": pa.array(source_order(chunk.file_index, rows[ok])),
-        }
-    )
-    bad = ~ok
+    columns = {k: table[v] for k, v in cols.items()}
+    return columns, rows, raw, np.zeros(0, np.int64), [], n
+
+
+def read_chunk(chunk: Chunk, rules: Rules, catalog: pa.Array | None = None):
+    """Parse and validate one chunk -> (accepted canonical events, rejects, item features, input rows).
+
+    Item features: the kept feature columns of accepted rows, first row per item (None if none kept).
+    """
+    reader = _read_text_chunk if chunk.kind == "text" else _read_parquet_chunk
+    columns, rows, raw, pre_rows, pre_reasons, input_rows = reader(chunk)
+    canonical, reason = validate({k: v for k, v in columns.items() if k in FIELDS}, rules, catalog)
+    ok = pc.is_null(reason)
+    ok_np = ok.to_numpy(zero_copy_only=False)
+    id_type = pa.string() if rules.id_kind == "string" else pa.int64()
+    schema = EVENT_SCHEMA.set(0, pa.field("user_id", id_type)).set(1, pa.field("item_id", id_type))
+    order = pa.array(source_order(chunk.file_index, rows[ok_np]))
+    events = pa.table({**{k: pc.filter(v, ok) for k, v in canonical.items()}, "source_order": order}).select(schema.names)
+    events = events.cast(schema)
+    bad_rows = rows[~ok_np]
     rejects = pa.table(
         {
-            "source_file": [chunk.path] * int(bad.sum()),
-            "row_number": rows[bad],
-            "raw": _raw_rows(table, bad),
-            "reason": list(reasons[bad]),
+            "source_file": [chunk.path] * (len(pre_rows) + len(bad_rows)),
+            "row_number": np.concatenate([pre_rows, bad_rows]),
+            "raw": raw(pre_rows) + raw(bad_rows),
+            "reason": pre_reasons + pc.filter(reason, pc.invert(ok)).to_pylist(),
         },
         schema=REJECT_SCHEMA,
-    )
-    return events, rejects, n
-
-
-def read_chunk(chunk: Chunk, cfg: DataConfig, action_lookup: dict | None, known_items: set | None):
-    """Parse one chunk -> (accepted canonical events, rejects, number of input rows)."""
-    bounds = (cfg.timestamp_min, cfg.timestamp_max)
-    if chunk.kind == "text":
-        return _parse_text(chunk, bounds, known_items)
-    unit = getattr(cfg.source, "timestamp_unit", "s")
-    return _parse_parquet(chunk, bounds, known_items, action_lookup, unit)
+    ).sort_by("row_number")
+    features = None
+    kept = [k for k in columns if k.startswith("feature:")]
+    if kept:
+        features = pa.table({"item_id": events["item_id"], "source_order": order,
+                             **{k.split(":", 1)[1]: pc.filter(columns[k], ok) for k in kept}})
+        first = np.unique(features["item_id"].to_numpy(zero_copy_only=False), return_index=True)[1]
+        features = features.take(pa.array(np.sort(first)))
+    return events, rejects, features, input_rows

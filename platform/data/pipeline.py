@@ -2,14 +2,16 @@
 
     summary = prepare(cfg.data)          # inside a running Ray cluster
 
-Three Ray Data stages, each a map over a small dataset of work items:
+Three stages of Ray tasks (genrec.data.tasks.run_tasks), one task per work item:
 
-1. canonicalize: one task per source chunk parses and validates rows, writes
-   rejects, and hash-partitions accepted events by user into Parquet files
-   (`_events/bucket=K/chunk-C.parquet`): the shuffle goes through storage, so
-   memory stays flat at any scale and no event crosses the object store.
-2. vocabulary: one task per partition returns its distinct users and items;
-   the driver sorts them into dense ids (1..V, 0 = padding).
+1. canonicalize: one task per source chunk parses and validates rows
+   (genrec.data.validation), writes rejects, and hash-partitions accepted events
+   by user into Parquet files (`_events/bucket=K/chunk-C.parquet`): the shuffle
+   goes through storage, so memory stays flat at any scale and no event crosses
+   the object store.
+2. vocabulary: one task per partition writes its distinct users and items as
+   Parquet (`_vocab/`); the driver merges these Arrow arrays into dense ids
+   (1..V, 0 = padding): no id travels as a Python object.
 3. sequences: one task per partition maps to dense ids, sorts by (timestamp,
    source order), drops exact duplicates, merges same-impression actions,
    attaches user context, cuts the splits and writes Parquet.
@@ -38,11 +40,11 @@ import pyarrow.parquet as pq
 
 from ..config import ConfigError, DataConfig, TimeSplit, resolve_path
 from ..errors import GenrecError
-from .adapters import SourcePlan, plan_source, read_chunk
+from .adapters import SourceError, SourcePlan, plan_source, read_chunk
 from .prepared import MANIFEST, REJECTS, SEQUENCES, SPLITS, VOCAB
 from .schema import SCHEMA_VERSION, sequence_schema
 from .sequences import build_sequences, make_splits
-
+from .tasks import run_tasks
 
 
 class OutputExistsError(GenrecError, FileExistsError):
@@ -61,9 +63,9 @@ def _part(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def canonicalize_chunk(index: int, plan: SourcePlan, cfg: DataConfig, known_items, staging: Path) -> dict:
-    """Stage 1 for one chunk: parse, validate, write rejects and partitioned events."""
-    events, rejects, input_rows = read_chunk(plan.chunks[index], cfg, plan.action_lookup, known_items)
+def canonicalize_chunk(index: int, plan: SourcePlan, cfg: DataConfig, catalog, staging: Path) -> dict:
+    """Stage 1 for one chunk: parse, validate, write rejects, item features and partitioned events."""
+    events, rejects, features, input_rows = read_chunk(plan.chunks[index], plan.rules, catalog)
     if events.num_rows + rejects.num_rows != input_rows:
         raise RuntimeError(
             f"{plan.chunks[index].path}: chunk {index} read {input_rows} rows but accepted "
@@ -71,6 +73,8 @@ def canonicalize_chunk(index: int, plan: SourcePlan, cfg: DataConfig, known_item
         )
     if rejects.num_rows:
         pq.write_table(rejects, staging / REJECTS / _part(index))
+    if features is not None and features.num_rows:
+        pq.write_table(features, staging / "_item_features" / _part(index))
     parts = user_partition(events["user_id"], cfg.num_partitions)
     for p in np.unique(parts):
         folder = staging / "_events" / f"bucket={p:05d}"
@@ -96,18 +100,27 @@ def _read_partition(staging: Path, partition: int, columns=None) -> pa.Table | N
 
 
 def partition_vocabulary(partition: int, staging: Path) -> dict:
-    """Stage 2 for one partition: its distinct users and items, and a timestamp sketch."""
+    """Stage 2 for one partition: its distinct users and items (Parquet), and a timestamp sketch."""
     table = _read_partition(staging, partition, ["user_id", "item_id", "timestamp"])
     if table is None:
-        return {"partition": partition, "users": [], "items": [], "ts_quantiles": [], "events": 0}
+        return {"partition": partition, "ts_quantiles": [], "events": 0}
     ts = table["timestamp"].to_numpy()
+    for name in ("user_id", "item_id"):
+        pq.write_table(pa.table({name: pc.unique(table[name])}), staging / "_vocab" / f"{name}-{_part(partition)}")
     return {
         "partition": partition,
-        "users": pc.unique(table["user_id"]).to_pylist(),
-        "items": pc.unique(table["item_id"]).to_pylist(),
         "ts_quantiles": np.quantile(ts, np.linspace(0, 1, 1001)).tolist(),
         "events": len(ts),
     }
+
+
+def _read_vocab(staging: Path, name: str) -> pa.Array:
+    """The distinct values of `name` over all partitions, sorted."""
+    files = sorted((staging / "_vocab").glob(f"{name}-*.parquet"))
+    if not files:
+        return pa.array([], pa.int64())
+    values = pa.concat_tables(pq.read_table(f) for f in files)[name].combine_chunks()
+    return pc.unique(values).sort() if name == "item_id" else values.sort()  # users: partitions are disjoint
 
 
 def partition_sequences(partition: int, staging: Path, vocab: dict, cfg: DataConfig, merge_actions: bool, cutoff) -> dict:
@@ -150,28 +163,19 @@ def partition_sequences(partition: int, staging: Path, vocab: dict, cfg: DataCon
 
 # ----------------------------------------------------------------------------- driver
 
-def _map(items: list[dict], fn, **kwargs) -> list[dict]:
-    """Run fn(**item, **kwargs) over work items as a Ray Data map; one row of stats each."""
-    import ray
-
-    def apply(batch: pd.DataFrame) -> pd.DataFrame:
-        rows = [fn(**{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}, **kwargs) for row in batch.to_dict("records")]
-        return pd.DataFrame([{"stats": json.dumps(r)} for r in rows])
-
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    rows = ds.map_batches(apply, batch_size=1, batch_format="pandas", num_cpus=1).take_all()
-    return sorted((json.loads(r["stats"]) for r in rows), key=lambda r: list(r.values())[0])
+def item_universe(cfg: DataConfig, plan: SourcePlan) -> str:
+    """The configured universe, or by default the source's catalog where it has one."""
+    if cfg.item_universe is None:
+        return "catalog" if plan.catalog is not None else "observed"
+    if cfg.item_universe == "catalog" and plan.catalog is None:
+        raise ConfigError("data.item_universe: 'catalog' needs a source with an item catalog; use 'observed'")
+    return cfg.item_universe
 
 
-def _vocabularies(plan: SourcePlan, cfg: DataConfig, parts: list[dict]) -> dict:
-    users = pa.array(sorted(u for p in parts for u in p["users"]))
-    observed = pa.array(sorted({i for p in parts for i in p["items"]}))
-    if cfg.item_universe == "catalog":
-        if plan.catalog is None:
-            raise ConfigError("data.item_universe: 'catalog' needs a source with an item catalog; use 'observed'")
-        items = pc.unique(plan.catalog["item_id"]).sort()
-    else:
-        items = observed
+def _vocabularies(plan: SourcePlan, universe: str, staging: Path) -> dict:
+    users = _read_vocab(staging, "user_id")
+    observed = _read_vocab(staging, "item_id")
+    items = pc.unique(plan.catalog["item_id"]).sort() if universe == "catalog" else observed
     context = {}
     context_vocab = {}
     if plan.users is not None and plan.context_columns:
@@ -201,13 +205,25 @@ def _cutoff(cfg: DataConfig, parts: list[dict]):
     return int(points[order][np.searchsorted(cumulative, cfg.split.quantile)])
 
 
-def _write_vocab(folder: Path, plan: SourcePlan, vocab: dict) -> None:
+def _item_features(staging: Path) -> pa.Table | None:
+    """Kept feature columns: per item, the value on its first event in source order."""
+    files = sorted((staging / "_item_features").glob("*.parquet"))
+    if not files:
+        return None
+    table = pa.concat_tables(pq.read_table(f) for f in files).sort_by([("item_id", "ascending"), ("source_order", "ascending")])
+    first = np.unique(table["item_id"].to_numpy(zero_copy_only=False), return_index=True)[1]
+    return table.take(pa.array(first)).drop_columns(["source_order"])
+
+
+def _write_vocab(folder: Path, plan: SourcePlan, vocab: dict, staging: Path) -> None:
     folder.mkdir()
     items = vocab["items"]
     table = pa.table({"index": pa.array(np.arange(1, len(items) + 1, dtype=np.int32)), "item_id": items})
-    if plan.catalog is not None:
-        row = pc.index_in(items, value_set=pc.cast(plan.catalog["item_id"], items.type))
-        features = plan.catalog.drop_columns(["item_id"]).take(row)
+    for catalog in (plan.catalog, _item_features(staging)):
+        if catalog is None:
+            continue
+        row = pc.index_in(items, value_set=pc.cast(catalog["item_id"], items.type))
+        features = catalog.drop_columns(["item_id"]).take(row)
         for name in features.column_names:
             table = table.append_column(name, features[name])
     pq.write_table(table, folder / "items.parquet")
@@ -239,31 +255,28 @@ def prepare(cfg: DataConfig, log=print) -> dict:
     _check_output(out, cfg.overwrite)
     plan = plan_source(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
+    universe = item_universe(cfg, plan)
     staging = out.with_name(f".{out.name}.incomplete-{uuid.uuid4().hex[:8]}")
-    for sub in (REJECTS, SEQUENCES, *SPLITS):
+    for sub in (REJECTS, SEQUENCES, *SPLITS, "_vocab", "_item_features"):
         (staging / sub).mkdir(parents=True)
     try:
-        known_items = None
-        if cfg.item_universe == "catalog" and plan.catalog is not None:
-            known_items = set(plan.catalog["item_id"].to_pylist())
+        catalog = plan.catalog["item_id"].combine_chunks() if universe == "catalog" else None
         log(f"[prepare] stage 1/3: canonicalize {len(plan.chunks)} chunks")
-        chunks = _map(
-            [{"index": i} for i in range(len(plan.chunks))], canonicalize_chunk,
-            plan=plan, cfg=cfg, known_items=known_items, staging=staging,
-        )
+        chunks = run_tasks(canonicalize_chunk, [{"index": i} for i in range(len(plan.chunks))],
+                           plan=plan, cfg=cfg, catalog=catalog, staging=staging)
+        _check_accepted(chunks, staging, out, cfg)
         partitions = [{"partition": p} for p in range(cfg.num_partitions)]
         log(f"[prepare] stage 2/3: vocabularies over {cfg.num_partitions} user partitions")
-        parts = _map(partitions, partition_vocabulary, staging=staging)
-        vocab = _vocabularies(plan, cfg, parts)
+        parts = run_tasks(partition_vocabulary, partitions, staging=staging)
+        vocab = _vocabularies(plan, universe, staging)
         cutoff = _cutoff(cfg, parts)
         log("[prepare] stage 3/3: sequences and splits")
-        seq_stats = _map(
-            partitions, partition_sequences,
-            staging=staging, vocab=vocab, cfg=cfg, merge_actions=plan.merge_actions, cutoff=cutoff,
-        )
-        _write_vocab(staging / VOCAB, plan, vocab)
-        shutil.rmtree(staging / "_events")
-        summary = _summary(cfg, plan, chunks, seq_stats, vocab, cutoff, staging)
+        seq_stats = run_tasks(partition_sequences, partitions, staging=staging, vocab=vocab, cfg=cfg,
+                              merge_actions=plan.merge_actions, cutoff=cutoff)
+        _write_vocab(staging / VOCAB, plan, vocab, staging)
+        for scratch in ("_events", "_vocab", "_item_features"):
+            shutil.rmtree(staging / scratch, ignore_errors=True)
+        summary = _summary(cfg, plan, chunks, seq_stats, vocab, cutoff, staging, universe)
         summary["seconds"] = round(time.time() - started, 2)
         (staging / MANIFEST).write_text(json.dumps(_manifest(summary), indent=1, sort_keys=True))
         _check_output(out, cfg.overwrite)
@@ -275,14 +288,43 @@ def prepare(cfg: DataConfig, log=print) -> dict:
     return summary
 
 
-def _summary(cfg, plan, chunks, seq_stats, vocab, cutoff, staging: Path) -> dict:
-    total = lambda rows, key: int(sum(r[key] for r in rows))  # noqa: E731
-    rejected = total(chunks, "rejected")
+def _reasons(staging: Path) -> dict:
+    """Rejects counted by the kind of reason: its text up to the details, numbers as N."""
     reasons: dict = {}
     for f in sorted((staging / REJECTS).glob("*.parquet")):
-        for reason in pq.read_table(f, columns=["reason"])["reason"].to_pylist():
-            kind = reason.split(":")[0]
-            reasons[kind] = reasons.get(kind, 0) + 1
+        kinds = pq.read_table(f, columns=["reason"])["reason"]
+        for pattern, by in ((r"(:| \[|;).*$", ""), (r"'[^']*'", ""), (r"[0-9]+", "N")):
+            kinds = pc.replace_substring_regex(kinds, pattern, by)
+        kinds = pc.utf8_trim_whitespace(kinds)
+        for row in pc.value_counts(kinds.combine_chunks()).to_pylist():
+            reasons[row["values"]] = reasons.get(row["values"], 0) + row["counts"]
+    return dict(sorted(reasons.items()))
+
+
+def _check_accepted(chunks: list[dict], staging: Path, out: Path, cfg: DataConfig) -> None:
+    """Every row rejected: stop with why, and keep the rejects that say so."""
+    if sum(c["accepted"] for c in chunks):
+        return
+    total = sum(c["input_rows"] for c in chunks)
+    reasons = _reasons(staging)
+    kept = out.with_name(f"{out.name}.rejects")
+    shutil.rmtree(kept, ignore_errors=True)
+    (staging / REJECTS).rename(kept)
+    hint = ""
+    if reasons.get("timestamp out of range"):
+        values = pc.extract_regex(pq.read_table(sorted(kept.glob("*.parquet"))[0], columns=["reason"])["reason"],
+                                  r"timestamp out of range \[.*\]: (?P<v>-?[0-9]+)$")
+        seconds = [int(v["v"]) // 1000 for v in values.to_pylist()[:1000] if v]
+        if seconds and all(cfg.timestamp_min <= s <= cfg.timestamp_max for s in seconds):
+            hint = "; the timestamps look like milliseconds: set data.source.timestamp_unit: ms"
+    listed = ", ".join(f"{k} ({v:,})" for k, v in reasons.items())
+    raise SourceError(f"all {total:,} rows rejected: {listed}; rejects kept at {kept}{hint}")
+
+
+def _summary(cfg, plan, chunks, seq_stats, vocab, cutoff, staging: Path, universe: str) -> dict:
+    total = lambda rows, key: int(sum(r[key] for r in rows))  # noqa: E731
+    rejected = total(chunks, "rejected")
+    reasons = _reasons(staging)
     summary = {
         "input_rows": total(chunks, "input_rows"),
         "accepted": total(chunks, "accepted"),
@@ -293,7 +335,7 @@ def _summary(cfg, plan, chunks, seq_stats, vocab, cutoff, staging: Path) -> dict
         "sequence_events": total(seq_stats, "events"),
         "users": total(seq_stats, "users"),
         "items_observed": vocab["observed_items"],
-        "item_universe": cfg.item_universe,
+        "item_universe": universe,
         "num_items": len(vocab["items"]),
         "actions": plan.actions,
         "action_encoding": "bitmask" if plan.merge_actions else "index",

@@ -633,8 +633,7 @@ def _complete(out: Path) -> bool:
 
 def generate(source: SyntheticSource) -> Path:
     """Generate (once) and return the folder; an existing complete folder of this generator is reused."""
-    import ray
-    from tqdm import tqdm
+    from .tasks import run_tasks
 
     out = output_folder(source)
     if _complete(out):
@@ -648,16 +647,8 @@ def generate(source: SyntheticSource) -> Path:
     (staging / TRUTH_DIR).mkdir()
     world = build_world(source)
     _write_side_tables(source, world, staging)
-    world_ref = ray.put(world)
-    task = ray.remote(generate_shard).options(num_cpus=1)
-    pending = {task.remote(source, shard, str(staging), world_ref): shard for shard in range(source.num_shards)}
-    parts: dict = {}
-    with tqdm(total=len(pending), desc="generate synthetic shards", unit="shard") as bar:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            parts[pending.pop(done[0])] = ray.get(done[0])
-            bar.update(1)
-    ordered = [parts[s] for s in range(source.num_shards)]
+    ordered = run_tasks(generate_shard, [{"shard": s} for s in range(source.num_shards)],
+                        progress="generate synthetic shards", source=source, out_dir=str(staging), world=world)
     rows = sum(p["rows"] for p in ordered)
     oracle = oracle_summary(source, world, ordered)
     oracle["rows"] = rows
