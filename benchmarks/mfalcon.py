@@ -1,7 +1,7 @@
 """Benchmark: M-FALCON ranking against the naive target-aware way, and a cache hit against a miss.
 
     python benchmarks/mfalcon.py [--lengths 256 1024 4096] [--candidates 64 256 1024]
-                                 [--microbatch 128] [--naive-seconds 2] [--reps 3] [--threads T]
+                                 [--microbatch 128] [--naive-seconds 5] [--reps 5] [--threads T]
 
 Candidates scored per second for one user with n history tokens and m candidates, on an
 HSTU stack with the paper's ML-1M shape (D=50, 2 blocks, 1 head, dropout 0, eval mode), float32:
@@ -83,8 +83,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--candidates", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--microbatch", type=int, default=DEFAULT_MICROBATCH)
-    parser.add_argument("--naive-seconds", type=float, default=2.0, help="time budget of the naive way per n")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--naive-seconds", type=float, default=5.0, help="time budget of the naive way per n")
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--dim", type=int, default=50)
     parser.add_argument("--blocks", type=int, default=2)

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from genrec.model import EncoderConfig, build_encoder
+from genrec.model.generative import ACTION, CONTEXT, ITEM, GenerativeConfig, GenerativeRecommender
 from genrec.model.hstu import HSTU, LAYER_NORM_EPS
 from genrec.model.mfalcon import (
     QUERY_TILE,
@@ -161,6 +162,34 @@ def test_appending_events_extends_the_cache_and_agrees_with_encoding_from_scratc
         torch.testing.assert_close(extended, scratch, **TOLERANCE)
     torch.testing.assert_close(extended_scores, fresh_scores, **TOLERANCE)
     torch.testing.assert_close(extended_scores, expected, **TOLERANCE)
+
+
+def test_generative_ranking_through_mfalcon_equals_its_rank_contract():
+    """Serving's composition (issue 10's model): task_logits(candidate_hidden(...)) = model.rank, before
+    and after appending an (item, action) pair to the cached history."""
+    torch.manual_seed(3)
+    encoder = EncoderConfig(num_items=30, max_seq_len=32, dim=16, num_blocks=2, num_heads=2, dropout=0.0)
+    model = GenerativeRecommender(GenerativeConfig(encoder, num_actions=3, multi_hot_actions=True, num_context=5,
+                                                   tasks=(("click", "binary"), ("rating", "regression")))).eval()
+    g = torch.Generator().manual_seed(8)
+    pairs = 9  # context token, then (item, action) pairs
+    items, actions = torch.randint(1, 31, (pairs,), generator=g), torch.randint(1, 8, (pairs,), generator=g)
+    ids = torch.cat([torch.tensor([2]), torch.stack([items, actions], 1).flatten()])
+    types = torch.tensor([CONTEXT] + [ITEM, ACTION] * pairs)
+    stamps = (1_600_000_000 + torch.randint(1, 5000, (pairs,), generator=g).cumsum(0)).repeat_interleave(2)
+    timestamps = torch.cat([stamps[:1], stamps])
+    request_time, candidates = int(timestamps[-1]) + 600, torch.tensor([4, 29, int(items[0]), 11, 1])
+    full = {"item_ids": ids, "token_types": types, "timestamps": timestamps}
+    with torch.no_grad():
+        x, ts = model.history_inputs(full)
+        n = x.size(0) - 2  # the last pair arrives later, as appended events
+        cache = encode_history(model.blocks, x[:n], ts[:n])
+        for history, c in (({k: v[:n] for k, v in full.items()}, cache),
+                           (full, extend_history(model.blocks, cache, x[n:], ts[n:]))):
+            length = history["item_ids"].numel()
+            hidden = candidate_hidden(model.blocks, c, model.candidate_embeddings(candidates, length), request_time, 2)
+            torch.testing.assert_close(model.predictions(model.task_logits(hidden)),
+                                       model.rank(history, candidates, request_time), **TOLERANCE)
 
 
 def test_retrieval_user_vector_is_the_encoders_last_position():

@@ -228,7 +228,7 @@ def _check_stack(blocks: HSTU) -> None:
     if blocks.training:
         raise ValueError("M-FALCON is inference: call .eval() on the model first (dropout would differ per pass)")
     # The cached path implements the paper's HSTU: pointwise SiLU attention with both bias terms.
-    if not getattr(blocks, "is_paper_hstu", True):
+    if not blocks.is_paper_hstu:
         raise ValueError("M-FALCON supports the full HSTU only (attention 'pointwise', relative_bias 'both')")
 
 
