@@ -246,7 +246,9 @@ class DataConfig(Strict):
 class ModelConfig(Strict):
     """The encoder; defaults are the paper's MovieLens-1M HSTU recipe."""
 
-    kind: Literal["hstu", "sasrec"] = "hstu"
+    kind: Literal["hstu", "sasrec", "gr", "dlrm"] = Field(
+        "hstu", description="hstu/sasrec: sequential retrieval encoders; gr: generative ranking + retrieval over "
+        "interleaved items and actions (the HSTU stack); dlrm: the DLRM-style pointwise ranker (see ranking)")
     dim: int = Field(50, gt=0)
     num_blocks: int = Field(2, gt=0)
     num_heads: int = Field(1, gt=0)
@@ -261,6 +263,46 @@ class ModelConfig(Strict):
     attention_impl: Literal["auto", "pytorch", "cpu", "triton"] = Field(
         "auto", description="HSTU attention: auto = Triton on CUDA, plain PyTorch on CPU; cpu = the tiled CPU "
         "path (never builds the L x L bias: less memory at long lengths)")
+
+
+class RankingTask(Strict):
+    """One ranking head at item positions. binary: the impression received `action`, or its rating
+    (the event's value) is at least `rating_at_least`; regression: the rating itself (MSE)."""
+
+    name: str = Field(min_length=1)
+    kind: Literal["binary", "regression"] = "binary"
+    action: str | None = Field(None, description="binary: a name of the data's action vocabulary")
+    rating_at_least: float | None = Field(None, description="binary: rating >= this (data with ratings)")
+    weight: float = Field(1.0, ge=0, description="its share of the ranking loss")
+
+    @model_validator(mode="after")
+    def _one_label(self):
+        if self.kind == "binary" and (self.action is None) == (self.rating_at_least is None):
+            raise ValueError(f"binary task {self.name!r}: set exactly one of action or rating_at_least")
+        if self.kind == "regression" and (self.action is not None or self.rating_at_least is not None):
+            raise ValueError(f"regression task {self.name!r} predicts the rating: set neither action nor "
+                             "rating_at_least")
+        return self
+
+
+class RankingConfig(Strict):
+    """Generative ranking (model.kind gr) and its baselines (dlrm, and gr trained pointwise)."""
+
+    tasks: list[RankingTask] = Field(default_factory=list, description="heads at item positions")
+    retrieval_weight: float = Field(1.0, ge=0, description="gr: weight of the retrieval loss at action positions "
+                                    "in the combined loss (ranking loss + this x retrieval loss)")
+    training: Literal["generative", "pointwise"] = Field(
+        "generative", description="generative: every impression of a sequence in one causal pass (and "
+        "retrieval for gr); pointwise: each example is one history + candidate, cut at a sampled impression, "
+        "ranking loss only (the ablation that isolates what generative training buys)")
+    pointwise_examples_per_user: int = Field(4, gt=0, description="pointwise: examples drawn per user and epoch")
+
+    @model_validator(mode="after")
+    def _distinct_names(self):
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate task names in {names}")
+        return self
 
 
 class BatchingConfig(Strict):
@@ -349,6 +391,7 @@ class ExperimentConfig(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    ranking: RankingConfig = Field(default_factory=RankingConfig)
 
     @model_validator(mode="after")
     def _batches_fit_the_model(self):
@@ -356,6 +399,17 @@ class ExperimentConfig(Strict):
         if kept is not None and kept > self.model.max_seq_len:
             raise ValueError(f"batching.max_seq_len={kept} exceeds model.max_seq_len={self.model.max_seq_len}, "
                              "the longest history the model is built for")
+        return self
+
+    @model_validator(mode="after")
+    def _ranking_reads_interleaved_batches(self):
+        ranker = self.model.kind in ("gr", "dlrm")
+        if ranker != (self.batching.layout == "interleaved"):
+            raise ValueError(f"batching.layout={self.batching.layout!r} does not fit model.kind={self.model.kind!r}: "
+                             "gr and dlrm read the 'interleaved' layout, hstu and sasrec the 'items' layout")
+        if ranker and not any(t.kind == "binary" for t in self.ranking.tasks):
+            raise ValueError(f"ranking.tasks: model.kind={self.model.kind!r} needs at least one binary task "
+                             "(the model is selected on their normalized entropy)")
         return self
 
     @property

@@ -168,3 +168,157 @@ def test_multitask_loss_on_a_hand_made_example():
     torch.testing.assert_close(half, torch.tensor(math.log(2.0) / 2 + 0.5 * 0.25 / 2))
     empty, _ = multitask_loss(logits[:0], labels[:0], binary, torch.tensor([1.0, 1.0]), normalizer=1.0)
     assert empty.item() == 0.0 and empty.requires_grad
+
+
+# ----------------------------------------------------------------------------- labels and pointwise examples
+
+def test_task_labels_from_bitmask_actions_and_ratings():
+    from genrec.config import ExperimentConfig
+    from genrec.train.ranking import TaskLabels
+
+    cfg = ExperimentConfig.model_validate({
+        "data": {"source": {"kind": "synthetic"}}, "model": {"kind": "gr"}, "batching": {"layout": "interleaved"},
+        "ranking": {"tasks": [{"name": "a", "action": "like"}, {"name": "b", "rating_at_least": 4},
+                              {"name": "c", "kind": "regression"}]}})
+    manifest = {"actions": ["click", "like", "buy"], "action_encoding": "bitmask"}
+    labels = TaskLabels(cfg, manifest)(torch.tensor([0b010, 0b101, 0b011]), torch.tensor([4.0, 3.5, float("nan")]))
+    expected = torch.tensor([[1.0, 1.0, 4.0], [0.0, 0.0, 3.5], [1.0, float("nan"), float("nan")]])
+    torch.testing.assert_close(labels, expected, equal_nan=True)
+    by_index = TaskLabels(cfg, {**manifest, "action_encoding": "index"})(torch.tensor([1, 2]), torch.tensor([1.0, 5.0]))
+    assert by_index[:, 0].tolist() == [1.0, 0.0]
+
+
+def test_pointwise_examples_cut_each_user_at_sampled_impressions():
+    from genrec.train.ranking import pointwise_examples
+
+    rows = random_rows([8, 5, 10], seed=5)
+    b = interleaved(rows)
+    out = pointwise_examples(b, per_user=3, seed=1, epoch=0)
+    assert out["users"].tolist() == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    last = out["offsets"][1:] - 1
+    assert (out["token_types"][last] == ITEM).all() and (out["target_ids"] == 0).all()
+    assert (out["target_actions"] != -1).sum() == 9 and (out["target_actions"][last] != -1).all()
+    # each example is a prefix of its user's sequence, ending at that impression with its action as target
+    for e in range(9):
+        user = int(out["users"][e]) - 1
+        example = out["item_ids"][out["offsets"][e] : out["offsets"][e + 1]]
+        start = b["offsets"][user]
+        torch.testing.assert_close(example, b["item_ids"][start : start + len(example)])
+        assert out["target_actions"][last[e]] == b["target_actions"][start + len(example) - 1]
+    # the cuts depend on (seed, epoch, user), not on which other users share the batch (or worker)
+    alone = interleaved(rows[1:2])
+    alone["users"] = torch.tensor([2])  # the same user, alone in its batch
+    alone = pointwise_examples(alone, per_user=3, seed=1, epoch=0)
+    assert alone["offsets"].diff().tolist() == out["offsets"].diff()[3:6].tolist()
+
+
+# ----------------------------------------------------------------------------- training under Ray Train
+
+@pytest.fixture(scope="module")
+def ranked_tiny(ray_cluster, tmp_path_factory):
+    """A prepared multi-action synthetic world and a tiny GR config that trains in seconds."""
+    from genrec.config import ExperimentConfig
+    from genrec.data.pipeline import prepare
+
+    root = tmp_path_factory.mktemp("ranking")
+    cfg = ExperimentConfig.model_validate({
+        "name": "tiny-gr",
+        "data": {"source": {"kind": "synthetic", "num_users": 240, "num_items": 120, "mean_events_per_user": 20,
+                            "multi_action_rate": 0.3, "num_shards": 2, "path": str(root / "raw")},
+                 "output_dir": str(root / "data"), "num_partitions": 2},
+        "model": {"kind": "gr", "dim": 16, "num_blocks": 1, "num_heads": 1, "dropout": 0.0, "max_seq_len": 12},
+        "batching": {"layout": "interleaved"},
+        "ranking": {"tasks": [{"name": "click", "action": "click"}, {"name": "like", "action": "like"},
+                              {"name": "purchase", "action": "purchase", "weight": 2.0}]},
+        "train": {"epochs": 2, "batch_size": 48, "num_negatives": 16, "storage_path": str(root / "runs"),
+                  "cpus_per_worker": 0.5, "threads_per_worker": 1, "seed": 3},
+        "tracking": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "tests"},
+    })
+    prepare(cfg.data, log=lambda *_: None)
+    return cfg, root
+
+
+def ranking_variant(cfg, run_name, model=None, ranking=None, **train):
+    out = cfg.model_copy(deep=True)
+    out.train = out.train.model_copy(update={"run_name": run_name, **train})
+    if model:
+        out.model = out.model.model_copy(update=model)
+    if ranking:
+        out.ranking = out.ranking.model_copy(update=ranking)
+    return out
+
+
+def test_generative_training_under_ray_train_two_workers_match_one(ranked_tiny):
+    from mlflow.tracking import MlflowClient
+
+    from genrec.train.artifact import load_model
+    from genrec.train.trainer import fit
+
+    cfg, _ = ranked_tiny
+    one = fit(ranking_variant(cfg, "gr-one"), log=lambda *_: None)
+    two = fit(ranking_variant(cfg, "gr-two", num_workers=2), log=lambda *_: None)
+    first, second = one["history"]
+    for key in ("train/ranking_loss", "train/retrieval_loss", "valid/click/ne", "valid/purchase/auc",
+                "valid/like/calibration", "valid/ndcg@10", "valid/hr@10"):
+        assert math.isfinite(first[key]), key
+    assert second["train/loss"] < first["train/loss"]
+    # the combined loss is the ranking half plus retrieval_weight x the retrieval half
+    assert first["train/loss"] == pytest.approx(first["train/ranking_loss"] + first["train/retrieval_loss"], rel=1e-6)
+    assert first["train/ranking_loss"] == pytest.approx(
+        first["train/click_loss"] + first["train/like_loss"] + 2.0 * first["train/purchase_loss"], rel=1e-6)
+    assert "test/click/ne" in one["best"] and "test/ndcg@10" in one["best"]
+    for a, b in zip(one["history"], two["history"]):
+        for key in ("train/loss", "train/ranking_loss", "train/retrieval_loss", "valid/click/ne", "valid/ndcg@10"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+    # the registered model is a GenerativeRecommender that ranks
+    model, _ = load_model(f"models:/tiny-gr/{one['version']}", cfg.tracking.tracking_uri)
+    assert isinstance(model, GenerativeRecommender) and model.task_names == ["click", "like", "purchase"]
+    history = {"item_ids": torch.tensor([5, 1]), "token_types": torch.tensor([ITEM, ACTION]),
+               "timestamps": torch.tensor([1_600_000_000, 1_600_000_000])}
+    assert model.rank(history, torch.tensor([3, 4]), 1_600_000_100).shape == (2, 3)
+    assert MlflowClient(cfg.tracking.tracking_uri).get_run(one["mlflow_run_id"]).data.params["model.kind"] == "gr"
+
+
+@pytest.mark.parametrize("variant", ["dlrm", "pointwise"])
+def test_baselines_train_on_the_same_batches(ranked_tiny, variant):
+    from genrec.train.trainer import fit
+
+    cfg, _ = ranked_tiny
+    run = ranking_variant(cfg, f"baseline-{variant}", epochs=1, model={"kind": "dlrm"} if variant == "dlrm" else None,
+                          ranking={"training": "pointwise", "pointwise_examples_per_user": 2}
+                          if variant == "pointwise" else None)
+    (epoch,) = fit(run, log=lambda *_: None)["history"]
+    assert epoch["train/retrieval_loss"] == 0.0 and math.isfinite(epoch["train/loss"])
+    assert 0.3 < epoch["valid/click/auc"] < 1.0 and "valid/ndcg@10" not in (epoch if variant == "dlrm" else {})
+    impressions = epoch["train/impressions_per_s"] * epoch["train/epoch_seconds"]
+    if variant == "pointwise":
+        assert impressions == pytest.approx(2 * 240)  # two examples per training user, one candidate each
+
+
+def test_bad_ranking_config_is_named_before_any_worker_starts(ranked_tiny, tmp_path):
+    from genrec.config import ConfigError, ExperimentConfig
+    from genrec.data.pipeline import prepare
+    from genrec.train.trainer import fit
+
+    cfg, root = ranked_tiny
+    unknown = ranking_variant(cfg, "bad-action")
+    unknown.ranking.tasks[1].action = "likes"
+    with pytest.raises(ConfigError, match=r"ranking.tasks\[1\].action='likes'.*actions are \['click', 'like'"):
+        fit(unknown, log=lambda *_: None)
+    rating = ranking_variant(cfg, "bad-rating")
+    rating.ranking = rating.ranking.model_validate(
+        {"tasks": [{"name": "click", "action": "click"}, {"name": "stars", "kind": "regression"}]})
+    with pytest.raises(ConfigError, match=r"ranking.tasks\[1\] \(task 'stars'\) needs ratings"):
+        fit(rating, log=lambda *_: None)
+    with pytest.raises(ValueError, match=r"batching.layout='items' does not fit model.kind='gr'"):
+        ExperimentConfig.model_validate({**cfg.model_dump(), "batching": {"layout": "items"}})
+    # data prepared without actions (a plain interaction log) cannot feed the interleaved layout
+    (tmp_path / "log.csv").write_text("user_id,item_id,timestamp\n" + "".join(
+        f"{u},{i},{1_600_000_000 + 60 * i}\n" for u in range(1, 6) for i in range(1, 8)))
+    plain = ranking_variant(cfg, "bad-layout")
+    plain.data = plain.data.model_validate({"source": {"kind": "csv", "path": str(tmp_path / "log.csv")},
+                                            "output_dir": str(tmp_path / "data"), "num_partitions": 1})
+    prepare(plain.data, log=lambda *_: None)
+    with pytest.raises(ConfigError, match=r"batching.layout='interleaved'.*prepared without an action vocabulary"):
+        fit(plain, log=lambda *_: None)
+    assert not any((root / "runs" / name).exists() for name in ("bad-action", "bad-rating", "bad-layout"))

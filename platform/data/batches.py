@@ -8,7 +8,8 @@ Both token layouts of ARCHITECTURE.md come from the same sequence table:
 - "interleaved" (generative-recommender setting): contextual tokens first, then
   Phi_0, a_0, Phi_1, a_1, ...; at an item position the target is that item's
   action (ranking, `target_actions`), at an action position the next item
-  (retrieval, `target_ids`). Extra key: token_types (0 context, 1 item, 2 action);
+  (retrieval, `target_ids`). Extra keys: token_types (0 context, 1 item, 2 action),
+  target_values (the ranked event's value, e.g. its rating; NaN where none);
   item_ids then holds each token's id in its own vocabulary.
 
 Jagged means values of length T = sum of lengths plus `offsets` (B+1); nothing is
@@ -129,12 +130,18 @@ def _interleave(table, keep, users, items, stamps, actions, src, nxt, is_target,
     last_src = nxt[np.cumsum(inputs) - 1]
     ids[last], types[last], ts[last], target_ts[last] = items[last_src], ITEM, stamps[last_src], stamps[last_src]
     target_actions[last] = actions[last_src]
+    target_values = np.full(total, np.nan, np.float32)  # the event's value (e.g. a rating) where ranked, else NaN
+    if "values" in table.column_names:
+        values, _ = _lists(table, "values")
+        target_values[item_pos] = np.where(ranked, values[src], np.nan)
+        target_values[last] = values[last_src]
     return {
         "item_ids": ids,
         "token_types": types,
         "timestamps": ts,
         "target_ids": target_ids,
         "target_actions": target_actions,
+        "target_values": target_values,
         "target_timestamps": target_ts,
         "offsets": offsets,
         "users": users,

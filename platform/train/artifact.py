@@ -38,8 +38,16 @@ def encoder_config(cfg: ExperimentConfig, num_items: int) -> EncoderConfig:
 
 
 def build_model(cfg: ExperimentConfig) -> SequentialEncoder:
-    """A fresh encoder for the experiment's prepared data."""
-    return build_encoder(encoder_config(cfg, read_manifest(cfg.data.output_dir)["num_items"]))
+    """A fresh encoder (or, for model.kind gr / dlrm, ranker) for the experiment's prepared data."""
+    return _build(cfg, read_manifest(cfg.data.output_dir))
+
+
+def _build(cfg: ExperimentConfig, manifest: dict):
+    if cfg.model.kind in ("gr", "dlrm"):
+        from .ranking import build_ranker  # ranking imports this module
+
+        return build_ranker(cfg, manifest)
+    return build_encoder(encoder_config(cfg, manifest["num_items"]))
 
 
 def save_model_folder(folder: Path, cfg: ExperimentConfig, state_dict: dict) -> Path:
@@ -58,8 +66,7 @@ def load_model_folder(folder: str | Path) -> tuple[SequentialEncoder, Experiment
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} is not a genrec model folder: no {name}")
     cfg = ExperimentConfig.model_validate_json((folder / CONFIG).read_text())
-    num_items = json.loads((folder / MANIFEST).read_text())["num_items"]
-    encoder = build_encoder(encoder_config(cfg, num_items))
+    encoder = _build(cfg, json.loads((folder / MANIFEST).read_text()))
     encoder.load_state_dict(torch.load(folder / WEIGHTS, weights_only=True))
     return encoder.eval(), cfg
 

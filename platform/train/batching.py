@@ -29,8 +29,6 @@ Batch = dict[str, torch.Tensor]
 def batch_spec(cfg: ExperimentConfig, training: bool = False) -> BatchSpec:
     """Batches as the experiment's `batching` section asks (Stochastic Length only when training)."""
     b = cfg.batching
-    if b.layout != "items":
-        raise ValueError("training supports batching.layout 'items' today (the interleaved encoder is not built yet)")
     alpha = b.stochastic_length_alpha if training else None
     return BatchSpec.from_prepared(cfg.data.output_dir, b.layout, cfg.kept_items, alpha)
 
@@ -55,8 +53,8 @@ def replicated_batches(table: pa.Table, spec: BatchSpec, cfg: ExperimentConfig, 
     batch_size = cfg.train.batch_size
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        batch = build_batch(table.take(pa.array(rows)), spec.layout, spec.max_seq_len,
-                            stochastic_alpha=spec.stochastic_alpha, rng=rng)
+        batch = build_batch(table.take(pa.array(rows)), spec.layout, spec.max_seq_len, spec.context_columns,
+                            spec.context_offsets, spec.stochastic_alpha, rng)
         negatives = draw_negatives(rng, torch.from_numpy(batch["target_ids"]), spec, cfg)
         mine = np.isin(batch["users"], users[np.array_split(rows, world)[rank]])
         has_target = batch["target_ids"] > 0

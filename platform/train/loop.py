@@ -9,6 +9,7 @@ so 1 and 2 workers train the same model; batches and seeds: see batching.py.
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,9 +27,16 @@ from .artifact import build_model
 from .batching import batch_spec, replicated_batches, streaming_batches
 from .checkpoint import Progress, restore, save_checkpoint
 from .evaluation import evaluate
+from .ranking import RankingStep, is_ranking, ranking_evaluator
+from .ranking import SELECTION_METRIC as RANKING_SELECTION_METRIC
 from .tracking import MetricLogger
 
 SELECTION_METRIC = "valid/ndcg@10"
+
+
+def selection_metric(cfg: ExperimentConfig) -> str:
+    """What picks the best epoch (higher is better): retrieval NDCG@10, or for rankers 1 - mean NE."""
+    return RANKING_SELECTION_METRIC if is_ranking(cfg) else SELECTION_METRIC
 NON_FINITE_MARKER = "non_finite_loss.txt"  # written beside the checkpoints when a run stops on nan/inf
 
 
@@ -90,7 +98,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         report(worker, progress, metrics, stop)
         if stop:
             if logger:
-                logger.say(f"early stop: no better {SELECTION_METRIC} for {cfg.train.early_stopping_patience} evaluations")
+                logger.say(f"early stop: no better {selection_metric(cfg)} for {cfg.train.early_stopping_patience} evaluations")
             break
 
 
@@ -135,12 +143,17 @@ def train_one_epoch(w: Worker, epoch: int, train_table) -> dict:
     started = time.time()
     w.model.train()
     loss_sum, steps, examples, tokens = 0.0, 0, 0, 0
+    ranking_step = RankingStep(cfg) if is_ranking(cfg) else None  # interleaved batches, multi-task loss
     for step, (batch, negatives) in enumerate(batches):
         batch = {k: v.to(w.device) for k, v in batch.items()}
-        users = w.model(batch["item_ids"], batch["timestamps"], batch["target_timestamps"], batch["offsets"])
-        count = w.all_reduce(torch.tensor([float((batch["target_ids"] > 0).sum())], device=w.device))
-        loss = sampled_softmax_loss(users, batch["target_ids"], w.core.all_item_embeddings(), negatives.to(w.device),
-                                    temperature=t.temperature, normalizer=count.clamp(min=1) / w.world)
+        if ranking_step:
+            loss = ranking_step(w, batch, negatives, epoch)
+        else:
+            users = w.model(batch["item_ids"], batch["timestamps"], batch["target_timestamps"], batch["offsets"])
+            count = w.all_reduce(torch.tensor([float((batch["target_ids"] > 0).sum())], device=w.device))
+            loss = sampled_softmax_loss(users, batch["target_ids"], w.core.all_item_embeddings(),
+                                        negatives.to(w.device), temperature=t.temperature,
+                                        normalizer=count.clamp(min=1) / w.world)
         if w.all_reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0])).item():
             raise _Diverged(step, float(loss))
         w.optimizer.zero_grad(set_to_none=True)
@@ -154,7 +167,8 @@ def train_one_epoch(w: Worker, epoch: int, train_table) -> dict:
     loss_sum, examples, tokens = w.all_reduce(torch.tensor([loss_sum, examples, tokens], dtype=torch.float64)).tolist()
     seconds = time.time() - started
     return {"epoch": epoch + 1, "train/loss": loss_sum / max(steps, 1), "train/examples_per_s": examples / seconds,
-            "train/tokens_per_s": tokens / seconds, "train/epoch_seconds": seconds}
+            "train/tokens_per_s": tokens / seconds, "train/epoch_seconds": seconds,
+            **(ranking_step.epoch_metrics(w, steps, seconds) if ranking_step else {})}
 
 
 def evaluate_and_select(w: Worker, splits: dict, metrics: dict, epoch: int, progress: Progress) -> None:
@@ -165,7 +179,8 @@ def evaluate_and_select(w: Worker, splits: dict, metrics: dict, epoch: int, prog
 
     def rank(split: str) -> dict:
         batches = iter_torch_batches(splits[split], w.eval_spec, ev.batch_size, shuffle=False)
-        return {f"{split}/{k}": v for k, v in evaluate(w.core, batches, ties=ev.ties).items() if k != "count"}
+        scores = ranking_evaluator(cfg) if is_ranking(cfg) else evaluate
+        return {f"{split}/{k}": v for k, v in scores(w.core, batches, ties=ev.ties).items() if k != "count"}
 
     if epoch + 1 in ev.test_epochs:
         metrics.update(rank("test"))
@@ -174,7 +189,8 @@ def evaluate_and_select(w: Worker, splits: dict, metrics: dict, epoch: int, prog
         metrics.update(rank("valid"))
         metrics["valid_seconds"] = time.time() - valid_started  # one full ranking of the split
         selecting = cfg.train.train_on == "train"
-        if not selecting or metrics[SELECTION_METRIC] > progress.best.get(SELECTION_METRIC, -1.0):
+        key = selection_metric(cfg)
+        if not selecting or metrics[key] > progress.best.get(key, -math.inf):
             test = {k: v for k, v in metrics.items() if k.startswith("test/")} or rank("test")
             progress.best = {**{k: v for k, v in metrics.items() if k.startswith("valid/")},
                              **test, "best_epoch": epoch + 1}
@@ -186,7 +202,7 @@ def should_stop(w: Worker, progress: Progress) -> bool:
     """Early stopping, decided on rank 0 from the history (so it survives a resume), shared with all ranks."""
     patience = w.cfg.train.early_stopping_patience
     best_epoch = progress.best.get("best_epoch", 0)
-    since_best = sum(1 for h in progress.history if SELECTION_METRIC in h and h["epoch"] > best_epoch)
+    since_best = sum(1 for h in progress.history if selection_metric(w.cfg) in h and h["epoch"] > best_epoch)
     flag = torch.tensor([1.0 if (w.rank == 0 and patience and since_best >= patience) else 0.0])
     if w.world > 1:
         dist.broadcast(flag, src=0)

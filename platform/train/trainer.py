@@ -22,6 +22,7 @@ from .batching import batch_spec
 from .checkpoint import read_progress
 from .evaluation import evaluate
 from .loop import NON_FINITE_MARKER, NonFiniteLossError, train_loop_per_worker
+from .ranking import check_ranking_data
 
 
 def _backend(cfg: ExperimentConfig) -> str:
@@ -45,6 +46,7 @@ def fit(cfg: ExperimentConfig, log=print) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     read_manifest(cfg.data.output_dir)  # fails clearly if the data was not prepared
+    check_ranking_data(cfg)  # the tasks and layout against the prepared data, before any worker starts
     cfg = workers_view(cfg)
     t = cfg.train
     run_name = t.run_name or cfg.name
