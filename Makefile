@@ -26,6 +26,7 @@ bench: install
 	$(PY) benchmarks/data_pipeline.py
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/attention.py
+	$(PY) benchmarks/mfalcon.py
 
 # A shared MLflow tracking server. Jobs use it with MLFLOW_TRACKING_URI=http://$(MLFLOW_HOST):$(MLFLOW_PORT)
 # (or tracking.tracking_uri). Defaults: a sqlite database and an artifact folder under outputs/mlflow-server,
