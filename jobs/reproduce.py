@@ -4,7 +4,9 @@
 
 The first config is the baseline the gain column compares with. --fixed-epoch E
 (default 30) also ranks the test split after epoch E, for a column beside codes
-that report a fixed number of epochs.
+that report a fixed number of epochs. Configs with train.mode one_pass report their
+stream metrics instead (every event ranked before the model trains on it), and a
+synthetic source adds its oracle beside them.
 
 Each (config, seed) is one training run (early stopping on validation NDCG@10; test
 reported at the best validation epoch), tracked and registered in MLflow. Runs go
@@ -20,6 +22,7 @@ import platform
 import statistics
 
 from genrec.config import load_config, resolve_path
+from genrec.data.synthetic import read_oracle
 from genrec.runtime import init_ray
 from genrec.train.trainer import fit
 
@@ -39,7 +42,10 @@ def main() -> None:
     rows = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else []
     for seed in args.seeds:
         for path in args.config:
-            cfg = load_config(path, [*args.overrides, f"train.seed={seed}", f"eval.test_epochs=[{args.fixed_epoch}]"])
+            cfg = load_config(path, [*args.overrides, f"train.seed={seed}"])
+            one_pass = cfg.train.mode == "one_pass"
+            if not one_pass:
+                cfg.eval.test_epochs = [args.fixed_epoch]
             if any(r["model"] == cfg.name and r["seed"] == seed for r in rows):
                 continue
             cfg.train.run_name = f"{cfg.name}-seed{seed}"
@@ -47,10 +53,13 @@ def main() -> None:
             result = fit(cfg)
             history = result["history"]
             fixed = next((h for h in history if h["epoch"] == args.fixed_epoch and "test/ndcg@10" in h), {})
+            evaluations = [h["eval_seconds" if one_pass else "valid_seconds"] for h in history
+                           if ("window/targets" if one_pass else "valid_seconds") in h]
+            oracle = read_oracle(cfg.data.source) if cfg.data.source.kind == "synthetic" else None
             rows.append({"model": cfg.name, "seed": seed, "epochs": result["epochs_run"],
                          "train_s_per_epoch": statistics.median(h["train/epoch_seconds"] for h in history),
-                         "valid_eval_s": statistics.median(h["valid_seconds"] for h in history if "valid_seconds" in h),
-                         "fixed_epoch": args.fixed_epoch,
+                         "valid_eval_s": statistics.median(evaluations), "fixed_epoch": args.fixed_epoch,
+                         **{f"oracle/{k}": v for k, v in ((oracle or {}).get("test", {}).get("oracle", {})).items()},
                          **{f"fixed/{k}": fixed[f"test/{k}"] for k in ("ndcg@10", "hr@10") if fixed},
                          "wall_s": sum(h["train/epoch_seconds"] + h["eval_seconds"] for h in history), **result["best"]})
             out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
@@ -60,11 +69,10 @@ def main() -> None:
 
 def table(rows: list) -> str:
     """Mean ± std over seeds per model; the gain is in mean test NDCG@10 over the first model."""
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    if rows and "stream/hr@10" in rows[0]:
+        return stream_table(rows)
     fixed_epoch = rows[0].get("fixed_epoch", 30) if rows else 30
-    lines = [f"machine: {cpu}, {os.cpu_count()} CPUs; test metrics at the best validation NDCG@10 epoch; "
-             "mean ± std over seeds", "",
+    lines = [f"machine: {machine()}; test metrics at the best validation NDCG@10 epoch; mean ± std over seeds", "",
              "| model | seeds | " + " | ".join(f"test {c}" for c in COLUMNS)
              + f" | NDCG@10 vs {rows[0]['model'] if rows else '-'} | test NDCG@10 / HR@10 at epoch {fixed_epoch}"
              " | best epoch | epochs run | median s/epoch train | median s one evaluation | wall min/run |",
@@ -72,21 +80,49 @@ def table(rows: list) -> str:
     baseline = None
     for model in dict.fromkeys(r["model"] for r in rows):
         runs = [r for r in rows if r["model"] == model]
-
-        def cell(key, digits=4):
-            values = [r[key] for r in runs if key in r]
-            if not values:
-                return "-"
-            spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
-            return f"{statistics.mean(values):.{digits}f}{spread}"
-
         ndcg = statistics.mean(r["test/ndcg@10"] for r in runs)
         baseline = baseline or ndcg
-        lines.append(f"| {model} | {len(runs)} | " + " | ".join(cell(f"test/{c}") for c in COLUMNS)
-                     + f" | {100 * (ndcg / baseline - 1):+.1f}% | {cell('fixed/ndcg@10')} / {cell('fixed/hr@10')}"
-                     f" | {cell('best_epoch', 0)} | {cell('epochs', 0)} | {cell('train_s_per_epoch', 1)}"
-                     f" | {cell('valid_eval_s', 1)} | {statistics.mean(r['wall_s'] for r in runs) / 60:.1f} |")
+        lines.append(f"| {model} | {len(runs)} | " + " | ".join(cell(runs, f"test/{c}") for c in COLUMNS)
+                     + f" | {100 * (ndcg / baseline - 1):+.1f}% | {cell(runs, 'fixed/ndcg@10')} / "
+                     f"{cell(runs, 'fixed/hr@10')} | {cell(runs, 'best_epoch', 0)} | {cell(runs, 'epochs', 0)} | "
+                     f"{cell(runs, 'train_s_per_epoch', 1)} | {cell(runs, 'valid_eval_s', 1)} | "
+                     f"{statistics.mean(r['wall_s'] for r in runs) / 60:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def stream_table(rows: list) -> str:
+    """One-pass runs: stream metrics (windows 2..W) per model, the oracle beside them."""
+    keys = ["hr@10", "hr@50", "ndcg@10"]
+    lines = [f"machine: {machine()}; one pass, every event ranked before training on it (windows 2..W); "
+             "mean ± std over seeds", "",
+             "| model | seeds | " + " | ".join(k.upper() for k in keys)
+             + f" | HR@50 vs {rows[0]['model']} | oracle HR@10 / HR@50 (leave-one-out targets) | windows "
+             "| median s/window train | median s/window ranking | wall min/run |",
+             "|---|---:|" + "---:|" * (len(keys) + 6)]
+    baseline = None
+    for model in dict.fromkeys(r["model"] for r in rows):
+        runs = [r for r in rows if r["model"] == model]
+        hr50 = statistics.mean(r["stream/hr@50"] for r in runs)
+        baseline = baseline or hr50
+        lines.append(f"| {model} | {len(runs)} | " + " | ".join(cell(runs, f"stream/{k}") for k in keys)
+                     + f" | {100 * (hr50 / baseline - 1):+.1f}% | {cell(runs, 'oracle/hr@10')} / "
+                     f"{cell(runs, 'oracle/hr@50')} | {cell(runs, 'epochs', 0)} | {cell(runs, 'train_s_per_epoch', 1)} "
+                     f"| {cell(runs, 'valid_eval_s', 1)} | {statistics.mean(r['wall_s'] for r in runs) / 60:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def cell(runs: list, key: str, digits: int = 4) -> str:
+    values = [r[key] for r in runs if key in r]
+    if not values:
+        return "-"
+    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.{digits}f}{spread}"
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return f"{cpu}, {os.cpu_count()} CPUs"
 
 
 if __name__ == "__main__":

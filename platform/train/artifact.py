@@ -34,7 +34,8 @@ def encoder_config(cfg: ExperimentConfig, num_items: int) -> EncoderConfig:
     return EncoderConfig(kind=m.kind, num_items=num_items, max_seq_len=m.max_seq_len, dim=m.dim,
                          num_blocks=m.num_blocks, num_heads=m.num_heads, qk_dim=m.qk_dim, v_dim=m.v_dim,
                          ffn_dim=m.ffn_dim, dropout=m.dropout, attention_normalizer=m.attention_normalizer,
-                         attention_impl=m.attention_impl)
+                         attention_impl=m.attention_impl, attention=m.attention,
+                         relative_bias=m.relative_bias)
 
 
 def build_model(cfg: ExperimentConfig) -> SequentialEncoder:
