@@ -2,7 +2,9 @@
 batches from genrec.data.batches: causality of actions, the target-aware rank contract,
 multi-hot actions, heads and the multi-task loss. Small and CPU-only."""
 
+import json
 import math
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -297,7 +299,6 @@ def test_baselines_train_on_the_same_batches(ranked_tiny, variant):
 
 def test_bad_ranking_config_is_named_before_any_worker_starts(ranked_tiny, tmp_path):
     from genrec.config import ConfigError, ExperimentConfig
-    from genrec.data.pipeline import prepare
     from genrec.train.trainer import fit
 
     cfg, root = ranked_tiny
@@ -312,13 +313,12 @@ def test_bad_ranking_config_is_named_before_any_worker_starts(ranked_tiny, tmp_p
         fit(rating, log=lambda *_: None)
     with pytest.raises(ValueError, match=r"batching.layout='items' does not fit model.kind='gr'"):
         ExperimentConfig.model_validate({**cfg.model_dump(), "batching": {"layout": "items"}})
-    # data prepared without actions (a plain interaction log) cannot feed the interleaved layout
-    (tmp_path / "log.csv").write_text("user_id,item_id,timestamp\n" + "".join(
-        f"{u},{i},{1_600_000_000 + 60 * i}\n" for u in range(1, 6) for i in range(1, 8)))
+    # data prepared without actions (a plain interaction log: its manifest's vocabulary is one action)
+    shutil.copytree(cfg.data.output_dir, tmp_path / "plain")
+    manifest = json.loads((tmp_path / "plain" / "manifest.json").read_text())
+    (tmp_path / "plain" / "manifest.json").write_text(json.dumps({**manifest, "actions": ["interact"]}))
     plain = ranking_variant(cfg, "bad-layout")
-    plain.data = plain.data.model_validate({"source": {"kind": "csv", "path": str(tmp_path / "log.csv")},
-                                            "output_dir": str(tmp_path / "data"), "num_partitions": 1})
-    prepare(plain.data, log=lambda *_: None)
+    plain.data.output_dir = str(tmp_path / "plain")
     with pytest.raises(ConfigError, match=r"batching.layout='interleaved'.*prepared without an action vocabulary"):
         fit(plain, log=lambda *_: None)
     assert not any((root / "runs" / name).exists() for name in ("bad-action", "bad-rating", "bad-layout"))
