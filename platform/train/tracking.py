@@ -106,6 +106,8 @@ class MetricLogger:
         eta = elapsed / (epoch + 1 - self.start_epoch) * (self.epochs - epoch - 1)
         valid = (f" valid ndcg@10 {metrics['valid/ndcg@10']:.4f} hr@10 {metrics['valid/hr@10']:.4f}"
                  if "valid/ndcg@10" in metrics else "")
+        if "valid/ne_gain" in metrics:  # rankers: the mean normalized entropy of the binary tasks
+            valid += f" valid mean NE {1 - metrics['valid/ne_gain']:.4f}"
         self.say(f"epoch {epoch + 1}/{self.epochs} loss {metrics['train/loss']:.4f} "
                  f"{metrics['train/examples_per_s']:,.0f} ex/s {metrics['train/tokens_per_s']:,.0f} tok/s "
                  f"epoch {metrics['train/epoch_seconds']:.1f}s (+eval {metrics['eval_seconds']:.1f}s)"
