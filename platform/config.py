@@ -380,6 +380,50 @@ class RayConfig(Strict):
                           "they always go to Ray's log files (<temp dir>/session_latest/logs)")
 
 
+class SweepFamily(Strict):
+    """One model family of a sweep: the overrides that make it (e.g. `model.kind: sasrec`) and, optionally,
+    its own grid (its keys replace the shared grid's)."""
+
+    set: dict[str, Any] = Field(default_factory=dict, description="dotted key -> value, e.g. model.kind: sasrec")
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+
+class SearchConfig(Strict):
+    """Hyper-parameter search on the sweep machinery: `num_samples` configs drawn from `space` per family,
+    trained under ASHA, which stops the bad ones early; the best config is written out as a YAML."""
+
+    space: dict[str, dict[Literal["uniform", "loguniform", "choice"], list[Any]]] = Field(
+        min_length=1, description="dotted key -> {loguniform: [low, high]} | {uniform: [low, high]} | {choice: [...]}")
+    num_samples: int = Field(8, gt=0)
+    grace_period: int = Field(1, gt=0, description="epochs every trial trains before ASHA may stop it")
+    reduction_factor: int = Field(2, gt=1)
+    seed: int = 0
+
+
+class SweepConfig(Strict):
+    """A Ray Tune sweep over this experiment (genrec.train.sweep): every family x every point of its grid
+    is one Ray Train trial, an MLflow child run under one parent run; then a power law per family."""
+
+    name: str | None = Field(None, description="default: the experiment name; the same name resumes")
+    families: dict[str, SweepFamily] = Field(min_length=1)
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> values (a product)")
+    metric: str = Field("best/valid/ndcg@10", description="what the power law is fitted to, from the last report")
+    mode: Literal["max", "min"] = "max"
+    max_concurrent_trials: int | None = Field(None, gt=0, description="default: as many as the cluster's CPUs "
+                                              "(and GPUs) hold at once")
+    trial_driver_cpus: float = Field(0.25, ge=0, description="the CPU each trial's driver (the Train run) holds")
+    divergence_factor: float | None = Field(
+        3.0, gt=1, description="stop a trial whose train loss rises above this x its lowest so far (nan/inf "
+        "stop the run inside the loop)")
+    storage_path: str = Field("outputs/sweeps", description="Tune's experiment folders (local or a shared mount)")
+    search: SearchConfig | None = None
+
+    @model_validator(mode="after")
+    def _storage_on_a_file_system(self):
+        local_or_mounted(self.storage_path, "sweep.storage_path")
+        return self
+
+
 class ExperimentConfig(Strict):
     """A whole experiment: data, model, batching, training, evaluation, tracking, Ray."""
 
@@ -391,6 +435,7 @@ class ExperimentConfig(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    sweep: SweepConfig | None = Field(None, description="jobs/sweep.py only: the scaling sweep or search")
     ranking: RankingConfig = Field(default_factory=RankingConfig)
 
     @model_validator(mode="after")

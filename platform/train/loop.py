@@ -27,6 +27,7 @@ from .artifact import build_model
 from .batching import batch_spec, replicated_batches, streaming_batches
 from .checkpoint import Progress, restore, save_checkpoint
 from .evaluation import evaluate
+from .flops import FlopModel
 from .ranking import RankingStep, is_ranking, ranking_evaluator
 from .ranking import SELECTION_METRIC as RANKING_SELECTION_METRIC
 from .tracking import MetricLogger
@@ -83,6 +84,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for epoch in range(progress.epoch + 1, cfg.train.epochs):
         try:
             metrics = train_one_epoch(worker, epoch, train_table)
+            # the run's compute so far, from the history so that it survives a resume (scaling sweeps read it)
+            metrics["train/cumulative_flops"] = metrics["train/flops"] + sum(h.get("train/flops", 0.0) for h in progress.history)
         except _Diverged as diverged:  # every rank stops; the last good checkpoint stays the run's latest
             if logger:
                 message = non_finite_message(epoch, diverged.step, diverged.value, progress.history)
@@ -142,7 +145,8 @@ def train_one_epoch(w: Worker, epoch: int, train_table) -> dict:
         batches = streaming_batches(ray.train.get_dataset_shard("train"), w.train_spec, cfg, epoch, w.rank, w.world)
     started = time.time()
     w.model.train()
-    loss_sum, steps, examples, tokens = 0.0, 0, 0, 0
+    loss_sum, steps, examples, tokens, flops = 0.0, 0, 0, 0, 0.0
+    flop_model = FlopModel.from_config(cfg)
     ranking_step = RankingStep(cfg) if is_ranking(cfg) else None  # interleaved batches, multi-task loss
     for step, (batch, negatives) in enumerate(batches):
         batch = {k: v.to(w.device) for k, v in batch.items()}
@@ -163,11 +167,13 @@ def train_one_epoch(w: Worker, epoch: int, train_table) -> dict:
         steps += 1
         examples += len(batch["users"])
         tokens += len(batch["item_ids"])
+        flops += flop_model.batch(batch["offsets"], batch["target_ids"])
     # the global loss and counts, as one worker would see them
-    loss_sum, examples, tokens = w.all_reduce(torch.tensor([loss_sum, examples, tokens], dtype=torch.float64)).tolist()
+    loss_sum, examples, tokens, flops = w.all_reduce(
+        torch.tensor([loss_sum, examples, tokens, flops], dtype=torch.float64)).tolist()
     seconds = time.time() - started
     return {"epoch": epoch + 1, "train/loss": loss_sum / max(steps, 1), "train/examples_per_s": examples / seconds,
-            "train/tokens_per_s": tokens / seconds, "train/epoch_seconds": seconds,
+            "train/tokens_per_s": tokens / seconds, "train/epoch_seconds": seconds, "train/flops": flops,
             **(ranking_step.epoch_metrics(w, steps, seconds) if ranking_step else {})}
 
 

@@ -67,14 +67,14 @@ def _experiment_id(client: MlflowClient, cfg: ExperimentConfig) -> str:
     return client.create_experiment(cfg.tracking.experiment, artifact_location=_artifact_location(tracking_uri(cfg)))
 
 
-def start_or_resume_run(cfg: ExperimentConfig, run_name: str) -> str:
+def start_or_resume_run(cfg: ExperimentConfig, run_name: str, tags: dict | None = None) -> str:
     """The MLflow run for this training run name: found again when a job is re-submitted."""
     client = MlflowClient(tracking_uri(cfg))
     experiment_id = _experiment_id(client, cfg)
     found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
     if found:
         return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **(tags or {})})
     params = {k: str(v)[:500] for k, v in _flatten(cfg.model_dump(mode="json")).items()}
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
     return run.info.run_id

@@ -40,7 +40,9 @@ def workers_view(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
-def fit(cfg: ExperimentConfig, log=print) -> dict:
+def fit(cfg: ExperimentConfig, log=print, callbacks=(), mlflow_tags: dict | None = None) -> dict:
+    """callbacks: Ray Train callbacks (a sweep passes Tune's report callback); mlflow_tags: set on the
+    run when it is created (a sweep's trials name their parent run)."""
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -53,7 +55,7 @@ def fit(cfg: ExperimentConfig, log=print) -> dict:
     storage = resolve_path(t.storage_path)
     run_folder = storage / run_name
     run_folder.mkdir(parents=True, exist_ok=True)
-    run_id = tracking.start_or_resume_run(cfg, run_name)
+    run_id = tracking.start_or_resume_run(cfg, run_name, mlflow_tags)
     marker = run_folder / NON_FINITE_MARKER
     marker.unlink(missing_ok=True)
     datasets = None
@@ -68,7 +70,8 @@ def fit(cfg: ExperimentConfig, log=print) -> dict:
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
         run_config=RunConfig(name=run_name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
+                             callbacks=list(callbacks)),
         datasets=datasets,
     )
     log(f"[train] run {run_name!r}: {t.num_workers} worker(s), backend {_backend(cfg)}, storage {run_folder}")
