@@ -1,16 +1,29 @@
-"""Benchmark: the Ray Data pipeline vs a single-process pyarrow baseline doing the same work.
+"""Benchmark: genrec's Ray pipeline vs the single-process polars script a user would write instead.
 
-    python benchmarks/data_pipeline.py [--events 1000000 10000000]
+    python benchmarks/data_pipeline.py [--events 1000000 10000000] [--formats csv parquet]
 
-Both start from the same generated Parquet event log (generation is not timed)
-and do the same work with the same functions: validate and canonicalize every
-row, build vocabularies, map to dense ids, sort per user with the tie-break, drop
-duplicates, merge same-impression actions, attach context, cut leave-one-out
-splits and write Parquet. The baseline holds everything in one table in one
-process; the pipeline is genrec.data.pipeline.prepare on a local 2-CPU Ray cluster.
-Each side runs in its own subprocess; peak memory is the largest sum of PSS over
-that process and all its children (Ray's raylet, workers and object store included),
-sampled every 0.2 s. The outputs are checked to hold the same sequences.
+Input: a generated behaviour log shaped like the public e-commerce one (user, item,
+category, behavior in pv/cart/fav/buy, ts in Unix seconds; ~100 events per user,
+Zipf-like items), with planted same-impression actions (merged into a bitmask),
+exact duplicates (dropped) and bad rows (rejected with their row numbers), as CSV
+with a header and as Parquet. Generation is not timed.
+
+Three sides do the same work (validate with rejects, drop duplicates, merge
+same-impression actions into a bitmask, vocabularies, time-sorted sequences with the
+source-order tie-break, leave-one-out splits, Parquet out):
+
+- polars: the script a user would write (`polars_prepare` below), one process,
+  polars' own threads on every core;
+- genrec in-process: genrec's own functions (read_chunk, build_sequences,
+  make_splits) run one after the other in one process, no Ray;
+- genrec Ray: `genrec.data.pipeline.prepare` on a local 2-CPU Ray cluster.
+
+Each side runs in its own subprocess. "wall" is that subprocess from start to exit
+(imports, Ray start-up and shutdown included); genrec Ray also reports the time
+inside prepare(). Peak memory is the largest sum of PSS over the process and all its
+children (Ray's raylet, GCS, workers and object store included), sampled every 0.2 s.
+The sequences of all sides are checked to be the same (raw user id -> raw item ids,
+actions, timestamps) and the reject counts equal.
 """
 
 from __future__ import annotations
@@ -25,78 +38,173 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-USERS_PER_MILLION = 20_000  # with 50 events per user on average
+ACTIONS = ["pv", "cart", "fav", "buy"]
+T0, SPAN = 1_511_539_200, 9 * 86_400  # 2017-11-25, nine days
+T_MIN, T_MAX = T0, T0 + SPAN
 
 
-def source_spec(events: int) -> dict:
-    return {"kind": "synthetic", "num_users": max(1, events * USERS_PER_MILLION // 1_000_000), "num_items": 50_000,
-            "mean_events_per_user": 50, "num_shards": 16, "seed": 0,
-            "path": str(REPO / "outputs" / "raw" / f"bench-{events}")}
-
-
-def run_baseline(events: int, out: Path) -> dict:
-    """Single process, no Ray: the same per-row and per-user functions over one table."""
+def generate(events: int, folder: Path) -> None:
+    """behaviour.csv and behaviour.parquet with the same rows (same generator, same seed)."""
     import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    base = int(events * 0.97)
+    users = max(1, events // 100)
+    items = max(10, events // 25)
+    user = rng.integers(1, users + 1, base)
+    item = (items * rng.random(base) ** 2.5).astype(np.int64) + 1  # a few items take most events
+    ts = T0 + rng.integers(0, SPAN, base)
+    action = rng.choice(4, base, p=[0.89, 0.05, 0.035, 0.025])
+    n_merge, n_dup = int(events * 0.02), events - base - int(events * 0.02)
+    pick_m, pick_d = rng.integers(0, base, n_merge), rng.integers(0, base, n_dup)
+    user = np.concatenate([user, user[pick_m], user[pick_d]])
+    item = np.concatenate([item, item[pick_m], item[pick_d]])
+    ts = np.concatenate([ts, ts[pick_m], ts[pick_d]])
+    action = np.concatenate([action, (action[pick_m] + 1 + rng.integers(0, 3, n_merge)) % 4, action[pick_d]])
+    order = rng.permutation(len(user))  # extra events land anywhere in the file
+    user, item, ts, action = user[order], item[order], ts[order], action[order]
+    table = pa.table({
+        "user": pc.cast(pa.array(user), pa.string()),
+        "item": pc.cast(pa.array(item), pa.string()),
+        "category": pc.cast(pa.array(item % 9_439 + 1), pa.string()),
+        "behavior": pa.array(np.array(ACTIONS)[action]),
+        "ts": pc.cast(pa.array(ts), pa.string()),
+    })
+    bad = rng.choice(len(user), max(3, events // 10_000), replace=False)  # 0.01% bad rows, three kinds
+    columns = dict(zip(table.column_names, table.columns))
+    for kind, (name, edit) in enumerate([("user", lambda v: pc.binary_join_element_wise("u", v, "")),  # not an integer
+                                         ("ts", lambda v: pc.binary_join_element_wise(v, "000", "")),  # ms: out of range
+                                         ("behavior", lambda v: pc.if_else(pc.is_valid(v), "like", v))]):  # unknown action
+        mask = np.zeros(len(user), dtype=bool)
+        mask[np.sort(bad[kind::3])] = True
+        column = columns[name].combine_chunks()
+        columns[name] = pc.replace_with_mask(column, pa.array(mask), edit(column.filter(pa.array(mask))))
+    table = pa.table(columns)
+    folder.mkdir(parents=True, exist_ok=True)
+    pacsv.write_csv(table, folder / "behaviour.csv", pacsv.WriteOptions(quoting_style="none"))
+    pq.write_table(table, folder / "behaviour.parquet", row_group_size=1 << 20)
+
+
+def genrec_data_config(fmt: str, folder: Path, out: Path) -> dict:
+    return {
+        "source": {"kind": fmt, "path": str(folder / f"behaviour.{fmt}"),
+                   "columns": {"user_id": "user", "item_id": "item", "timestamp": "ts", "action": "behavior"},
+                   "actions": {"names": ACTIONS, "merge_same_impression": True}},
+        "output_dir": str(out), "timestamp_min": T_MIN, "timestamp_max": T_MAX,
+    }
+
+
+# ----------------------------------------------------------------------------- the three sides
+
+def polars_prepare(path: Path, out: Path) -> dict:
+    """What a user would write with polars: one process, the same rules and outputs."""
+    import polars as pl
+
+    read = pl.read_csv(path, infer_schema=False) if path.suffix == ".csv" else pl.read_parquet(path)
+    raw = read.with_row_index("row", offset=2 if path.suffix == ".csv" else 1)  # CSV row 1 is the header
+    typed = raw.with_columns(
+        pl.col("user").cast(pl.Int64, strict=False).alias("user_id"),
+        pl.col("item").cast(pl.Int64, strict=False).alias("item_id"),
+        pl.col("ts").cast(pl.Int64, strict=False).alias("timestamp"),
+        pl.col("behavior").replace_strict({a: i for i, a in enumerate(ACTIONS)}, default=None,
+                                          return_dtype=pl.Int32).alias("action"),
+    )
+    reason = (pl.when(pl.col("user_id").is_null()).then(pl.lit("user_id is not an integer"))
+              .when(pl.col("item_id").is_null()).then(pl.lit("item_id is not an integer"))
+              .when(pl.col("timestamp").is_null()).then(pl.lit("timestamp is not an integer"))
+              .when((pl.col("timestamp") < T_MIN) | (pl.col("timestamp") > T_MAX)).then(pl.lit("timestamp out of range"))
+              .when(pl.col("action").is_null()).then(pl.lit("unknown action")))
+    typed = typed.with_columns(reason.alias("reason"))
+    rejects = typed.filter(pl.col("reason").is_not_null()).select("row", "reason")
+    ok = typed.filter(pl.col("reason").is_null()).select("row", "user_id", "item_id", "timestamp", "action")
+    deduped = ok.unique(["user_id", "item_id", "timestamp", "action"], keep="first", maintain_order=True)
+    merged = deduped.group_by("user_id", "item_id", "timestamp").agg(
+        pl.lit(2, pl.Int32).pow(pl.col("action")).bitwise_or().alias("action"),
+        pl.col("row").min())
+    users = merged.select(pl.col("user_id").unique().sort()).with_row_index("user", offset=1)
+    items = merged.select(pl.col("item_id").unique().sort()).with_row_index("item", offset=1)
+    sequences = (merged.join(users, on="user_id").join(items, on="item_id")
+                 .sort("user", "timestamp", "row")
+                 .group_by("user", maintain_order=True)
+                 .agg(pl.col("item").alias("items"), pl.col("action").alias("actions"), pl.col("timestamp").alias("timestamps")))
+    n = pl.col("items").list.len()
+    lists = ["items", "actions", "timestamps"]
+    train = sequences.with_columns([pl.when(n >= 3).then(pl.col(c).list.head(n - 2)).otherwise(pl.col(c)) for c in lists])
+    evaluated = sequences.filter(n >= 3)
+    valid = evaluated.with_columns([pl.col(c).list.head(n - 1) for c in lists]).with_columns(eval_start=n - 1)
+    test = evaluated.with_columns(eval_start=n - 1)
+    out.mkdir(parents=True)
+    for name, frame in (("sequences", sequences), ("train", train), ("valid", valid), ("test", test),
+                        ("rejects", rejects), ("users", users), ("items", items)):
+        frame.write_parquet(out / f"{name}.parquet")
+    return {"input_rows": raw.height, "rejected": rejects.height, "users": sequences.height,
+            "duplicates": ok.height - deduped.height, "merged": deduped.height - merged.height}
+
+
+def genrec_in_process(path: Path, out: Path) -> dict:
+    """genrec's own functions in one process, one after the other (no Ray)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from genrec.config import DataConfig
+    from genrec.config import DataConfig, LeaveOneOutSplit
     from genrec.data.adapters import plan_source, read_chunk
     from genrec.data.sequences import build_sequences, make_splits
 
-    cfg = DataConfig.model_validate({"source": source_spec(events), "output_dir": str(out), "item_universe": "observed"})
+    cfg = DataConfig.model_validate(genrec_data_config(path.suffix[1:], path.parent, out))
     plan = plan_source(cfg)
-    started = time.time()
-    parts = [read_chunk(chunk, cfg, plan.action_lookup, None) for chunk in plan.chunks]
-    events_table = pa.concat_tables(p[0] for p in parts)
+    parts = [read_chunk(chunk, plan.rules) for chunk in plan.chunks]
+    events = pa.concat_tables(p[0] for p in parts)
     rejects = pa.concat_tables(p[1] for p in parts)
-    users = pc.unique(events_table["user_id"]).sort()
-    items = pc.unique(events_table["item_id"]).sort()
+    users = pc.unique(events["user_id"]).sort()
+    items = pc.unique(events["item_id"]).sort()
     dense = pa.table({
-        "user": pc.add(pc.index_in(events_table["user_id"], value_set=users), 1),
-        "item": pc.add(pc.index_in(events_table["item_id"], value_set=items), 1),
-        **{k: events_table[k] for k in ("timestamp", "action", "value", "source_order")},
+        "user": pc.add(pc.index_in(events["user_id"], value_set=users), 1),
+        "item": pc.add(pc.index_in(events["item_id"], value_set=items), 1),
+        **{k: events[k] for k in ("timestamp", "action", "value", "source_order")},
     })
-    del events_table
+    del events
     sequences, stats = build_sequences(dense, plan.merge_actions)
-    lookup = pc.index_in(users, value_set=plan.users["user_id"]).to_numpy()
-    for name in plan.context_columns:
-        values = pc.unique(pc.cast(plan.users[name], pa.string())).sort()
-        ids = pc.add(pc.index_in(pc.cast(plan.users[name], pa.string()), value_set=values), 1).to_numpy()
-        sequences = sequences.append_column(name, pa.array(np.concatenate([[0], ids[lookup]]).astype(np.int32)[sequences["user"].to_numpy()]))
-    splits, _ = make_splits(sequences, cfg.split)
+    splits, _ = make_splits(sequences, LeaveOneOutSplit())
     out.mkdir(parents=True)
-    pq.write_table(sequences, out / "sequences.parquet")
-    pq.write_table(rejects, out / "rejects.parquet")
-    for name, table in splits.items():
+    for name, table in {"sequences": sequences, "rejects": rejects, **splits}.items():
         pq.write_table(table, out / f"{name}.parquet")
-    return {"seconds": time.time() - started, "events": sum(p[2] for p in parts), "users": sequences.num_rows,
+    pq.write_table(pa.table({"user_id": users}), out / "users.parquet")
+    pq.write_table(pa.table({"item_id": items}), out / "items.parquet")
+    return {"input_rows": sum(p[3] for p in parts), "rejected": rejects.num_rows, "users": sequences.num_rows,
             "duplicates": stats["duplicates"], "merged": stats["merged"]}
 
 
-def run_ray(events: int, out: Path) -> dict:
+def genrec_ray(path: Path, out: Path) -> dict:
     import ray
 
     from genrec.config import DataConfig
-    from genrec.data.adapters import plan_source
     from genrec.data.pipeline import prepare
 
     ray.init(num_cpus=2, object_store_memory=2 << 30, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    cfg = DataConfig.model_validate({"source": source_spec(events), "output_dir": str(out), "item_universe": "observed"})
-    plan_source(cfg)  # generation happens here, untimed (cached)
+    cfg = DataConfig.model_validate(genrec_data_config(path.suffix[1:], path.parent, out))
     started = time.time()
     summary = prepare(cfg, log=lambda *_: None)
-    return {"seconds": time.time() - started, "events": summary["input_rows"], "users": summary["users"],
-            "duplicates": summary["duplicates_dropped"], "merged": summary["merged_into_bitmask"]}
+    inside = time.time() - started
+    return {"input_rows": summary["input_rows"], "rejected": summary["rejected"], "users": summary["users"],
+            "duplicates": summary["duplicates_dropped"], "merged": summary["merged_into_bitmask"], "inside_s": inside}
 
 
-def measured(mode: str, events: int, out: Path) -> dict:
+SIDES = {"polars": polars_prepare, "genrec-1proc": genrec_in_process, "genrec-ray": genrec_ray}
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def measured(side: str, path: Path, out: Path) -> dict:
     """Run one side in a subprocess, sampling the PSS of its whole process tree."""
     import psutil
 
-    proc = subprocess.Popen([sys.executable, __file__, "--run", mode, "--events", str(events), "--out", str(out)],
+    started = time.time()
+    proc = subprocess.Popen([sys.executable, __file__, "--run", side, "--input", str(path), "--out", str(out)],
                             stdout=subprocess.PIPE, text=True)
     root = psutil.Process(proc.pid)
     peak = 0
@@ -114,59 +222,100 @@ def measured(mode: str, events: int, out: Path) -> dict:
         time.sleep(0.2)
     output = proc.stdout.read()
     if proc.returncode != 0:
-        raise SystemExit(f"{mode} run failed:\n{output}")
+        raise SystemExit(f"{side} failed:\n{output}")
     result = json.loads(output.strip().splitlines()[-1])
-    result["peak_gib"] = peak / (1 << 30)
+    result.update(wall_s=time.time() - started, peak_gib=peak / (1 << 30))
     return result
 
 
-def same_sequences(baseline_out: Path, ray_out: Path) -> bool:
+def sequences_by_raw_id(side: str, out: Path):
+    """(raw user id, raw item ids, actions, timestamps) sorted by raw user id: comparable across sides."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    base = pq.read_table(baseline_out / "sequences.parquet").sort_by("user")
-    ray_table = pq.read_table(ray_out / "sequences").sort_by("user")
-    return base.select(["user", "items", "actions", "timestamps"]).equals(ray_table.select(["user", "items", "actions", "timestamps"]))
+    if side == "genrec-ray":
+        from genrec.data.prepared import read_split
+
+        seqs = read_split(out, "sequences")
+        users = pq.read_table(out / "vocab" / "users.parquet")["user_id"]
+        items = pq.read_table(out / "vocab" / "items.parquet")["item_id"]
+    else:
+        seqs = pq.read_table(out / "sequences.parquet")
+        users = pq.read_table(out / "users.parquet")["user_id"]
+        items = pq.read_table(out / "items.parquet")["item_id"]
+    items = items.combine_chunks()
+    item_lists = seqs["items"].combine_chunks()
+    raw_items = pa.ListArray.from_arrays(item_lists.offsets, pc.take(items, pc.subtract(item_lists.values, 1)))
+    table = pa.table({
+        "user_id": pc.take(users, pc.subtract(pc.cast(seqs["user"], pa.int64()), 1)),
+        "items": raw_items,
+        "actions": pc.cast(seqs["actions"], pa.list_(pa.int32())),
+        "timestamps": pc.cast(seqs["timestamps"], pa.list_(pa.int64())),
+    })
+    return table.sort_by("user_id")
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    return f"{platform.machine()} {cpu}, {os.cpu_count()} CPUs, {mem:.0f} GiB, Python {platform.python_version()}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    parser.add_argument("--run", choices=["baseline", "ray"], help=argparse.SUPPRESS)
+    parser.add_argument("--formats", nargs="+", choices=["csv", "parquet"], default=["csv", "parquet"])
+    parser.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES))
+    parser.add_argument("--data", type=Path, default=REPO / "outputs" / "bench-data", help="generated inputs (kept)")
+    parser.add_argument("--run", choices=list(SIDES), help=argparse.SUPPRESS)
+    parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
-        runner = run_baseline if args.run == "baseline" else run_ray
-        print(json.dumps(runner(args.events[0], args.out)))
+        print(json.dumps(SIDES[args.run](args.input, args.out)))
         return
 
     import shutil
     import tempfile
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / (1 << 30):.0f} GiB, Python {platform.python_version()}")
+    print(f"machine: {machine()}")
     rows = []
     for events in args.events:
-        with tempfile.TemporaryDirectory(dir=REPO / "outputs" if (REPO / "outputs").exists() else None) as tmp:
-            tmp = Path(tmp)
-            subprocess.run([sys.executable, "-c", f"from genrec.config import SyntheticSource; import ray; "
-                            f"ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False); "
-                            f"from genrec.data.synthetic import generate; generate(SyntheticSource(**{source_spec(events)!r}))"],
-                           check=True, capture_output=True)
-            base = measured("baseline", events, tmp / "baseline")
-            ours = measured("ray", events, tmp / "ray")
-            assert base["events"] == ours["events"] and base["users"] == ours["users"], (base, ours)
-            rows.append((events, base, ours, same_sequences(tmp / "baseline", tmp / "ray")))
-            shutil.rmtree(tmp / "baseline")
-            shutil.rmtree(tmp / "ray")
+        folder = args.data / f"behaviour-{events}"
+        if not (folder / "behaviour.parquet").exists():
+            generate(events, folder)
+        for fmt in args.formats:
+            path = folder / f"behaviour.{fmt}"
+            with tempfile.TemporaryDirectory(dir=args.data) as tmp:
+                results = {side: measured(side, path, Path(tmp) / side) for side in args.sides}
+                first = args.sides[0]
+                reference = sequences_by_raw_id(first, Path(tmp) / first)
+                for side, r in results.items():
+                    same = all(r[k] == results[first][k] for k in ("input_rows", "rejected", "users", "duplicates", "merged"))
+                    r["same"] = same and sequences_by_raw_id(side, Path(tmp) / side).equals(reference)
+                rows.append((events, fmt, path.stat().st_size, results))
+                shutil.rmtree(tmp, ignore_errors=True)
+            print(f"done: {events:,} rows, {fmt}", {s: round(r["wall_s"], 1) for s, r in results.items()}, flush=True)
     print()
-    print("| input events | baseline (1 process) s | Ray pipeline (2 CPUs) s | time ratio Ray/baseline "
-          "| baseline events/s | Ray events/s | baseline peak GiB | Ray peak GiB | same sequences |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
-    for _, base, ours, same in rows:
-        n = base["events"]
-        print(f"| {n:,} | {base['seconds']:.1f} | {ours['seconds']:.1f} | {ours['seconds'] / base['seconds']:.2f} "
-              f"| {n / base['seconds']:,.0f} | {n / ours['seconds']:,.0f} | {base['peak_gib']:.2f} | {ours['peak_gib']:.2f} "
-              f"| {'yes' if same else 'NO'} |")
+    print(f"Baseline: a single-process polars {__import__('polars').__version__} script (polars_prepare) on the same "
+          f"input; machine: {machine()}")
+    print()
+    print("| rows | input | side | wall s | inside prepare s | events/s (wall) | wall / polars | peak GiB "
+          "| rejected | duplicates | merged | users | same sequences |")
+    print("|---:|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
+    for events, fmt, size, results in rows:
+        polars_wall = results.get("polars", {}).get("wall_s")
+        for side, r in results.items():
+            ratio = f"{r['wall_s'] / polars_wall:.2f}" if polars_wall else "-"
+            inside = f"{r['inside_s']:.1f}" if "inside_s" in r else "-"
+            print(f"| {r['input_rows']:,} | {fmt} ({size / 1e6:,.0f} MB) | {side} | {r['wall_s']:.1f} | {inside} "
+                  f"| {r['input_rows'] / r['wall_s']:,.0f} | {ratio} | {r['peak_gib']:.2f} | {r['rejected']:,} "
+                  f"| {r['duplicates']:,} | {r['merged']:,} | {r['users']:,} | {'yes' if r['same'] else 'NO'} |")
 
 
 if __name__ == "__main__":

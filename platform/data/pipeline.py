@@ -76,10 +76,13 @@ def canonicalize_chunk(index: int, plan: SourcePlan, cfg: DataConfig, catalog, s
     if features is not None and features.num_rows:
         pq.write_table(features, staging / "_item_features" / _part(index))
     parts = user_partition(events["user_id"], cfg.num_partitions)
-    for p in np.unique(parts):
-        folder = staging / "_events" / f"bucket={p:05d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        pq.write_table(events.filter(pa.array(parts == p)), folder / f"chunk-{index:06d}.parquet")
+    order = np.argsort(parts, kind="stable")  # one gather, then a slice per partition
+    grouped, bounds = events.take(pa.array(order)), np.searchsorted(parts[order], np.arange(cfg.num_partitions + 1))
+    for p in range(cfg.num_partitions):
+        if bounds[p + 1] > bounds[p]:
+            folder = staging / "_events" / f"bucket={p:05d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pq.write_table(grouped.slice(bounds[p], bounds[p + 1] - bounds[p]), folder / f"chunk-{index:06d}.parquet")
     ts = events["timestamp"]
     return {
         "chunk": index,

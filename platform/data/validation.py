@@ -29,7 +29,6 @@ import pyarrow.csv as pacsv
 MAX_FIELD_BYTES = 1 << 16  # longer fields are rejected, not parsed (ids, times and actions are short)
 MAX_RAW_CHARS = 2000  # a rejected row is kept in full up to this, then cut with its length noted
 INT64_MAX = "9223372036854775807"
-INTEGER = r"^-?[0-9]+$"
 NUMBER = r"^-?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?$"
 ISO_FORMATS = ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S%z",
                "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M", "%Y-%m-%d")
@@ -87,7 +86,8 @@ def read_text(data: bytes, first_row: int, names: list[str], positions: dict, de
     reports rows with the wrong number of fields to a handler that keeps them.
     """
     # old Mac files end lines with CR alone; Windows ones with CRLF
-    data = data.replace(b"\r", b"\n") if newline == b"\r" else data.replace(b"\r\n", b"\n")
+    if b"\r" in data:
+        data = data.replace(b"\r", b"\n") if newline == b"\r" else data.replace(b"\r\n", b"\n")
     starts, ends = _line_bounds(data)
     n = len(starts)
     buf = np.frombuffer(data, dtype=np.uint8)
@@ -107,7 +107,7 @@ def read_text(data: bytes, first_row: int, names: list[str], positions: dict, de
                 data[starts[i]:ends[i]].decode("utf-8")
             except UnicodeDecodeError as err:
                 pre.setdefault(i, f"bad encoding: not UTF-8 at byte {err.start}")
-    if quoting:
+    if quoting and b'"' in data:
         quotes = np.concatenate([[0], np.cumsum(buf == ord('"'))])
         odd = np.flatnonzero((quotes[ends] - quotes[starts]) % 2 == 1)
         for i in odd:
@@ -140,9 +140,9 @@ def read_text(data: bytes, first_row: int, names: list[str], positions: dict, de
         )
     else:
         table = pa.table({names[i]: pa.array([], pa.binary()) for i in wanted})
-    bad_seen = np.array(sorted(i for i, _ in wrong), dtype=np.int64)
-    good_seen = np.setdiff1d(np.arange(len(parse_lines)), bad_seen)
+    good_seen = np.ones(len(parse_lines), dtype=bool)
     for seen, reason in wrong:
+        good_seen[seen] = False
         pre[int(parse_lines[seen])] = reason
     rows_of_table = parse_lines[good_seen]
     # fields longer than the limit: rejected here (an id or a time that long is garbage)
@@ -171,30 +171,37 @@ def read_text(data: bytes, first_row: int, names: list[str], positions: dict, de
 # ----------------------------------------------------------------------------- rules
 
 class _Reasons:
-    """The first reason per row, as an Arrow string column (null = no reason yet)."""
+    """The first reason per row, as an Arrow string column (null = no reason yet).
+
+    A reason's text is built only for the rows that get it: most rows get none.
+    """
 
     def __init__(self, n: int):
         self.reason = pa.nulls(n, pa.string())
+        self.any = False
 
-    def flag(self, mask, reason) -> None:
-        """Rows where mask is true get `reason` (a string or a string array) unless they have one."""
-        mask = pc.fill_null(mask, False)
-        self.reason = pc.if_else(pc.and_(mask, pc.is_null(self.reason)), reason, self.reason)
-
-    def ok(self) -> pa.Array:
-        return pc.is_null(self.reason)
-
-
-def _quoted(text: pa.Array) -> pa.Array:
-    return pc.binary_join_element_wise("'", text, "'", "")
+    def flag(self, mask, reason: str, shown: pa.Array | None = None, suffix: str = "", quote: bool = True) -> None:
+        """Rows where mask is true get `reason` (+ their value in `shown`, + suffix) unless they have one."""
+        new = pc.fill_null(mask, False)
+        if self.any:
+            new = pc.and_(new, pc.is_null(self.reason))
+        if not pc.any(new).as_py():
+            return
+        if shown is None:
+            text = pa.array([reason + suffix] * pc.sum(new).as_py(), pa.string())
+        else:
+            picked = pc.cast(pc.filter(shown, new), pa.string())
+            text = pc.binary_join_element_wise(reason + ("'" if quote else ""), picked, ("'" if quote else "") + suffix, "")
+        self.reason = pc.replace_with_mask(self.reason, new, text)
+        self.any = True
 
 
 def _blank(text: pa.Array) -> pa.Array:
-    return pc.or_(pc.is_null(text), pc.equal(pc.utf8_length(text), 0))
+    return pc.or_(pc.is_null(text), pc.equal(pc.binary_length(text), 0))
 
 
 def _as_string(col: pa.Array) -> pa.Array:
-    return pc.utf8_trim_whitespace(pc.cast(col, pa.string()))
+    return pc.ascii_trim_whitespace(pc.cast(col, pa.string()))
 
 
 def _parse_int(name: str, col: pa.Array, reasons: _Reasons) -> pa.Array:
@@ -203,18 +210,25 @@ def _parse_int(name: str, col: pa.Array, reasons: _Reasons) -> pa.Array:
         reasons.flag(pc.is_null(col), f"missing field {name}")
         if col.type == pa.uint64():  # the only integer type that can exceed int64
             big = pc.greater(col, pa.scalar(int(INT64_MAX), pa.uint64()))
-            reasons.flag(big, pc.binary_join_element_wise(f"{name} out of range: ", pc.cast(col, pa.string()), ""))
+            reasons.flag(big, f"{name} out of range: ", col, quote=False)
             col = pc.if_else(big, 0, col)
         return pc.cast(col.fill_null(0), pa.int64())
     text = _as_string(col)
     reasons.flag(_blank(text), f"missing field {name}")
-    is_int = pc.fill_null(pc.match_substring_regex(text, INTEGER), False)
-    reasons.flag(pc.invert(is_int), pc.binary_join_element_wise(f"{name} is not an integer: ", _quoted(text), ""))
-    digits = pc.utf8_ltrim(pc.utf8_ltrim(text, "-"), "0")
-    size = pc.utf8_length(digits)
+    negative = pc.starts_with(text, "-")
+    digits = pc.if_else(negative, pc.utf8_slice_codeunits(text, 1), text)
+    is_int = pc.fill_null(pc.ascii_is_decimal(digits), False)  # false for "" too
+    if pc.all(is_int).as_py():
+        try:  # every value an integer: one cast (it fails only on overflow)
+            return pc.cast(text, pa.int64())
+        except pa.ArrowInvalid:
+            pass
+    reasons.flag(pc.invert(is_int), f"{name} is not an integer: ", text)
+    digits = pc.utf8_ltrim(digits, "0")
+    size = pc.binary_length(digits)
     overflow = pc.and_(is_int, pc.or_(pc.greater(size, 19),
                                       pc.and_(pc.equal(size, 19), pc.greater(digits, INT64_MAX))))
-    reasons.flag(overflow, pc.binary_join_element_wise(f"{name} out of range: ", _quoted(text), ""))
+    reasons.flag(overflow, f"{name} out of range: ", text)
     usable = pc.and_(is_int, pc.invert(overflow))
     return pc.cast(pc.if_else(usable, text, "0"), pa.int64())
 
@@ -227,31 +241,34 @@ def _ids(name: str, col: pa.Array, rules: Rules, reasons: _Reasons) -> pa.Array:
     return text.fill_null("")
 
 
+def _check_range(seconds: pa.Array, shown: pa.Array, rules: Rules, reasons: _Reasons) -> None:
+    lo, hi = rules.timestamp_min, rules.timestamp_max
+    out = pc.or_(pc.less(seconds, lo), pc.greater(seconds, hi))
+    reasons.flag(out, f"timestamp out of range [{lo}, {hi}]: ", shown, quote=False)
+
+
 def _timestamps(col: pa.Array, rules: Rules, reasons: _Reasons) -> pa.Array:
     """-> int64 Unix seconds; ISO-8601 text, Arrow timestamps, or integers in s or ms."""
     if pa.types.is_timestamp(col.type):
         reasons.flag(pc.is_null(col), "missing field timestamp")
         seconds = pc.cast(pc.cast(col, pa.timestamp("s", col.type.tz)), pa.int64()).fill_null(0)
-    elif rules.timestamp_unit == "iso" and not pa.types.is_integer(col.type):
+        _check_range(seconds, seconds, rules, reasons)
+        return seconds
+    if rules.timestamp_unit == "iso" and not pa.types.is_integer(col.type):
         text = _as_string(col)
         reasons.flag(_blank(text), "missing field timestamp")
-        text = pc.replace_substring_regex(text, r"Z$", "+0000")
-        text = pc.replace_substring_regex(text, r"([+-][0-9]{2}):([0-9]{2})$", r"\1\2")
-        text = pc.replace_substring_regex(text, r"\.[0-9]+", "")  # fractions of a second: dropped
-        parsed = pc.coalesce(*(pc.strptime(text, format=f, unit="s", error_is_null=True) for f in ISO_FORMATS))
-        reasons.flag(pc.is_null(parsed), pc.binary_join_element_wise(
-            "timestamp is not an ISO-8601 time: ", _quoted(text), ""))
-        seconds = pc.cast(pc.cast(parsed, pa.timestamp("s")), pa.int64()).fill_null(0)
-    else:
-        raw = _parse_int("timestamp", col, reasons)
-        seconds = pc.cast(np.floor_divide(raw.to_numpy(), 1000), pa.int64()) if rules.timestamp_unit == "ms" else raw
-        lo, hi = rules.timestamp_min, rules.timestamp_max
-        out = pc.or_(pc.less(seconds, lo), pc.greater(seconds, hi))
-        reasons.flag(out, pc.binary_join_element_wise(f"timestamp out of range [{lo}, {hi}]: ", pc.cast(raw, pa.string()), ""))
+        clean = pc.replace_substring_regex(text, r"Z$", "+0000")
+        clean = pc.replace_substring_regex(clean, r"([+-][0-9]{2}):([0-9]{2})$", r"\1\2")
+        clean = pc.replace_substring_regex(clean, r"\.[0-9]+", "")  # fractions of a second: dropped
+        parsed = pc.coalesce(*(  # with %z Arrow gives UTC-aware times; all of them as naive UTC
+            pc.cast(pc.strptime(clean, format=f, unit="s", error_is_null=True), pa.timestamp("s")) for f in ISO_FORMATS))
+        reasons.flag(pc.is_null(parsed), "timestamp is not an ISO-8601 time: ", text)
+        seconds = pc.cast(parsed, pa.int64()).fill_null(0)
+        _check_range(seconds, text, rules, reasons)
         return seconds
-    lo, hi = rules.timestamp_min, rules.timestamp_max
-    out = pc.or_(pc.less(seconds, lo), pc.greater(seconds, hi))
-    reasons.flag(out, pc.binary_join_element_wise(f"timestamp out of range [{lo}, {hi}]: ", pc.cast(seconds, pa.string()), ""))
+    raw = _parse_int("timestamp", col, reasons)
+    seconds = pa.array(np.floor_divide(raw.to_numpy(), 1000)) if rules.timestamp_unit == "ms" else raw
+    _check_range(seconds, raw, rules, reasons)
     return seconds
 
 
@@ -262,7 +279,7 @@ def _values(col: pa.Array, reasons: _Reasons) -> pa.Array:
     text = _as_string(col)
     reasons.flag(_blank(text), "missing field value")
     is_number = pc.fill_null(pc.match_substring_regex(text, NUMBER), False)
-    reasons.flag(pc.invert(is_number), pc.binary_join_element_wise("value is not a number: ", _quoted(text), ""))
+    reasons.flag(pc.invert(is_number), "value is not a number: ", text)
     return pc.cast(pc.cast(pc.if_else(is_number, text, "nan"), pa.float64()), pa.float32())
 
 
@@ -274,8 +291,8 @@ def _actions(col: pa.Array | None, value: pa.Array, value_text: pa.Array | None,
         top = 10 if rules.rating == "half_stars" else 5
         whole = pc.equal(pc.floor(steps), steps)
         ok = pc.and_(whole, pc.and_(pc.greater_equal(steps, 1), pc.less_equal(steps, top)))
-        shown = value_text if value_text is not None else pc.cast(value, pa.string())
-        reasons.flag(pc.invert(ok), pc.binary_join_element_wise("rating out of range: ", _quoted(shown), ""))
+        shown = value_text if value_text is not None else value
+        reasons.flag(pc.invert(ok), "rating out of range: ", shown)
         return pc.cast(pc.subtract(pc.if_else(ok, steps, 1.0), 1.0), pa.int32())
     if col is None:
         return pa.array(np.zeros(n, dtype=np.int32))
@@ -284,15 +301,14 @@ def _actions(col: pa.Array | None, value: pa.Array, value_text: pa.Array | None,
         reasons.flag(pc.is_null(col), "missing field action")
         ids = pc.cast(col.fill_null(0), pa.int64())
         bad = pc.or_(pc.less(ids, 0), pc.greater_equal(ids, rules.num_action_ids))
-        reasons.flag(bad, pc.binary_join_element_wise(
-            "unknown action id ", pc.cast(ids, pa.string()), f"; known: 0..{rules.num_action_ids - 1}", ""))
+        reasons.flag(bad, "unknown action id ", ids, f"; known: 0..{rules.num_action_ids - 1}", quote=False)
         return pc.cast(pc.if_else(bad, 0, ids), pa.int32())
     text = _as_string(col)
     reasons.flag(_blank(text), "missing field action")
     names = pa.array(list(known), pa.string())
     index = pc.index_in(text, value_set=names)
     known_text = json.dumps(sorted(known)).replace('"', "'")
-    reasons.flag(pc.is_null(index), pc.binary_join_element_wise("unknown action ", _quoted(text), f"; known: {known_text}", ""))
+    reasons.flag(pc.is_null(index), "unknown action ", text, f"; known: {known_text}")
     ids = pa.array(np.array(list(known.values()), dtype=np.int32))
     return pc.take(ids, index.fill_null(0))
 
@@ -317,6 +333,5 @@ def validate(columns: dict, rules: Rules, catalog: pa.Array | None = None) -> tu
     action = _actions(columns.get("action"), value, value_text, rules, reasons)
     if catalog is not None:
         in_catalog = pc.is_in(item, value_set=pc.cast(catalog, item.type))
-        reasons.flag(pc.invert(in_catalog), pc.binary_join_element_wise(
-            "item_id ", pc.cast(item, pa.string()), " is not in the item catalog", ""))
+        reasons.flag(pc.invert(in_catalog), "item_id ", item, " is not in the item catalog", quote=False)
     return {"user_id": user, "item_id": item, "timestamp": ts, "action": action, "value": value}, reasons.reason
