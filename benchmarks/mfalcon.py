@@ -1,7 +1,7 @@
 """Benchmark: M-FALCON ranking against the naive target-aware way, and a cache hit against a miss.
 
     python benchmarks/mfalcon.py [--lengths 256 1024 4096] [--candidates 64 256 1024]
-                                 [--microbatch 128] [--rounds 5] [--threads T]
+                                 [--microbatch 128] [--rounds 5] [--threads T] [--clock wall|cpu]
 
 Candidates scored per second for one user with n history tokens and m candidates, on an
 HSTU stack with the paper's ML-1M shape (D=50, 2 blocks, 1 head, dropout 0, eval mode), float32:
@@ -15,7 +15,9 @@ tokens per round (1 candidate at n = 4096) and that rate is extrapolated to ever
 says on how many candidates it was timed. Their outputs are checked against M-FALCON's (max abs
 difference printed). Each round times, one after the other, a naive batch and a miss and a hit
 for every m, so all three see the same load on a shared machine; M-FALCON times are the median
-of the rounds, after one warm-up.
+of the rounds, after one warm-up. --clock cpu times the process's CPU seconds instead of wall
+seconds: with --threads 1 that is the single-core compute time, which other jobs on a shared
+machine disturb far less than wall time (a multi-threaded run would count spin-waits).
 """
 
 from __future__ import annotations
@@ -62,10 +64,13 @@ def naive(blocks: HSTU, x, timestamps, request_time: int, candidates: torch.Tens
     return blocks(tokens, offsets, ts, target)[offsets[1:] - 1]
 
 
-def timed(fn):
-    started = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(fn, clock):
+    started = clock()
     result = fn()
-    return time.perf_counter() - started, result
+    return clock() - started, result
 
 
 def main() -> None:
@@ -78,7 +83,11 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=50)
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--heads", type=int, default=1)
+    parser.add_argument("--clock", choices=CLOCKS, default="wall")
     args = parser.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu needs --threads 1 (CPU time of several threads counts their spin-waits)")
+    clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = EncoderConfig(max_seq_len=max(args.lengths) + 1, dim=args.dim, num_blocks=args.blocks,
@@ -89,7 +98,7 @@ def main() -> None:
           f"torch {torch.__version__}, float32; load average before: {os.getloadavg()[0]:.1f}")
     print(f"command: python {' '.join(sys.argv)}")
     print(f"model: HSTU D={args.dim}, {args.blocks} blocks, {args.heads} heads; naive: HSTU.forward, attention "
-          f"'{config.attention_impl}'; M-FALCON b_m={args.microbatch}; {args.rounds} rounds")
+          f"'{config.attention_impl}'; M-FALCON b_m={args.microbatch}; {args.rounds} rounds; {args.clock} clock")
     print()
     print("| n | m | naive cand/s (timed on) | M-FALCON miss cand/s | miss / naive | M-FALCON hit cand/s "
           "| hit / naive | hit vs miss | max abs diff |")
@@ -117,12 +126,12 @@ def main() -> None:
             naive(blocks, x, timestamps, request_time, candidates[:1])
             for _ in range(args.rounds):
                 batch = candidates[naive_done:naive_done + per_batch]
-                spent, out = timed(lambda: naive(blocks, x, timestamps, request_time, batch))
+                spent, out = timed(lambda: naive(blocks, x, timestamps, request_time, batch), clock)
                 naive_seconds, naive_done = naive_seconds + spent, naive_done + batch.size(0)
                 naive_outputs.append(out)
                 for m in args.candidates:
-                    seconds["miss", m].append(timed(lambda: miss(m))[0])
-                    seconds["hit", m].append(timed(lambda: hit(m))[0])
+                    seconds["miss", m].append(timed(lambda: miss(m), clock)[0])
+                    seconds["hit", m].append(timed(lambda: hit(m), clock)[0])
             naive_rate, naive_out = naive_done / naive_seconds, torch.cat(naive_outputs)
             for m in args.candidates:
                 miss_s, hit_s = statistics.median(seconds["miss", m]), statistics.median(seconds["hit", m])
