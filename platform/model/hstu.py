@@ -49,11 +49,7 @@ class HSTULayer(nn.Module):
         """x [T, D] jagged -> [T, D]. The plain attention takes bias_index [B, L, L]
         (`relative_bias_index`; None without rab); the fused ones (the full model
         only) compute the bias from the timestamps."""
-        T, H, dqk, dv = x.size(0), self.num_heads, self.qk_dim, self.v_dim
-        normed_x = F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS)  # pre-norm, no affine
-        # Eq. (1): one projection, SiLU over all of it, then split.
-        u, v, q, k = F.silu(self.uvqk(normed_x)).split([H * dv, H * dv, H * dqk, H * dqk], dim=-1)
-        q, k, v = q.view(T, H, dqk), k.view(T, H, dqk), v.view(T, H, dv)
+        u, q, k, v = self.project(x)
         # Eq. (2): pointwise causal attention with the relative bias, scaled by 1/N.
         if not self.is_paper_hstu or bias_index is not None:
             attended = self.plain_attention(q, k, v, offsets, bias_index)
@@ -61,8 +57,20 @@ class HSTULayer(nn.Module):
             fused = fused_attention(resolve_attention_impl(self.attention_impl, x))
             attended = fused(q, k, v, offsets, timestamps, target_timestamps, self.rab.position_weights,
                              self.rab.time_weights, self.max_seq_len, self.normalizer)
-        # Eq. (3): normalise A(X)V(X) (no affine), gate it with U(X), project back; residual.
-        attended = attended.reshape(T, H * dv)
+        return self.output(x, u, attended)
+
+    def project(self, x: torch.Tensor):
+        """Eq. (1) on the pre-normalised x [T, D] (LayerNorm without affine): one projection,
+        SiLU over all of it, then split -> u [T, H*dv], q, k [T, H, dqk], v [T, H, dv]."""
+        H, dqk, dv = self.num_heads, self.qk_dim, self.v_dim
+        normed_x = F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS)
+        u, v, q, k = F.silu(self.uvqk(normed_x)).split([H * dv, H * dv, H * dqk, H * dqk], dim=-1)
+        return u, q.view(-1, H, dqk), k.view(-1, H, dqk), v.view(-1, H, dv)
+
+    def output(self, x: torch.Tensor, u: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """Eq. (3) and the residual: normalise A(X)V(X) [T, H, dv] (no affine), gate it with
+        U(X), project back with f2."""
+        attended = attended.flatten(1)
         gated = u * F.layer_norm(attended, attended.shape[-1:], eps=LAYER_NORM_EPS)
         return x + self.out(self.dropout(gated))
 

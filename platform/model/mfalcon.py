@@ -34,7 +34,7 @@ from typing import Hashable
 import torch
 import torch.nn.functional as F
 
-from .hstu import HSTU, LAYER_NORM_EPS, HSTULayer
+from .hstu import HSTU
 from .ops.hstu_attention_reference import time_buckets
 
 DEFAULT_MICROBATCH = 128  # b_m: candidates per pass; bounds the [H, b_m, n] scores, not the results
@@ -153,10 +153,10 @@ def candidate_hidden(blocks: HSTU, cache: HistoryCache, x_candidates: torch.Tens
         outputs = []
         for x in x_candidates.split(microbatch):
             for layer, (kt, vt, row, self_bias) in zip(blocks.layers, per_layer):
-                u, q, k, v = _project(layer, x)
+                u, q, k, v = layer.project(x)
                 history = F.silu(torch.matmul(q.transpose(0, 1), kt).add_(row)) @ vt  # [H, b, dv]
                 own = F.silu((q * k).sum(-1) + self_bias).unsqueeze(-1) * v  # [b, H, dv]
-                x = _finish(layer, x, u, (history.transpose(0, 1) + own) / layer.normalizer)
+                x = layer.output(x, u, (history.transpose(0, 1) + own) / layer.normalizer)
             outputs.append(x)
         return torch.cat(outputs) if outputs else x_candidates.new_zeros(0, D)
 
@@ -232,20 +232,6 @@ def _check_stack(blocks: HSTU) -> None:
         raise ValueError("M-FALCON supports the full HSTU only (attention 'pointwise', relative_bias 'both')")
 
 
-def _project(layer: HSTULayer, x: torch.Tensor):
-    """Eq. (1) exactly as HSTULayer.forward: u [t, H*dv], q, k [t, H, dqk], v [t, H, dv]."""
-    H, dqk, dv = layer.num_heads, layer.qk_dim, layer.v_dim
-    normed = F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS)
-    u, v, q, k = F.silu(layer.uvqk(normed)).split([H * dv, H * dv, H * dqk, H * dqk], dim=-1)
-    return u, q.view(-1, H, dqk), k.view(-1, H, dqk), v.view(-1, H, dv)
-
-
-def _finish(layer: HSTULayer, x: torch.Tensor, u: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-    """Eq. (3) and the residual exactly as HSTULayer.forward (dropout is off in eval)."""
-    attended = attended.flatten(1)  # [t, H, dv] -> [t, H * dv]
-    return x + layer.out(u * F.layer_norm(attended, attended.shape[-1:], eps=LAYER_NORM_EPS))
-
-
 def _run_last(blocks: HSTU, cache: HistoryCache, request_time: int):
     """The last history token at target time = request_time: its output [1, D] and
     every layer's keys and values of all n tokens (the cache's plus its own)."""
@@ -279,13 +265,13 @@ def _run_tokens(blocks: HSTU, cached: list, timestamps: torch.Tensor, x: torch.T
         bucket = time_buckets(target_timestamps[start:end].unsqueeze(1), timestamps[:e].unsqueeze(0), num_buckets)
         future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu_(1)  # keys after the query
         for layer, lk, lv in zip(blocks.layers, keys, values):
-            u, q, kk, vv = _project(layer, xt)
+            u, q, kk, vv = layer.project(xt)
             lk[s + start:e], lv[s + start:e] = kk, vv
             bias = layer.rab.position_weights[relative] + layer.rab.time_weights[bucket]
             scores = torch.matmul(q.transpose(0, 1), lk[:e].permute(1, 2, 0)).add_(bias.to(q.dtype))
             weights = F.silu(scores)
             weights[..., e - t:].masked_fill_(future, 0)
             attended = (weights @ lv[:e].transpose(0, 1)).transpose(0, 1) / layer.normalizer
-            xt = _finish(layer, xt, u, attended)
+            xt = layer.output(xt, u, attended)
         outputs.append(xt)
     return torch.cat(outputs) if outputs else x, keys, values
