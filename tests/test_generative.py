@@ -322,3 +322,27 @@ def test_bad_ranking_config_is_named_before_any_worker_starts(ranked_tiny, tmp_p
     with pytest.raises(ConfigError, match=r"batching.layout='interleaved'.*prepared without an action vocabulary"):
         fit(plain, log=lambda *_: None)
     assert not any((root / "runs" / name).exists() for name in ("bad-action", "bad-rating", "bad-layout"))
+
+
+def test_evaluation_scores_every_event_after_a_time_cutoff_with_both_halves():
+    """A time-split row (eval_start = first event after the cutoff): every later impression is ranked
+    with all history before it, and the action position before it retrieves it."""
+    from genrec.config import ExperimentConfig
+    from genrec.train.ranking import TaskLabels, evaluate_ranking
+
+    cfg = ExperimentConfig.model_validate({
+        "data": {"source": {"kind": "synthetic"}}, "model": {"kind": "gr"}, "batching": {"layout": "interleaved"},
+        "ranking": {"tasks": [{"name": "click", "action": "a0"}, {"name": "like", "action": "a1"},
+                              {"name": "rating", "kind": "regression"}]}})
+    labels = TaskLabels(cfg, {"actions": ["a0", "a1", "a2"], "action_encoding": "bitmask"})
+    rows = random_rows([9, 7, 10], seed=7)
+    t = table(rows).append_column("eval_start", pa.array([6, 3, 9], pa.int64()))
+    t = t.append_column("values", pa.array([[float(i % 5 + 1) for i in range(len(r[0]))] for r in rows],
+                                           pa.list_(pa.float32())))
+    b = to_torch(build_batch(t, "interleaved", MAX_ITEMS, CONTEXT_COLUMNS, CONTEXT_SHIFTS))
+    assert int((b["target_actions"] != -1).sum()) == (9 - 6) + (7 - 3) + (10 - 9)
+    out = evaluate_ranking(model_of(), [b], labels, ["binary", "binary", "regression"], ["click", "like", "rating"])
+    assert out["click/count"] == 8 and out["rating/count"] == 8
+    assert 0 <= out["click/auc"] <= 1 and out["click/ne"] > 0 and out["rating/mse"] > 0
+    assert out["ne_gain"] == pytest.approx(1 - (out["click/ne"] + out["like/ne"]) / 2)
+    assert 0 <= out["hr@200"] <= 1 and out["mrr"] > 0  # retrieval of the same 8 events by the same model
