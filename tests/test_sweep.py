@@ -1,0 +1,141 @@
+"""Scaling sweeps on a real local Ray cluster (Ray Tune over Ray Train) with a real sqlite MLflow store:
+parent and child runs, FLOPs logged from the batches seen, CSV, PNG, the power-law fit, resume after an
+interrupt; the fit on its own recovers known parameters."""
+
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
+from genrec.config import ConfigError, ExperimentConfig
+from genrec.data.pipeline import prepare
+from genrec.data.prepared import read_split
+from genrec.train.batching import batch_spec, replicated_batches
+from genrec.train.flops import FlopModel
+from genrec.train.scaling import fit_power_law
+from genrec.train.sweep import DivergenceStopper, concurrency, run_sweep, trial_configs
+
+
+def tiny_sweep(root, **sweep):
+    return ExperimentConfig.model_validate({
+        "name": "tiny-sweep",
+        "data": {"source": {"kind": "synthetic", "num_users": 240, "num_items": 120, "mean_events_per_user": 20,
+                            "num_shards": 2, "path": str(root / "raw")},
+                 "output_dir": str(root / "data"), "num_partitions": 2},
+        "model": {"kind": "hstu", "num_blocks": 1, "num_heads": 1, "dropout": 0.0, "max_seq_len": 16},
+        "train": {"epochs": 2, "batch_size": 64, "num_negatives": 16, "cpus_per_worker": 0.5,
+                  "threads_per_worker": 1, "seed": 3},
+        "eval": {"every": 10},
+        "tracking": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "sweeps"},
+        "sweep": {"families": {"hstu": {"grid": {"model.dim": [8, 24]}},
+                               "sasrec": {"set": {"model.kind": "sasrec"}, "grid": {"model.dim": [8]}}},
+                  "storage_path": str(root / "sweeps"), **sweep},
+    })
+
+
+class InterruptAfterFirstTrial(Callback):
+    """What Ctrl+C does to a running sweep (Tune also listens to SIGUSR1, which pytest leaves alone)."""
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_sweep_end_to_end_interrupted_and_resumed(ray_cluster, tmp_path):
+    cfg = tiny_sweep(tmp_path, max_concurrent_trials=1)
+    prepare(cfg.data, log=lambda *_: None)
+    lines = []
+    first = run_sweep(cfg, log=lines.append, callbacks=[InterruptAfterFirstTrial()])
+    assert first["interrupted"]
+    done = [r for r in first["rows"] if r["status"] == "finished"]
+    assert len(done) == 1 and done[0]["trial"] == "tiny-sweep-000-hstu"
+    assert any("epoch 2" in line and "FLOPs" in line for line in lines)  # per-epoch progress on the driver
+
+    second = run_sweep(cfg, log=lines.append)
+    assert not second["interrupted"]
+    rows = {r["trial"]: r for r in second["rows"]}
+    assert sorted(rows) == ["tiny-sweep-000-hstu", "tiny-sweep-001-hstu", "tiny-sweep-002-sasrec"]
+    assert all(r["status"] == "finished" for r in rows.values())
+    assert any("resuming" in line for line in lines)
+
+    # One parent run; each trial a child run under it, trained once (the resumed sweep did not redo trial 0).
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
+    parent = [r for r in runs if r.data.tags.get("genrec.kind") == "sweep"]
+    assert len(parent) == 1 and parent[0].info.run_id == second["parent_run_id"] == first["parent_run_id"]
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == second["parent_run_id"]}
+    assert sorted(children) == sorted(rows)
+    for name, child in children.items():
+        history = client.get_metric_history(child.info.run_id, "train/flops")
+        assert [m.step for m in history] == [1, 2], name
+        cumulative = client.get_metric_history(child.info.run_id, "train/cumulative_flops")
+        assert cumulative[-1].value == pytest.approx(sum(m.value for m in history))
+        assert rows[name]["train/cumulative_flops"] == pytest.approx(cumulative[-1].value)
+
+    # The FLOPs logged for epoch 1 of trial 1 are the formula over the batches that epoch drew.
+    trial_cfg = ExperimentConfig.model_validate(trial_configs(cfg)[1]["experiment"])
+    flop_model = FlopModel.from_config(trial_cfg)
+    table = read_split(trial_cfg.data.output_dir, "train")
+    spec = batch_spec(trial_cfg, training=True)
+    expected = sum(flop_model.batch(b["offsets"], b["target_ids"])
+                   for b, _ in replicated_batches(table, spec, trial_cfg, 0, 0, 1))
+    logged = client.get_metric_history(children["tiny-sweep-001-hstu"].info.run_id, "train/flops")[0].value
+    assert logged == pytest.approx(expected)
+    assert rows["tiny-sweep-001-hstu"]["train/cumulative_flops"] > 3 * rows["tiny-sweep-000-hstu"]["train/cumulative_flops"]
+
+    # CSV of every trial, the PNG and the fit, logged to the parent run.
+    csv_text = open(second["csv"]).read().splitlines()
+    assert csv_text[0].startswith("trial,point,family,status") and len(csv_text) == 4
+    assert open(second["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    logged_files = {a.path for a in client.list_artifacts(second["parent_run_id"])}
+    assert {"trials.csv", "scaling.png", "fits.json"} <= logged_files
+    law = second["fits"]["hstu"]  # two points: a pure power law through both
+    assert law.points == 2 and not law.with_offset
+    for name in ("tiny-sweep-000-hstu", "tiny-sweep-001-hstu"):
+        row = rows[name]
+        assert law(row["train/cumulative_flops"]) == pytest.approx(row["best/valid/ndcg@10"], rel=1e-4)
+    assert "sasrec" not in second["fits"]  # one point: no fit
+    parent_metrics = client.get_run(second["parent_run_id"]).data.metrics
+    assert parent_metrics["fit/hstu/b"] == pytest.approx(law.b)
+
+
+def test_power_law_fit_recovers_known_parameters():
+    rng = np.random.default_rng(0)
+    compute = np.geomspace(1e10, 1e14, 12)
+    for a, b, c in ((40.0, 0.25, 2.0), (-30.0, 0.2, 0.35)):  # a loss falling to 2; a metric rising to 0.35
+        truth = a * compute ** -b + c
+        noisy = truth * (1 + 0.002 * rng.standard_normal(len(compute)))
+        law = fit_power_law(compute, noisy, "f")
+        assert law.with_offset and law.points == 12
+        assert law.b == pytest.approx(b, rel=0.1) and abs(law.b - b) < 4 * law.b_err + 1e-3
+        assert law.c == pytest.approx(c, rel=0.05) and abs(law.c - c) < 4 * law.c_err + 1e-3
+        assert law.a == pytest.approx(a, rel=0.5)
+        assert np.allclose(law(compute), truth, rtol=0.01)
+    exact = fit_power_law([1e9, 1e11, 1e13], [8.0, 4.0, 2.0], "three")  # 3 points: c held at 0
+    assert not exact.with_offset and exact.b == pytest.approx(math.log10(2) / 2, rel=1e-6) and exact.c == 0
+    with pytest.raises(ValueError, match="at least 2"):
+        fit_power_law([1e9], [1.0], "one")
+
+
+def test_sweep_config_errors_name_the_trial_and_key(tmp_path):
+    cfg = tiny_sweep(tmp_path)
+    bad = cfg.model_copy(deep=True)
+    bad.sweep.families["sasrec"].grid = {"model.dimm": [8]}
+    with pytest.raises(ConfigError, match=r"tiny-sweep-002-sasrec(.|\n)*model.dimm: unknown key"):
+        trial_configs(bad)
+    assert concurrency(cfg, {"CPU": 2.0}) == 2  # 0.25 (driver) + 0.5 (one worker) per trial
+    big = cfg.model_copy(deep=True)
+    big.train.cpus_per_worker = 2
+    with pytest.raises(ConfigError, match=r"2.25 CPU .*train.cpus_per_worker 2.*the cluster has 2 CPU"):
+        concurrency(big, {"CPU": 2.0})
+
+
+def test_divergence_stopper():
+    stop = DivergenceStopper(3.0)
+    assert not stop("a", {"train/loss": 5.0}) and not stop("a", {"train/loss": 2.0})
+    assert not stop("b", {"train/loss": 9.0})  # another trial, its own lowest
+    assert stop("a", {"train/loss": 6.5}) and stop("b", {"train/loss": float("nan")})
+    assert stop.stopped == {"a", "b"}
