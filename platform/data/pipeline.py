@@ -264,16 +264,16 @@ def prepare(cfg: DataConfig, log=print) -> dict:
         (staging / sub).mkdir(parents=True)
     try:
         catalog = plan.catalog["item_id"].combine_chunks() if universe == "catalog" else None
-        log(f"[prepare] stage 1/3: canonicalize {len(plan.chunks)} chunks")
+        log(f"[prepare] stage 1/3: canonicalize {len(plan.chunks)} chunks ({time.time() - started:.1f} s)")
         chunks = run_tasks(canonicalize_chunk, [{"index": i} for i in range(len(plan.chunks))],
                            plan=plan, cfg=cfg, catalog=catalog, staging=staging)
         _check_accepted(chunks, staging, out, cfg)
         partitions = [{"partition": p} for p in range(cfg.num_partitions)]
-        log(f"[prepare] stage 2/3: vocabularies over {cfg.num_partitions} user partitions")
+        log(f"[prepare] stage 2/3: vocabularies over {cfg.num_partitions} user partitions ({time.time() - started:.1f} s)")
         parts = run_tasks(partition_vocabulary, partitions, staging=staging)
         vocab = _vocabularies(plan, universe, staging)
         cutoff = _cutoff(cfg, parts)
-        log("[prepare] stage 3/3: sequences and splits")
+        log(f"[prepare] stage 3/3: sequences and splits ({time.time() - started:.1f} s)")
         seq_stats = run_tasks(partition_sequences, partitions, staging=staging, vocab=vocab, cfg=cfg,
                               merge_actions=plan.merge_actions, cutoff=cutoff)
         _write_vocab(staging / VOCAB, plan, vocab, staging)
