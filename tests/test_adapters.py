@@ -118,7 +118,8 @@ def test_generic_csv_action_mapping_and_bitmask_merge(ray_cluster, tmp_path):
         "columns": {"user_id": "user", "item_id": "item", "timestamp": "ts", "action": "behavior", "id_type": "string"},
         "actions": {"names": ["pv", "cart", "fav", "buy"], "merge_same_impression": True},
     }
-    summary = run(tmp_path, source, item_universe="observed")
+    summary = run(tmp_path, source)  # the README's example as written: the universe follows the source (observed)
+    assert summary["item_universe"] == "observed"
     assert summary["input_rows"] == 7 and summary["rejected"] == 1 and summary["accepted"] == 6
     assert summary["duplicates_dropped"] == 1 and summary["merged_into_bitmask"] == 1
     assert summary["sequence_events"] == 4 and summary["action_encoding"] == "bitmask"

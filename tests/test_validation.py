@@ -161,6 +161,20 @@ def test_every_row_rejected_says_why_and_keeps_the_rejects(ray_cluster, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_a_file_broken_past_its_start_fails_with_one_message_naming_it(ray_cluster, tmp_path):
+    rng = np.random.default_rng(1)
+    text = "user,item,ts,behavior\n" + "".join(
+        f"{u},{i},{1_600_000_000 + t},pv\n" for u, i, t in rng.integers(1, 10**6, (120_000, 3)))
+    packed = gzip.compress(text.encode())
+    (tmp_path / "log.csv.gz").write_bytes(packed[: len(packed) - 5000])  # cut: the end is lost
+    source = {"kind": "csv", "path": str(tmp_path / "log.csv.gz"), "columns": COLUMNS, "actions": ACTIONS}
+    cfg = DataConfig.model_validate({"source": source, "output_dir": str(tmp_path / "out")})
+    # raised inside a Ray task, surfaced as the genrec error itself (a job prints it as one line)
+    with pytest.raises(SourceError, match=r"log\.csv\.gz: cannot decompress \(gzip\)"):
+        prepare(cfg, log=lambda *_: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv.gz"]
+
+
 def test_million_row_csv_round_trip_counts_add_up_and_repeat_byte_for_byte(ray_cluster, tmp_path):
     rng = np.random.default_rng(0)
     n, dups, merges, bad = 1_000_000, 20_000, 30_000, 1_000
