@@ -463,6 +463,59 @@ class ExperimentConfig(Strict):
         return self.batching.max_seq_len or self.model.max_seq_len
 
 
+# ----------------------------------------------------------------------------- serving
+# The `args` of the genrec application in a Ray Serve config file (configs/serve/*.yaml);
+# Serve's own keys there (http_options, deployments' autoscaling_config, max_ongoing_requests)
+# are Ray's schema. See genrec.serve.
+
+class ServeModelConfig(Strict):
+    uri: str = Field(description="a model folder, or an MLflow URI: models:/name/version, models:/name@alias, "
+                     "runs:/<id>/model_files (an alias is resolved to its version when the app starts)")
+    tracking_uri: str | None = Field(None, description="default $MLFLOW_TRACKING_URI, else the file-local sqlite")
+
+
+class ServeAuthConfig(Strict):
+    """Writes (/v1/events) need `Authorization: Bearer <token>`; with no token set they are refused (403)."""
+
+    token: str | None = Field(None, min_length=16, description="prefer the environment variable for real secrets")
+    token_env: str = Field("GENREC_SERVE_TOKEN", description="read the token from this variable when token is unset")
+
+
+class ServeBatchConfig(Strict):
+    """@serve.batch of the model deployments: requests of different users scored together."""
+
+    max_batch_size: int = Field(16, gt=0)
+    batch_wait_timeout_s: float = Field(0.002, ge=0)
+
+
+class ServeRetrievalConfig(Strict):
+    candidates: int = Field(200, gt=0, description="/v1/recommend: items retrieved, then ranked")
+    exclude_history: bool = Field(True, description="never retrieve an item already in the user's history")
+
+
+class ServeRankingConfig(Strict):
+    task_weights: dict[str, float] = Field(default_factory=dict, description="combined score = sum of weight x "
+                                           "task prediction; tasks not named weigh 1")
+    microbatch: int = Field(128, gt=0, description="M-FALCON b_m: candidates per pass")
+    cache_bytes: int = Field(64 << 20, ge=0, description="per replica: M-FALCON's per-user K/V cache budget")
+
+
+class ServeStoreConfig(Strict):
+    sequences: str | None = Field(None, description="prepared data folder whose sequence table holds the "
+                                  "histories; default the model's data.output_dir")
+    events_db: str = Field("outputs/serve/events.sqlite", description="sqlite append log of /v1/events")
+
+
+class ServeConfig(Strict):
+    model: ServeModelConfig
+    auth: ServeAuthConfig = Field(default_factory=ServeAuthConfig)
+    batching: ServeBatchConfig = Field(default_factory=ServeBatchConfig)
+    retrieval: ServeRetrievalConfig = Field(default_factory=ServeRetrievalConfig)
+    ranking: ServeRankingConfig = Field(default_factory=ServeRankingConfig)
+    store: ServeStoreConfig = Field(default_factory=ServeStoreConfig)
+    torch_threads: int = Field(1, gt=0, description="per model replica")
+
+
 # Keys that moved to the section that owns them: named in the error instead of "unknown key".
 MOVED_KEYS = {
     "data.max_seq_len": "model.max_seq_len (the model's shape) or batching.max_seq_len (what a batch keeps)",

@@ -26,3 +26,29 @@ def ml1m_dir():
     ratings = ML1M / "ratings.partial_users_1-2999.dat"
     assert ratings.is_file(), f"MovieLens-1M is expected at {ML1M} (../shared/data/ml-1m)"
     return ML1M
+
+
+@pytest.fixture(scope="session")
+def tiny_registered_model(ray_cluster, tmp_path_factory):
+    """A tiny HSTU (2 blocks, N = 16) trained 2 epochs on a small synthetic world and registered in a
+    sqlite MLflow store: what the serving tests load by registry URI. Trained once per session."""
+    from genrec.config import ExperimentConfig
+    from genrec.data.pipeline import prepare
+    from genrec.train.trainer import fit
+
+    root = tmp_path_factory.mktemp("tiny-model")
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = ExperimentConfig.model_validate({
+        "name": "tiny-serve",
+        "data": {"source": {"kind": "synthetic", "num_users": 200, "num_items": 120, "mean_events_per_user": 14,
+                            "num_shards": 2, "path": str(root / "raw")},
+                 "output_dir": str(root / "data"), "num_partitions": 2},
+        "model": {"kind": "hstu", "dim": 16, "num_blocks": 2, "num_heads": 1, "dropout": 0.0, "max_seq_len": 16},
+        "train": {"epochs": 2, "batch_size": 64, "num_negatives": 16, "storage_path": str(root / "runs"),
+                  "cpus_per_worker": 0.5, "threads_per_worker": 1, "seed": 5},
+        "tracking": {"tracking_uri": tracking_uri, "experiment": "tests", "registered_model": "tiny-serve"},
+    })
+    prepare(cfg.data, log=lambda *_: None)
+    result = fit(cfg, log=lambda *_: None)
+    return {"cfg": cfg, "root": root, "tracking_uri": tracking_uri, "uri": f"models:/tiny-serve/{result['version']}",
+            "run_id": result["mlflow_run_id"], "version": str(result["version"])}

@@ -1,0 +1,227 @@
+"""The served model: where it comes from (a folder or the MLflow registry), what it
+knows about the catalog, and how it scores.
+
+`resolve_model` pins a URI to one concrete version once, when the app starts (an
+alias could move between two replicas' loads); every replica then loads that same
+version, and every response names it.
+
+Scoring, for the items-only retrieval encoders (HSTU, SASRec), per user:
+- the user vector is the encoder's L2-normalised output at the last history
+  position, with target time = the request time;
+- retrieval: inner product with every item (exact), the history excluded, top k;
+- ranking: one task, "retrieval", the same inner product with each candidate.
+For HSTU the user vector comes from M-FALCON's cache (genrec.model.mfalcon): the
+history is encoded once per (user, history version); appended events extend the
+cached keys and values instead of re-encoding; only the last token runs per request.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from ..config import ExperimentConfig
+from ..data.prepared import MANIFEST, VOCAB
+from ..model import HSTU
+from ..model import mfalcon
+from ..train.artifact import CONFIG, load_model_folder
+
+RETRIEVAL_TASK = "retrieval"
+
+
+@dataclass
+class ModelSource:
+    """A model pinned to one version: where to load it from and what to say about it."""
+
+    uri: str  # a folder or a concrete MLflow URI (never an alias)
+    name: str
+    version: str
+    run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    tracking_uri: str | None = None
+
+
+def resolve_model(uri: str, tracking_uri: str | None = None) -> ModelSource:
+    """A folder, models:/name/version, models:/name@alias, models:/name/latest or runs:/... -> ModelSource."""
+    if Path(uri).is_dir():
+        folder = Path(uri).resolve()
+        return ModelSource(str(folder), folder.name, "folder", tracking_uri=tracking_uri)
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri or mlflow.get_tracking_uri())
+    if uri.startswith("models:/"):
+        ref = uri.removeprefix("models:/")
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, version = ref.partition("/")
+            if version in ("", "latest"):
+                found = client.search_model_versions(f"name='{name}'")
+                if not found:
+                    raise FileNotFoundError(f"no versions of registered model {name!r}")
+                version = str(max(int(v.version) for v in found))
+            mv = client.get_model_version(name, version)
+        run_id = mv.run_id
+        source = ModelSource(f"models:/{mv.name}/{mv.version}", mv.name, str(mv.version), run_id,
+                             tracking_uri=tracking_uri)
+    elif uri.startswith("runs:/"):
+        run_id = uri.removeprefix("runs:/").split("/", 1)[0]
+        source = ModelSource(uri, uri, run_id, run_id, tracking_uri=tracking_uri)
+    else:
+        raise FileNotFoundError(f"model {uri!r} is neither a model folder nor an MLflow models:/ or runs:/ URI")
+    if source.run_id:
+        source.metrics = {k: float(v) for k, v in client.get_run(source.run_id).data.metrics.items()}
+    return source
+
+
+def fetch(source: ModelSource) -> Path:
+    """A local folder holding the model (downloaded once per process for MLflow URIs)."""
+    if Path(source.uri).is_dir():
+        return Path(source.uri)
+    import mlflow
+
+    if source.tracking_uri:
+        mlflow.set_tracking_uri(source.tracking_uri)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source.uri,
+                                                    dst_path=tempfile.mkdtemp(prefix="genrec-serve-")))
+
+
+class Catalog:
+    """What the ingress needs of a model folder, without its weights: raw <-> dense item
+    ids, item metadata, the action vocabulary, the model's N, the training data's folder."""
+
+    def __init__(self, folder: Path) -> None:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        cfg = ExperimentConfig.model_validate_json((folder / CONFIG).read_text())
+        self.experiment = cfg
+        self.actions: list[str] = list(manifest.get("actions") or ["interact"])
+        self.bitmask = manifest.get("action_encoding") == "bitmask"
+        self.num_items = int(manifest["num_items"])
+        self.max_seq_len = cfg.kept_items
+        items = pq.read_table(folder / VOCAB / "items.parquet")
+        index = np.asarray(items["index"].to_pylist(), dtype=np.int64)
+        raw = items["item_id"].to_pylist()
+        self.raw_ids: list = [None] * (self.num_items + 1)
+        for i, r in zip(index, raw):
+            self.raw_ids[i] = r
+        self.dense = {str(r): int(i) for i, r in zip(index, raw)}  # ids are keyed as text: 7 and "7" alike
+        self.titles = dict(zip(index.tolist(), items["title"].to_pylist())) if "title" in items.column_names else {}
+        self.genres = dict(zip(index.tolist(), items["genres"].to_pylist())) if "genres" in items.column_names else {}
+
+    def action_id(self, name: str | None) -> int | None:
+        """An action name -> the id the data uses (a one-bit mask under bitmask encoding); None if unknown."""
+        if name is None:
+            name = self.actions[0]
+        if name not in self.actions:
+            return None
+        k = self.actions.index(name)
+        return 1 << k if self.bitmask else k
+
+    def action_name(self, action: int) -> str:
+        if self.bitmask:
+            return "+".join(a for k, a in enumerate(self.actions) if action >> k & 1) or str(action)
+        return self.actions[action] if 0 <= action < len(self.actions) else str(action)
+
+    def item(self, dense: int) -> dict:
+        return {"item_id": self.raw_ids[dense], "title": self.titles.get(dense), "genres": self.genres.get(dense)}
+
+
+class Scorer:
+    """Scores with an items-only encoder (see the module doc). Not thread-safe by itself:
+    a replica calls it from one thread at a time."""
+
+    def __init__(self, folder: Path, cache_bytes: int, microbatch: int) -> None:
+        self.encoder, cfg = load_model_folder(folder)
+        self.kind = cfg.model.kind
+        self.tasks = [RETRIEVAL_TASK]
+        self.max_seq_len = cfg.kept_items
+        self.microbatch = microbatch
+        with torch.no_grad():
+            self.items = self.encoder.all_item_embeddings()
+        blocks = self.encoder.blocks
+        self.cache = (mfalcon.UserCache(cache_bytes)
+                      if isinstance(blocks, HSTU) and getattr(blocks, "is_paper_hstu", True) else None)
+
+    @torch.no_grad()
+    def user_vectors(self, requests: list[dict]) -> tuple[torch.Tensor, list[str]]:
+        """[B, D] L2-normalised user vectors and, per request, what the cache did."""
+        if self.cache is None:
+            return self._forward(requests), ["none"] * len(requests)
+        vectors, states = [], []
+        for r in requests:
+            cache, state = self._history_cache(r)
+            vectors.append(mfalcon.last_hidden(self.encoder.blocks, cache, r["request_time"]))
+            states.append(state)
+        return F.normalize(torch.stack(vectors), dim=-1, eps=1e-6), states
+
+    def _embed(self, items: np.ndarray) -> torch.Tensor:
+        ids = torch.tensor(items)
+        return self.encoder.embedding(ids, torch.tensor([0, len(ids)]))
+
+    def _history_cache(self, r: dict) -> tuple[mfalcon.HistoryCache, str]:
+        """The user's cached history: a hit, the newest cached version extended by the
+        events since, or encoded afresh. A history longer than N slides its window (all
+        positions move): only histories that still start at event 0 can be extended."""
+        items, stamps, user, version = r["items"], r["timestamps"], r.get("user"), r.get("version")
+        ts = torch.tensor(stamps)
+        if user is None:
+            return mfalcon.encode_history(self.encoder.blocks, self._embed(items), ts), "none"
+        hit = self.cache.get(user, version)
+        if hit is not None:
+            return hit, "hit"
+        latest = self.cache.latest(user)
+        if latest is not None and latest[0] < version <= self.max_seq_len:
+            old, cached = latest
+            x_new = self._embed(items)[old:]  # positions old..version-1 of the same window
+            cache = mfalcon.extend_history(self.encoder.blocks, cached, x_new, ts[old:])
+            state = "extended"
+        else:
+            cache, state = mfalcon.encode_history(self.encoder.blocks, self._embed(items), ts), "miss"
+        self.cache.put(user, version, cache)
+        return cache, state
+
+    def _forward(self, requests: list[dict]) -> torch.Tensor:
+        """One jagged pass for the whole batch (encoders without M-FALCON, e.g. SASRec)."""
+        lengths = [len(r["items"]) for r in requests]
+        offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.long)
+        items = torch.from_numpy(np.concatenate([r["items"] for r in requests]))
+        stamps = [r["timestamps"] for r in requests]
+        ts = torch.from_numpy(np.concatenate(stamps))
+        target = torch.from_numpy(np.concatenate([np.append(s[1:], r["request_time"])
+                                                  for s, r in zip(stamps, requests)]))
+        return self.encoder(items, ts, target, offsets)[offsets[1:] - 1]
+
+    @torch.no_grad()
+    def retrieve(self, requests: list[dict]) -> list[dict]:
+        """requests: items (the last N), seen (all history items), timestamps, request_time, k,
+        exclude_history (+ user, version) -> top k."""
+        users, states = self.user_vectors(requests)
+        scores = users @ self.items.T
+        scores[:, 0] = -torch.inf  # padding
+        out = []
+        for row, r, state in zip(scores, requests, states):
+            if r["exclude_history"]:
+                row[torch.from_numpy(r["seen"])] = -torch.inf
+            k = min(r["k"], int(torch.isfinite(row).sum()))
+            top = torch.topk(row, k)
+            out.append({"items": top.indices.tolist(), "scores": top.values.tolist(), "cache": state})
+        return out
+
+    @torch.no_grad()
+    def rank(self, requests: list[dict]) -> list[dict]:
+        """requests: items, timestamps, request_time, candidates [m] (+ user, version) -> [m, tasks] scores."""
+        users, states = self.user_vectors(requests)
+        out = []
+        for u, r, state in zip(users, requests, states):
+            scores = self.items[torch.from_numpy(r["candidates"])] @ u
+            out.append({"scores": scores.unsqueeze(1).tolist(), "cache": state})
+        return out
