@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench mlflow clean
+.PHONY: install demo serve test bench mlflow clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ install: $(STAMP)
 
 demo: install
 	$(PY) jobs/demo.py --config configs/demo.yaml
+
+# The demo model (make demo registers it) over HTTP on 127.0.0.1:8000 until Ctrl-C: the page at /, the API at /docs.
+# Writes (/v1/events, clicks on the page) need GENREC_SERVE_TOKEN set (16+ characters).
+serve: install
+	$(PY) jobs/serve.py --config configs/serve/demo.yaml
 
 test: install
 	$(PY) -m pytest tests
