@@ -185,7 +185,15 @@ def genrec_ray(path: Path, out: Path) -> dict:
     from genrec.config import DataConfig
     from genrec.data.pipeline import prepare
 
-    ray.init(num_cpus=2, object_store_memory=2 << 30, include_dashboard=False, log_to_driver=False)
+    for attempt in range(3):  # on a loaded machine the raylet can miss its start-up deadline
+        try:
+            ray.init(num_cpus=2, object_store_memory=2 << 30, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+            time.sleep(10)
     cfg = DataConfig.model_validate(genrec_data_config(path.suffix[1:], path.parent, out))
     started = time.time()
     summary = prepare(cfg, log=lambda *_: None)
@@ -316,6 +324,14 @@ def main() -> None:
             print(f"| {r['input_rows']:,} | {fmt} ({size / 1e6:,.0f} MB) | {side} | {r['wall_s']:.1f} | {inside} "
                   f"| {r['input_rows'] / r['wall_s']:,.0f} | {ratio} | {r['peak_gib']:.2f} | {r['rejected']:,} "
                   f"| {r['duplicates']:,} | {r['merged']:,} | {r['users']:,} | {'yes' if r['same'] else 'NO'} |")
+    events, fmt, _, results = max(rows, key=lambda row: row[0])
+    if events < 100_000_000:  # not run: a straight line from the largest size measured
+        scale = 100_000_000 / events
+        guesses = ", ".join(f"{side} ~{r['wall_s'] * scale:,.0f} s" + (f" and ~{r['peak_gib'] * scale:.0f} GiB" if side != "genrec-ray" else "")
+                            for side, r in results.items())
+        print(f"\n100M rows ({fmt}), extrapolated linearly from {events:,} (not run): {guesses}; the single-process "
+              f"sides hold the whole log in memory, the Ray pipeline holds one chunk or one partition per task "
+              f"(raise data.num_partitions with the data to keep partitions at the measured size).")
 
 
 if __name__ == "__main__":
