@@ -16,13 +16,13 @@ run (--out, raw rows in .json); re-running skips finished runs and resumes an in
 
 import argparse
 import json
+import os
 import statistics
 
 from genrec.config import load_config, resolve_path
 from genrec.data.synthetic import read_oracle
 from genrec.runtime import init_ray
 from genrec.train.trainer import fit
-from reproduce import cell, machine  # jobs/ is the script's folder: the reproduce table's cells and machine line
 
 VARIANTS = {"gr": [], "dlrm": ["model.kind=dlrm"], "gr-pointwise": ["ranking.training=pointwise"]}
 
@@ -86,6 +86,20 @@ def table(rows: list, cfg, oracle: dict | None) -> str:
         lines.append("| oracle (true action probabilities) | - | " + " | ".join(cells + ["-"] * len(regression))
                      + " | - | - | - | - | - |")
     return "\n".join(lines) + "\n"
+
+
+def cell(runs: list, key: str, digits: int = 4) -> str:
+    """mean ± std over the runs that have `key` (as jobs/reproduce.py's table; jobs do not import each other)."""
+    values = [r[key] for r in runs if key in r]
+    if not values:
+        return "-"
+    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.{digits}f}{spread}"
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return f"{cpu}, {os.cpu_count()} CPUs"
 
 
 if __name__ == "__main__":
