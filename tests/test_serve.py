@@ -3,6 +3,7 @@
 input (never a 500, also under schemathesis fuzzing of the OpenAPI schema), auth on writes,
 persisted events, M-FALCON's user cache extended by events."""
 
+import asyncio
 import collections
 import json
 import socket
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import schemathesis
@@ -70,7 +72,9 @@ def app(tiny_registered_model, tmp_path_factory):
     events_db = tmp_path_factory.mktemp("serve") / "events.sqlite"
     tree = load_serve_file(REPO / "configs" / "serve" / "demo.yaml", [
         f"model.uri={m['uri']}", f"model.tracking_uri={m['tracking_uri']}", f"store.events_db={events_db}",
-        f"auth.token={TOKEN}", "retrieval.candidates=30"])
+        f"auth.token={TOKEN}", "retrieval.candidates=30",
+        # two Ranking replicas: one is killed under load (test_a_killed_model_replica_loses_no_request)
+        "deployments.Ranking.num_replicas=2", "deployments.Ranking.autoscaling_config=null"])
     url = start(tree, port=free_port())
     yield Served(url, m, events_db)
     serve.shutdown()
@@ -245,6 +249,35 @@ def test_a_new_user_becomes_known_through_events(app):
     assert item not in [i["item_id"] for i in answer["items"]]
 
 
+def test_a_killed_model_replica_loses_no_request(app):
+    """One of the two Ranking replicas is SIGKILLed while /v1/rank requests are in flight: every request
+    still gets its answer (the ingress retries a model call whose replica died, on the other one)."""
+    victims = [p for p in psutil.Process().children(recursive=True)
+               if "ServeReplica:genrec:Ranking" in " ".join(p.cmdline())]
+    assert len(victims) == 2
+    users = sorted(app.histories, key=str)[:40]
+    candidates = [app.item_raw[d] for d in range(1, 65)]
+    statuses, retried, done = collections.Counter(), [], []
+
+    async def load(n=240, concurrency=8):
+        async with httpx.AsyncClient(base_url=app.url, timeout=60) as client:
+            async def worker(w):
+                for i in range(w, n, concurrency):
+                    response = await client.post("/v1/rank", json={"user_id": users[i % len(users)],
+                                                                   "candidates": candidates})
+                    statuses[response.status_code] += 1
+                    retried.append(int(response.headers.get("x-genrec-retries", 0)))
+                    done.append(i)
+                    if len(done) == n // 4:
+                        victims[0].kill()
+            await asyncio.gather(*(worker(w) for w in range(concurrency)))
+
+    asyncio.run(load())
+    assert not victims[0].is_running() or victims[0].status() == psutil.STATUS_ZOMBIE
+    assert statuses == {200: 240}, statuses
+    print(f"replica killed after 60 of 240 requests: 0 lost, {sum(retried)} model calls retried")
+
+
 def test_bad_serve_config_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match="batching.max_batch_sise: unknown key"):
         load_serve_file(REPO / "configs" / "serve" / "demo.yaml", ["batching.max_batch_sise=3"])
@@ -272,3 +305,59 @@ def test_fuzzed_requests_never_get_a_server_error(app):
             except Unsatisfiable:  # e.g. no invalid request exists for GET /healthz
                 assert mode is GenerationMode.NEGATIVE
     assert statuses[2] > 20 and statuses[4] > 100 and set(statuses) == {2, 4}
+
+
+def test_generative_model_scores_by_the_plain_contract_and_extends_its_cache(tiny_registered_model, tmp_path):
+    """A gr model (interleaved context, items and actions; two task heads), served by the same Scorer the
+    Ranking and Retrieval deployments use: M-FALCON's per-task scores equal GenerativeRecommender.rank
+    (each candidate alone after the history; tolerance 1e-5), the user vector equals the model's own
+    output at the last action token, and appending events extends the cached history."""
+    from genrec.data.batches import build_batch, context_offsets
+    from genrec.data.prepared import read_manifest
+    from genrec.serve.model import Scorer
+    from genrec.train.artifact import build_model, save_model_folder
+
+    base = tiny_registered_model["cfg"]
+    cfg = base.model_copy(update={
+        "model": base.model.model_copy(update={"kind": "gr"}),
+        "batching": base.batching.model_copy(update={"layout": "interleaved"}),
+        "ranking": base.ranking.model_validate({"tasks": [{"name": "like", "action": "like"},
+                                                          {"name": "buy", "action": "purchase"}]})})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    folder = save_model_folder(tmp_path / "gr", cfg, model.state_dict())
+    scorer = Scorer(folder, cache_bytes=1 << 20, microbatch=3)
+    assert scorer.tasks == ["like", "buy"]
+
+    manifest = read_manifest(cfg.data.output_dir)
+    columns = list(manifest["context_features"])
+    table = read_split(cfg.data.output_dir, "sequences")
+    row = next(i for i, items in enumerate(table["items"].to_pylist()) if 6 <= len(items) <= 12)
+    user = table.slice(row, 1)
+    items, actions, stamps = (np.asarray(user[c][0].as_py()) for c in ("items", "actions", "timestamps"))
+    # the training batch builder's tokens: context, (item, action) for all but the last event, the last item
+    batch = build_batch(user, "interleaved", 16, tuple(columns), context_offsets(manifest, columns))
+    tokens = {"item_ids": torch.as_tensor(batch["item_ids"][:-1]), "timestamps": torch.as_tensor(batch["timestamps"][:-1]),
+              "token_types": torch.as_tensor(batch["token_types"][:-1])}
+    candidates = torch.arange(1, 41)
+    t = int(stamps[-1])
+    expected = model.rank(tokens, candidates, t)
+    request = {"items": items[:-1], "actions": actions[:-1], "timestamps": stamps[:-1], "request_time": t,
+               "context": tuple(user[c][0].as_py() for c in columns), "user": "u", "version": len(items) - 1,
+               "candidates": candidates.numpy()}
+    got = scorer.rank([request])[0]
+    assert got["cache"] == "miss"
+    assert torch.tensor(got["scores"]) == pytest.approx(expected, abs=1e-5)
+    # the user vector: the model's own output at the last action token, which predicts the held-out item
+    with torch.no_grad():
+        vectors, _ = model(*(torch.as_tensor(batch[k]) for k in ("item_ids", "token_types", "timestamps",
+                                                                  "target_timestamps", "offsets")))
+    served, states, _ = scorer.user_vectors([request])
+    assert states == ["hit"] and served[0] == pytest.approx(vectors[-2], abs=1e-5)
+    # the held-out event appended: the cache is extended, and scores as a fresh encoding does
+    later = {**request, "items": items, "actions": actions, "timestamps": stamps, "version": len(items),
+             "request_time": t + 60}
+    extended = scorer.rank([later])[0]
+    fresh = scorer.rank([{**later, "user": None}])[0]
+    assert extended["cache"] == "extended" and fresh["cache"] == "none"
+    assert torch.tensor(extended["scores"]) == pytest.approx(torch.tensor(fresh["scores"]), abs=1e-5)

@@ -197,7 +197,8 @@ class Ingress:
         return {"user": user, "version": version, "request_time": now, "unknown": unknown,
                 "items": history.items[version - n:] if n else None,
                 "seen": np.unique(history.items) if n else None,  # excluded from retrieval: all, not only the last N
-                "timestamps": history.timestamps[version - n:] if n else None}
+                "timestamps": history.timestamps[version - n:] if n else None,
+                "actions": history.actions[version - n:] if n else None, "context": history.context if n else ()}
 
     def _item(self, dense: int, score: float, scores: dict | None = None) -> s.Item:
         return s.Item(score=score, scores=scores, **self.catalog.item(dense))

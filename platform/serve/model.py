@@ -5,14 +5,17 @@ knows about the catalog, and how it scores.
 alias could move between two replicas' loads); every replica then loads that same
 version, and every response names it.
 
-Scoring, for the items-only retrieval encoders (HSTU, SASRec), per user:
-- the user vector is the encoder's L2-normalised output at the last history
-  position, with target time = the request time;
+Scoring, per user:
+- the user vector is the model's L2-normalised output at the last history token
+  (the last item for the items-only encoders HSTU and SASRec, the last action for
+  a generative recommender, model.kind gr), with target time = the request time;
 - retrieval: inner product with every item (exact), the history excluded, top k;
-- ranking: one task, "retrieval", the same inner product with each candidate.
-For HSTU the user vector comes from M-FALCON's cache (genrec.model.mfalcon): the
-history is encoded once per (user, history version); appended events extend the
-cached keys and values instead of re-encoding; only the last token runs per request.
+- ranking, items-only: one task, "retrieval", the same inner product per candidate;
+  gr: each task's prediction (a probability, or a value for regression tasks), the
+  candidates scored by M-FALCON after the interleaved history at the request time.
+For HSTU stacks the history comes from M-FALCON's cache (genrec.model.mfalcon): it is
+encoded once per (user, history version); appended events extend the cached keys and
+values instead of re-encoding; only the last token runs per request.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ExperimentConfig
+from ..data.batches import context_offsets
 from ..data.prepared import MANIFEST, VOCAB
-from ..model import HSTU
-from ..model import mfalcon
+from ..model import HSTU, SequentialEncoder, mfalcon
+from ..model.generative import ACTION, CONTEXT, ITEM, GenerativeRecommender
 from ..train.artifact import CONFIG, load_model_folder
 
 RETRIEVAL_TASK = "retrieval"
@@ -136,81 +140,108 @@ class Catalog:
 
 
 class Scorer:
-    """Scores with an items-only encoder (see the module doc). Not thread-safe by itself:
-    a replica calls it from one thread at a time."""
+    """Scores with a loaded model (see the module doc). Not thread-safe by itself: a replica
+    calls it from one thread at a time. Requests are dicts: items, actions, timestamps (the
+    last N events), context, request_time, and for a stored user `user` and `version`."""
 
     def __init__(self, folder: Path, cache_bytes: int, microbatch: int) -> None:
-        self.encoder, cfg = load_model_folder(folder)
+        self.model, cfg = load_model_folder(folder)
         self.kind = cfg.model.kind
-        self.tasks = [RETRIEVAL_TASK]
         self.max_seq_len = cfg.kept_items
         self.microbatch = microbatch
+        self.generative = isinstance(self.model, GenerativeRecommender)
+        if self.generative:
+            manifest = json.loads((folder / MANIFEST).read_text())
+            columns = list(manifest.get("context_features") or {})
+            self.context_shifts = np.asarray(context_offsets(manifest, columns), dtype=np.int64)
+            self.tasks = list(self.model.task_names)
+        elif isinstance(self.model, SequentialEncoder):
+            self.tasks = [RETRIEVAL_TASK]
+        else:
+            raise ValueError(f"model.kind {self.kind!r} cannot be served: it has no retrieval output "
+                             "(serve hstu, sasrec or gr)")
         with torch.no_grad():
-            self.items = self.encoder.all_item_embeddings()
-        blocks = self.encoder.blocks
+            self.items = self.model.all_item_embeddings()
+        blocks = self.model.blocks
         self.cache = (mfalcon.UserCache(cache_bytes)
                       if isinstance(blocks, HSTU) and getattr(blocks, "is_paper_hstu", True) else None)
+        if self.generative and self.cache is None:
+            raise ValueError("serving a gr model needs the paper's HSTU (M-FALCON): model.attention 'pointwise' "
+                             "and model.relative_bias 'both'")
 
-    @torch.no_grad()
-    def user_vectors(self, requests: list[dict]) -> tuple[torch.Tensor, list[str]]:
-        """[B, D] L2-normalised user vectors and, per request, what the cache did."""
-        if self.cache is None:
-            return self._forward(requests), ["none"] * len(requests)
-        vectors, states = [], []
-        for r in requests:
-            cache, state = self._history_cache(r)
-            vectors.append(mfalcon.last_hidden(self.encoder.blocks, cache, r["request_time"]))
-            states.append(state)
-        return F.normalize(torch.stack(vectors), dim=-1, eps=1e-6), states
+    # ------------------------------------------------------------------ histories
 
-    def _embed(self, items: np.ndarray) -> torch.Tensor:
-        ids = torch.tensor(items)
-        return self.encoder.embedding(ids, torch.tensor([0, len(ids)]))
+    def _inputs(self, r: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stack's layer-0 inputs for the request's history: x [L, D], timestamps [L]."""
+        items, stamps = torch.tensor(r["items"]), torch.tensor(r["timestamps"])
+        if not self.generative:
+            return self.model.embedding(items, torch.tensor([0, len(items)])), stamps
+        # the interleaved layout as genrec.data.batches builds it: context tokens (at the first event's
+        # time), then item, action, item, action, ...; the candidates come after the last action
+        context = np.asarray(r.get("context") or [0] * len(self.context_shifts), dtype=np.int64)
+        n, c = len(items), len(self.context_shifts)
+        ids = torch.cat([torch.from_numpy(context + self.context_shifts),
+                         torch.stack([items, torch.tensor(r["actions"])], 1).flatten()])
+        types = torch.tensor([CONTEXT] * c + [ITEM, ACTION] * n)
+        ts = torch.cat([stamps[:1].expand(c), stamps.repeat_interleave(2)])
+        return self.model.history_inputs({"item_ids": ids, "token_types": types, "timestamps": ts})
 
     def _history_cache(self, r: dict) -> tuple[mfalcon.HistoryCache, str]:
         """The user's cached history: a hit, the newest cached version extended by the
         events since, or encoded afresh. A history longer than N slides its window (all
         positions move): only histories that still start at event 0 can be extended."""
-        items, stamps, user, version = r["items"], r["timestamps"], r.get("user"), r.get("version")
-        ts = torch.tensor(stamps)
+        user, version = r.get("user"), r.get("version")
         if user is None:
-            return mfalcon.encode_history(self.encoder.blocks, self._embed(items), ts), "none"
+            return mfalcon.encode_history(self.model.blocks, *self._inputs(r)), "none"
         hit = self.cache.get(user, version)
         if hit is not None:
             return hit, "hit"
         latest = self.cache.latest(user)
+        x, ts = self._inputs(r)
         if latest is not None and latest[0] < version <= self.max_seq_len:
-            old, cached = latest
-            x_new = self._embed(items)[old:]  # positions old..version-1 of the same window
-            cache = mfalcon.extend_history(self.encoder.blocks, cached, x_new, ts[old:])
+            old = latest[1].length  # tokens cached; the new events' tokens follow at the same positions
+            cache = mfalcon.extend_history(self.model.blocks, latest[1], x[old:], ts[old:])
             state = "extended"
         else:
-            cache, state = mfalcon.encode_history(self.encoder.blocks, self._embed(items), ts), "miss"
+            cache, state = mfalcon.encode_history(self.model.blocks, x, ts), "miss"
         self.cache.put(user, version, cache)
         return cache, state
 
+    # ------------------------------------------------------------------ scoring
+
+    @torch.no_grad()
+    def user_vectors(self, requests: list[dict]) -> tuple[torch.Tensor, list[str], list]:
+        """[B, D] L2-normalised user vectors, what the cache did, and the caches (None without M-FALCON)."""
+        if self.cache is None:
+            return self._forward(requests), ["none"] * len(requests), [None] * len(requests)
+        vectors, states, caches = [], [], []
+        for r in requests:
+            cache, state = self._history_cache(r)
+            vectors.append(mfalcon.last_hidden(self.model.blocks, cache, r["request_time"]))
+            states.append(state)
+            caches.append(cache)
+        return F.normalize(torch.stack(vectors), dim=-1, eps=1e-6), states, caches
+
     def _forward(self, requests: list[dict]) -> torch.Tensor:
-        """One jagged pass for the whole batch (encoders without M-FALCON, e.g. SASRec)."""
+        """One jagged pass for the whole batch (items-only encoders without M-FALCON, e.g. SASRec)."""
         lengths = [len(r["items"]) for r in requests]
         offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.long)
-        items = torch.from_numpy(np.concatenate([r["items"] for r in requests]))
+        items = torch.tensor(np.concatenate([r["items"] for r in requests]))
         stamps = [r["timestamps"] for r in requests]
-        ts = torch.from_numpy(np.concatenate(stamps))
-        target = torch.from_numpy(np.concatenate([np.append(s[1:], r["request_time"])
-                                                  for s, r in zip(stamps, requests)]))
-        return self.encoder(items, ts, target, offsets)[offsets[1:] - 1]
+        ts = torch.tensor(np.concatenate(stamps))
+        target = torch.tensor(np.concatenate([np.append(s[1:], r["request_time"]) for s, r in zip(stamps, requests)]))
+        return self.model(items, ts, target, offsets)[offsets[1:] - 1]
 
     @torch.no_grad()
     def retrieve(self, requests: list[dict]) -> list[dict]:
-        """requests: items (the last N), seen (all history items), timestamps, request_time, k,
-        exclude_history (+ user, version) -> top k."""
-        users, states = self.user_vectors(requests)
+        """+ seen (all history items), k, exclude_history -> top k by inner product over the item table."""
+        users, states, _ = self.user_vectors(requests)
         scores = users @ self.items.T
         scores[:, 0] = -torch.inf  # padding
         out = []
         for row, r, state in zip(scores, requests, states):
             if r["exclude_history"]:
-                row[torch.from_numpy(r["seen"])] = -torch.inf
+                row[torch.tensor(r["seen"])] = -torch.inf
             k = min(r["k"], int(torch.isfinite(row).sum()))
             top = torch.topk(row, k)
             out.append({"items": top.indices.tolist(), "scores": top.values.tolist(), "cache": state})
@@ -218,10 +249,17 @@ class Scorer:
 
     @torch.no_grad()
     def rank(self, requests: list[dict]) -> list[dict]:
-        """requests: items, timestamps, request_time, candidates [m] (+ user, version) -> [m, tasks] scores."""
-        users, states = self.user_vectors(requests)
+        """+ candidates [m] -> scores [m, tasks]: items-only, the user vector . the candidate's;
+        gr, each task's prediction by M-FALCON (each candidate sees the history and itself)."""
+        users, states, caches = self.user_vectors(requests)
         out = []
-        for u, r, state in zip(users, requests, states):
-            scores = self.items[torch.from_numpy(r["candidates"])] @ u
-            out.append({"scores": scores.unsqueeze(1).tolist(), "cache": state})
+        for u, r, state, cache in zip(users, requests, states, caches):
+            candidates = torch.tensor(r["candidates"])
+            if self.generative:
+                x = self.model.candidate_embeddings(candidates, cache.length)
+                hidden = mfalcon.candidate_hidden(self.model.blocks, cache, x, r["request_time"], self.microbatch)
+                scores = self.model.predictions(self.model.task_logits(hidden))
+            else:
+                scores = (self.items[candidates] @ u).unsqueeze(1)
+            out.append({"scores": scores.tolist(), "cache": state})
         return out

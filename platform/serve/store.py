@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..data.prepared import SEQUENCES, VOCAB, read_split
+from ..data.prepared import SEQUENCES, VOCAB, read_manifest, read_split
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class History:
     items: np.ndarray  # int64
     actions: np.ndarray  # int64 (the dataset's action id or bitmask)
     timestamps: np.ndarray  # int64
+    context: tuple[int, ...] = ()  # the user's context features (manifest order; 0 = unknown), if the data has any
 
     @property
     def version(self) -> int:
@@ -59,6 +60,8 @@ def user_key(user_id: int | str) -> str:
 class EmbeddedHistoryStore:
     def __init__(self, prepared: str | Path, events_db: str | Path) -> None:
         table = read_split(prepared, SEQUENCES)
+        columns = [c for c in read_manifest(prepared).get("context_features") or {} if c in table.column_names]
+        self._context = list(zip(*(table[c].to_pylist() for c in columns))) if columns else None
         users = pq.read_table(Path(prepared) / VOCAB / "users.parquet")
         raw = dict(zip(users["index"].to_pylist(), users["user_id"].to_pylist()))
         self._row = {user_key(raw[u]): i for i, u in enumerate(table["user"].to_pylist())}
@@ -97,9 +100,12 @@ class EmbeddedHistoryStore:
         if base is None and not logged:
             return None
         extra = np.asarray(logged, dtype=np.int64).reshape(-1, 3)
+        context = ()
         if base is None:
             base = tuple(np.zeros(0, np.int64) for _ in range(3))
-        return History(*(np.concatenate([b, extra[:, j]]) for j, b in enumerate(base)))
+        elif self._context is not None:
+            context = tuple(self._context[self._row[user]])
+        return History(*(np.concatenate([b, extra[:, j]]) for j, b in enumerate(base)), context=context)
 
     def append(self, user: str, items: np.ndarray, actions: np.ndarray, timestamps: np.ndarray) -> int:
         db = self._db()
