@@ -61,7 +61,7 @@ def main() -> None:
                          "valid_eval_s": statistics.median(evaluations), "fixed_epoch": args.fixed_epoch,
                          **{f"oracle/{k}": v for k, v in ((oracle or {}).get("test", {}).get("oracle", {})).items()},
                          **{f"fixed/{k}": fixed[f"test/{k}"] for k in ("ndcg@10", "hr@10") if fixed},
-                         "wall_s": sum(h["train/epoch_seconds"] + h["eval_seconds"] for h in history), **result["best"]})
+                         "wall_s": sum(h["train/epoch_seconds"] + h.get("eval_seconds", 0.0) for h in history), **result["best"]})
             out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
             out.write_text(table(rows))
     print(table(rows))

@@ -263,6 +263,18 @@ class ModelConfig(Strict):
     attention_impl: Literal["auto", "pytorch", "cpu", "triton"] = Field(
         "auto", description="HSTU attention: auto = Triton on CUDA, plain PyTorch on CPU; cpu = the tiled CPU "
         "path (never builds the L x L bias: less memory at long lengths)")
+    attention: Literal["pointwise", "softmax"] = Field(
+        "pointwise", description="HSTU only: SiLU(QK^T + rab)/N (the paper) or a causal softmax (its ablation)")
+    relative_bias: Literal["both", "position", "time", "none"] = Field(
+        "both", description="HSTU only: which terms of rab^{p,t} the attention adds (the paper's ablations)")
+
+    @model_validator(mode="after")
+    def _ablations_are_hstu_options(self):
+        if self.kind != "hstu":
+            for key, default in (("attention", "pointwise"), ("relative_bias", "both")):
+                if getattr(self, key) != default:
+                    raise ValueError(f"model.{key}={getattr(self, key)!r} is an HSTU option; model.kind is {self.kind!r}")
+        return self
 
 
 class RankingTask(Strict):
@@ -340,6 +352,11 @@ class TrainConfig(Strict):
         "train", description="train_and_valid: also train on each user's validation target, as the paper's code "
         "does (it has no validation split); the model is then not selected on validation: test is reported "
         "at the last evaluation")
+    mode: Literal["epochs", "one_pass"] = Field(
+        "epochs", description="epochs: multi-epoch training on the train split with leave-one-out evaluation; "
+        "one_pass: one pass over the time-ordered events, each window of train.window_days evaluated (every "
+        "event in it ranked) before it is trained on, as in the paper's streaming tables")
+    window_days: float = Field(7.0, gt=0, description="one_pass mode: the width of a time window")
     early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without a better valid NDCG@10")
     storage_path: str = Field("outputs/ray_results", description="checkpoints and run folders: a local path, "
                               "or on a cluster a shared mount every node sees (relative paths follow GENREC_ROOT)")
@@ -350,6 +367,15 @@ class TrainConfig(Strict):
     @model_validator(mode="after")
     def _storage_on_a_file_system(self):
         local_or_mounted(self.storage_path, "train.storage_path")  # workers' progress file lives there too
+        return self
+
+    @model_validator(mode="after")
+    def _one_pass_reads_whole_sequences(self):
+        if self.mode == "one_pass":
+            for key, value, default in (("data_mode", self.data_mode, "replicated"), ("train_on", self.train_on, "train")):
+                if value != default:
+                    raise ValueError(f"train.{key}={value!r} does not apply to train.mode='one_pass' "
+                                     f"(it streams the full sequences by time window)")
         return self
 
 
@@ -435,8 +461,8 @@ class ExperimentConfig(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
-    sweep: SweepConfig | None = Field(None, description="jobs/sweep.py only: the scaling sweep or search")
     ranking: RankingConfig = Field(default_factory=RankingConfig)
+    sweep: SweepConfig | None = Field(None, description="jobs/sweep.py only: the scaling sweep or search")
 
     @model_validator(mode="after")
     def _batches_fit_the_model(self):
@@ -455,6 +481,13 @@ class ExperimentConfig(Strict):
         if ranker and not any(t.kind == "binary" for t in self.ranking.tasks):
             raise ValueError(f"ranking.tasks: model.kind={self.model.kind!r} needs at least one binary task "
                              "(the model is selected on their normalized entropy)")
+        return self
+
+    @model_validator(mode="after")
+    def _one_pass_ranks_retrieval(self):
+        if self.train.mode == "one_pass" and self.model.kind not in ("hstu", "sasrec"):
+            raise ValueError(f"train.mode='one_pass' trains the retrieval encoders (model.kind hstu or sasrec), "
+                             f"not model.kind={self.model.kind!r}")
         return self
 
     @property

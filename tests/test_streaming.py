@@ -112,6 +112,11 @@ def test_config_refuses_what_one_pass_and_the_ablations_cannot_mean(tmp_path):
     bad.write_text("model: {kind: sasrec, relative_bias: none}\n")
     with pytest.raises(ConfigError, match="model.relative_bias='none' is an HSTU option"):
         load_config(bad)
+    bad.write_text("data: {source: {kind: synthetic}, output_dir: out}\nmodel: {kind: dlrm}\n"
+                   "batching: {layout: interleaved}\ntrain: {mode: one_pass}\n"
+                   "ranking: {tasks: [{name: like, kind: binary, action: like}]}\n")
+    with pytest.raises(ConfigError, match="train.mode='one_pass' trains the retrieval encoders"):
+        load_config(bad)
     bad.write_text("model: {attention: linear}\n")
     with pytest.raises(ConfigError, match="model.attention"):
         load_config(bad)

@@ -2,6 +2,10 @@
 
     resume -> for each epoch: train_one_epoch -> evaluate_and_select -> log -> checkpoint
 
+train.mode one_pass walks time windows instead of epochs (streaming.py):
+
+    resume -> for each window: evaluate it -> train on it once -> log -> checkpoint
+
 The loss of a step is the sum over this worker's target positions divided by
 the global count, times the world size (DDP averages gradients over workers),
 so 1 and 2 workers train the same model; batches and seeds: see batching.py.
@@ -20,7 +24,7 @@ import torch.distributed as dist
 
 from ..config import ExperimentConfig
 from ..data.loader import BatchSpec, iter_torch_batches
-from ..data.prepared import read_split
+from ..data.prepared import SEQUENCES, read_split
 from ..errors import GenrecError
 from ..model import sampled_softmax_loss
 from .artifact import build_model
@@ -30,6 +34,7 @@ from .evaluation import evaluate
 from .flops import FlopModel
 from .ranking import RankingStep, is_ranking, ranking_evaluator
 from .ranking import SELECTION_METRIC as RANKING_SELECTION_METRIC
+from .streaming import StreamWindows, add_to_stream, evaluate_window
 from .tracking import MetricLogger
 
 SELECTION_METRIC = "valid/ndcg@10"
@@ -75,15 +80,24 @@ class Worker:
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = ExperimentConfig.model_validate(loop_config["experiment"])
     worker, progress = setup_and_resume(cfg, Path(loop_config["run_folder"]))
-    logger = MetricLogger(cfg, worker.run_folder, loop_config.get("mlflow_run_id"), progress.epoch + 1) \
-        if worker.rank == 0 else None
+    windows = StreamWindows(read_split(cfg.data.output_dir, SEQUENCES), cfg.train.window_days) \
+        if cfg.train.mode == "one_pass" else None
+    total = len(windows) if windows else cfg.train.epochs
+    logger = MetricLogger(cfg, worker.run_folder, loop_config.get("mlflow_run_id"), progress.epoch + 1, total,
+                          "window" if windows else "epoch") if worker.rank == 0 else None
     if logger and progress.epoch >= 0:
-        logger.say(f"resumed from checkpoint after epoch {progress.epoch + 1}")
-    train_table = read_split(cfg.data.output_dir, train_split_name(cfg)) if cfg.train.data_mode == "replicated" else None
-    splits = {s: read_split(cfg.data.output_dir, s) for s in ("valid", "test")} if worker.rank == 0 else {}
-    for epoch in range(progress.epoch + 1, cfg.train.epochs):
+        logger.say(f"resumed from checkpoint after {'window' if windows else 'epoch'} {progress.epoch + 1}")
+    train_table = read_split(cfg.data.output_dir, train_split_name(cfg)) \
+        if cfg.train.data_mode == "replicated" and not windows else None
+    splits = {s: read_split(cfg.data.output_dir, s) for s in ("valid", "test")} if worker.rank == 0 and not windows else {}
+    for epoch in range(progress.epoch + 1, total):
+        scored = {}
+        if windows:
+            train_table, targets = windows.window(epoch)
+            if worker.rank == 0 and targets:
+                scored = score_window(worker, train_table, epoch, progress)
         try:
-            metrics = train_one_epoch(worker, epoch, train_table)
+            metrics = {**train_one_epoch(worker, epoch, train_table), **scored}
             # the run's compute so far, from the history so that it survives a resume (scaling sweeps read it)
             metrics["train/cumulative_flops"] = metrics["train/flops"] + sum(h.get("train/flops", 0.0) for h in progress.history)
         except _Diverged as diverged:  # every rank stops; the last good checkpoint stays the run's latest
@@ -92,8 +106,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 logger.say(message)
                 (worker.run_folder / NON_FINITE_MARKER).write_text(message)
             return
-        if worker.rank == 0:
+        if worker.rank == 0 and not windows:
             evaluate_and_select(worker, splits, metrics, epoch, progress)
+        elif worker.rank == 0:  # one pass: the model that has seen every window so far is the result
+            progress.best_state = {k: v.detach().cpu().clone() for k, v in worker.core.state_dict().items()}
+        if logger:
             logger.log_epoch(metrics, epoch, progress.best)
         progress.epoch = epoch
         progress.history.append(metrics)
@@ -202,6 +219,17 @@ def evaluate_and_select(w: Worker, splits: dict, metrics: dict, epoch: int, prog
                              **test, "best_epoch": epoch + 1}
             progress.best_state = {k: v.detach().cpu().clone() for k, v in w.core.state_dict().items()}
     metrics["eval_seconds"] = time.time() - started
+
+
+def score_window(w: Worker, table, window: int, progress: Progress) -> dict:
+    """Rank 0, one_pass mode: rank the window's events before training on them; from the
+    second window on, add them to the run's stream metrics. The latest model is the result."""
+    started = time.time()
+    scored = evaluate_window(w.core, table, w.eval_spec, w.cfg.eval.batch_size, w.cfg.eval.ties)
+    if window > 0:
+        progress.best = {**progress.best, **add_to_stream(progress.best, scored), "best_epoch": window + 1}
+    scored["eval_seconds"] = time.time() - started
+    return scored
 
 
 def should_stop(w: Worker, progress: Progress) -> bool:

@@ -84,11 +84,13 @@ class MetricLogger:
     """Rank 0's voice: per-epoch metrics to MLflow and one progress line per event to
     the run's progress file (the driver prints it; see `follow_progress`)."""
 
-    def __init__(self, cfg: ExperimentConfig, run_folder: Path, mlflow_run_id: str | None, start_epoch: int) -> None:
+    def __init__(self, cfg: ExperimentConfig, run_folder: Path, mlflow_run_id: str | None, start_epoch: int,
+                 total: int | None = None, unit: str = "epoch") -> None:
+        """total: epochs (default train.epochs), or time windows with unit "window" (one_pass mode)."""
         self.client = MlflowClient(tracking_uri(cfg)) if mlflow_run_id else None
         self.run_id = mlflow_run_id
         self.progress = run_folder / PROGRESS_FILE
-        self.epochs = cfg.train.epochs
+        self.epochs, self.unit = total or cfg.train.epochs, unit
         self.started, self.start_epoch = time.time(), start_epoch
 
     def say(self, text: str) -> None:
@@ -104,14 +106,16 @@ class MetricLogger:
                 if isinstance(v, (int, float)) and math.isfinite(float(v)) and k != "epoch"])
         elapsed = time.time() - self.started
         eta = elapsed / (epoch + 1 - self.start_epoch) * (self.epochs - epoch - 1)
-        valid = (f" valid ndcg@10 {metrics['valid/ndcg@10']:.4f} hr@10 {metrics['valid/hr@10']:.4f}"
-                 if "valid/ndcg@10" in metrics else "")
+        scored = "".join(f" {split} ndcg@10 {metrics[f'{split}/ndcg@10']:.4f} hr@10 {metrics[f'{split}/hr@10']:.4f}"
+                         for split in ("valid", "window") if f"{split}/ndcg@10" in metrics)
         if "valid/ne_gain" in metrics:  # rankers: the mean normalized entropy of the binary tasks
-            valid += f" valid mean NE {1 - metrics['valid/ne_gain']:.4f}"
-        self.say(f"epoch {epoch + 1}/{self.epochs} loss {metrics['train/loss']:.4f} "
+            scored += f" valid mean NE {1 - metrics['valid/ne_gain']:.4f}"
+        stream = f" | stream hr@10 {best['stream/hr@10']:.4f}" if "stream/hr@10" in best else \
+            f" | best epoch {best.get('best_epoch', '-')}"
+        self.say(f"{self.unit} {epoch + 1}/{self.epochs} loss {metrics['train/loss']:.4f} "
                  f"{metrics['train/examples_per_s']:,.0f} ex/s {metrics['train/tokens_per_s']:,.0f} tok/s "
-                 f"epoch {metrics['train/epoch_seconds']:.1f}s (+eval {metrics['eval_seconds']:.1f}s)"
-                 f"{valid} | best epoch {best.get('best_epoch', '-')} | elapsed {elapsed:.0f}s ETA {eta:.0f}s")
+                 f"{self.unit} {metrics['train/epoch_seconds']:.1f}s (+eval {metrics.get('eval_seconds', 0):.1f}s)"
+                 f"{scored}{stream} | elapsed {elapsed:.0f}s ETA {eta:.0f}s")
 
 
 def follow_progress(run_folder: Path, print_line, stop) -> None:
@@ -148,6 +152,6 @@ def log_final_model(cfg: ExperimentConfig, run_id: str, state_dict: dict, best: 
         client.create_registered_model(name, description="genrec sequential encoder (weights + config + vocabularies)")
     source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_FILES}"
     tags = {"best_epoch": str(best.get("best_epoch"))}
-    tags.update({metric_key(k): f"{v:.4f}" for k, v in best.items() if k.startswith(("test/", "valid/"))})
+    tags.update({metric_key(k): f"{v:.4f}" for k, v in best.items() if k.startswith(("test/", "valid/", "stream/"))})
     version = client.create_model_version(name, source, run_id=run_id, tags=tags)
     return version.version

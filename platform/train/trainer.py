@@ -94,8 +94,13 @@ def fit(cfg: ExperimentConfig, log=print, callbacks=(), mlflow_tags: dict | None
     plot_history(history, plot, title=f"{run_name} ({cfg.model.kind})")
     version = tracking.log_final_model(cfg, run_id, progress.best_state, best, history, plot)
     name = cfg.tracking.registered_model or cfg.name
-    log(f"[train] best epoch {best.get('best_epoch')}: test ndcg@10 {best.get('test/ndcg@10', float('nan')):.4f} "
-        f"hr@10 {best.get('test/hr@10', float('nan')):.4f}; registered {name!r} version {version}")
+    if "stream/hr@10" in best:
+        log(f"[train] one pass over {len(history)} windows: stream hr@10 {best['stream/hr@10']:.4f} hr@50 "
+            f"{best['stream/hr@50']:.4f} ndcg@10 {best['stream/ndcg@10']:.4f} ({best['stream/targets']:,.0f} events "
+            f"ranked, windows 2..{len(history)}); registered {name!r} version {version}")
+    else:
+        log(f"[train] best epoch {best.get('best_epoch')}: test ndcg@10 {best.get('test/ndcg@10', float('nan')):.4f} "
+            f"hr@10 {best.get('test/hr@10', float('nan')):.4f}; registered {name!r} version {version}")
     log(f"[train] browse: mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)} --host 127.0.0.1")
     return {"run_name": run_name, "mlflow_run_id": run_id, "registered_model": name, "version": version,
             "best": best, "history": history, "checkpoint": result.checkpoint.path, "epochs_run": len(history)}
@@ -111,10 +116,15 @@ def plot_history(history: list, path: Path, title: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
     left.plot(epochs, [h["train/loss"] for h in history])
     left.set(xlabel="epoch", ylabel="train loss", title="training loss")
-    evaluated = [h for h in history if "valid/ndcg@10" in h]
-    for key in ("valid/ndcg@10", "valid/hr@10"):
+    split = "window" if any("window/ndcg@10" in h for h in history) else "valid"
+    evaluated = [h for h in history if f"{split}/ndcg@10" in h]
+    for key in (f"{split}/ndcg@10", f"{split}/hr@10"):
         right.plot([h["epoch"] for h in evaluated], [h[key] for h in evaluated], marker=".", label=key)
-    right.set(xlabel="epoch", title="validation (full ranking)")
+    right.set(xlabel="epoch", title="validation (full ranking)" if split == "valid" else
+              "each window, ranked before training on it (one pass)")
+    if split == "window":
+        left.set(xlabel="window")
+        right.set(xlabel="window")
     right.legend()
     fig.suptitle(title)
     fig.tight_layout()
