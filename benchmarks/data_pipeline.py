@@ -185,15 +185,15 @@ def genrec_ray(path: Path, out: Path) -> dict:
     from genrec.config import DataConfig
     from genrec.data.pipeline import prepare
 
-    for attempt in range(3):  # on a loaded machine the raylet can miss its start-up deadline
+    for attempt in range(5):  # on a loaded machine the raylet can miss Ray's fixed 30 s start-up deadline
         try:
             ray.init(num_cpus=2, object_store_memory=2 << 30, include_dashboard=False, log_to_driver=False)
             break
         except Exception:
             ray.shutdown()
-            if attempt == 2:
+            if attempt == 4:
                 raise
-            time.sleep(10)
+            time.sleep(20)
     cfg = DataConfig.model_validate(genrec_data_config(path.suffix[1:], path.parent, out))
     started = time.time()
     summary = prepare(cfg, log=lambda *_: None)
@@ -230,7 +230,8 @@ def measured(side: str, path: Path, out: Path) -> dict:
         time.sleep(0.2)
     output = proc.stdout.read()
     if proc.returncode != 0:
-        raise SystemExit(f"{side} failed:\n{output}")
+        print(f"{side} failed on {path}:\n{output}", flush=True)
+        return None
     result = json.loads(output.strip().splitlines()[-1])
     result.update(wall_s=time.time() - started, peak_gib=peak / (1 << 30))
     return result
@@ -300,8 +301,14 @@ def main() -> None:
         for fmt in args.formats:
             path = folder / f"behaviour.{fmt}"
             with tempfile.TemporaryDirectory(dir=args.data) as tmp:
-                results = {side: measured(side, path, Path(tmp) / side) for side in args.sides}
-                first = args.sides[0]
+                results = {}
+                for side in args.sides:
+                    results[side] = measured(side, path, Path(tmp) / side)
+                    print(f"{events:,} rows, {fmt}, {side}: {json.dumps(results[side])}", flush=True)
+                results = {side: r for side, r in results.items() if r is not None}
+                if not results:
+                    continue
+                first = next(iter(results))
                 reference = sequences_by_raw_id(first, Path(tmp) / first)
                 for side, r in results.items():
                     same = all(r[k] == results[first][k] for k in ("input_rows", "rejected", "users", "duplicates", "merged"))
