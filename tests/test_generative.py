@@ -104,6 +104,9 @@ def test_rank_scores_each_candidate_as_one_run_of_history_plus_it():
     permutation = torch.tensor([3, 0, 4, 1, 2])
     torch.testing.assert_close(model.rank(history, candidates[permutation], request_time), ranked[permutation])
     assert (ranked[:, :2] > 0).all() and (ranked[:, :2] < 1).all()  # binary tasks come back as probabilities
+    too_long = {k: v.repeat(3) for k, v in history.items()}
+    with pytest.raises(ValueError, match="leaves no position for the candidate"):
+        model.rank(too_long, candidates, request_time)
 
 
 def test_rank_meets_the_serving_pieces():

@@ -142,6 +142,9 @@ class GenerativeRecommender(nn.Module):
         m sequences history + candidate in one jagged batch (M-FALCON in serving must match it)."""
         ids, types, ts = history["item_ids"], history["token_types"], history["timestamps"]
         n, m = ids.size(0), candidate_ids.size(0)
+        if n >= self.positions.num_embeddings:
+            raise ValueError(f"a history of {n} tokens leaves no position for the candidate: the model was built "
+                             f"for {self.positions.num_embeddings} tokens (keep the most recent items)")
         now = ts.new_tensor([request_time])
         seq_ts = torch.cat([ts, now])
         target_ts = torch.cat([ts[1:], now, now])  # each token's target time: the next token's, then the request
