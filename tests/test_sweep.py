@@ -11,13 +11,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from genrec.config import ConfigError, ExperimentConfig
+from genrec.config import ConfigError, ExperimentConfig, SweepFamily, load_config
 from genrec.data.pipeline import prepare
 from genrec.data.prepared import read_split
 from genrec.train.batching import batch_spec, replicated_batches
 from genrec.train.flops import FlopModel
 from genrec.train.scaling import fit_power_law
-from genrec.train.sweep import DivergenceStopper, concurrency, run_sweep, trial_configs
+from genrec.train.sweep import (DivergenceStopper, _search_space, concurrency, run_sweep, trial_configs,
+                                write_best_config)
 
 
 def tiny_sweep(root, **sweep):
@@ -31,8 +32,7 @@ def tiny_sweep(root, **sweep):
                   "threads_per_worker": 1, "seed": 3},
         "eval": {"every": 10},
         "tracking": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "sweeps"},
-        "sweep": {"families": {"hstu": {"grid": {"model.dim": [8, 24]}},
-                               "sasrec": {"set": {"model.kind": "sasrec"}, "grid": {"model.dim": [8]}}},
+        "sweep": {"families": {"hstu": {"grid": {"model.dim": [8, 24]}}},
                   "storage_path": str(root / "sweeps"), **sweep},
     })
 
@@ -57,7 +57,7 @@ def test_sweep_end_to_end_interrupted_and_resumed(ray_cluster, tmp_path):
     second = run_sweep(cfg, log=lines.append)
     assert not second["interrupted"]
     rows = {r["trial"]: r for r in second["rows"]}
-    assert sorted(rows) == ["tiny-sweep-000-hstu", "tiny-sweep-001-hstu", "tiny-sweep-002-sasrec"]
+    assert sorted(rows) == ["tiny-sweep-000-hstu", "tiny-sweep-001-hstu"]
     assert all(r["status"] == "finished" for r in rows.values())
     assert any("resuming" in line for line in lines)
 
@@ -88,7 +88,7 @@ def test_sweep_end_to_end_interrupted_and_resumed(ray_cluster, tmp_path):
 
     # CSV of every trial, the PNG and the fit, logged to the parent run.
     csv_text = open(second["csv"]).read().splitlines()
-    assert csv_text[0].startswith("trial,point,family,status") and len(csv_text) == 4
+    assert csv_text[0].startswith("trial,point,family,status") and len(csv_text) == 3
     assert open(second["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     logged_files = {a.path for a in client.list_artifacts(second["parent_run_id"])}
     assert {"trials.csv", "scaling.png", "fits.json"} <= logged_files
@@ -97,7 +97,6 @@ def test_sweep_end_to_end_interrupted_and_resumed(ray_cluster, tmp_path):
     for name in ("tiny-sweep-000-hstu", "tiny-sweep-001-hstu"):
         row = rows[name]
         assert law(row["train/cumulative_flops"]) == pytest.approx(row["best/valid/ndcg@10"], rel=1e-4)
-    assert "sasrec" not in second["fits"]  # one point: no fit
     parent_metrics = client.get_run(second["parent_run_id"]).data.metrics
     assert parent_metrics["fit/hstu/b"] == pytest.approx(law.b)
 
@@ -123,7 +122,7 @@ def test_power_law_fit_recovers_known_parameters():
 def test_sweep_config_errors_name_the_trial_and_key(tmp_path):
     cfg = tiny_sweep(tmp_path)
     bad = cfg.model_copy(deep=True)
-    bad.sweep.families["sasrec"].grid = {"model.dimm": [8]}
+    bad.sweep.families["sasrec"] = SweepFamily(set={"model.kind": "sasrec"}, grid={"model.dimm": [8]})
     with pytest.raises(ConfigError, match=r"tiny-sweep-002-sasrec(.|\n)*model.dimm: unknown key"):
         trial_configs(bad)
     assert concurrency(cfg, {"CPU": 2.0}) == 2  # 0.25 (driver) + 0.5 (one worker) per trial
@@ -139,3 +138,22 @@ def test_divergence_stopper():
     assert not stop("b", {"train/loss": 9.0})  # another trial, its own lowest
     assert stop("a", {"train/loss": 6.5}) and stop("b", {"train/loss": float("nan")})
     assert stop.stopped == {"a", "b"}
+
+
+def test_search_space_and_best_config_is_a_ready_yaml(tmp_path):
+    space = {"train.lr": {"loguniform": [1e-4, 1e-2]}, "model.dropout": {"choice": [0.0, 0.2]}}
+    cfg = tiny_sweep(tmp_path, search={"space": space, "num_samples": 2})
+    cfg.sweep.families["sasrec"] = SweepFamily(set={"model.kind": "sasrec"})
+    domains = _search_space(cfg)
+    assert 1e-4 <= domains["train.lr"].sample() <= 1e-2 and domains["model.dropout"].sample() in (0.0, 0.2)
+    rows = [
+        {"trial": "tiny-sweep-000-hstu-a", "point": "tiny-sweep-000-hstu", "status": "finished",
+         "best/valid/ndcg@10": 0.05, "train.lr": 1e-3, "model.dropout": 0.0},
+        {"trial": "tiny-sweep-001-hstu-b", "point": "tiny-sweep-001-hstu", "status": "finished",
+         "best/valid/ndcg@10": 0.08, "train.lr": 3e-3, "model.dropout": 0.2},
+        {"trial": "tiny-sweep-002-sasrec-c", "point": "tiny-sweep-002-sasrec", "status": "stopped early (scheduler)",
+         "best/valid/ndcg@10": 0.09, "train.lr": 1e-2, "model.dropout": 0.0},
+    ]
+    best = load_config(write_best_config(cfg, rows, tmp_path))
+    assert (best.train.lr, best.model.dropout, best.model.dim, best.model.kind) == (3e-3, 0.2, 24, "hstu")
+    assert best.sweep is None and best.train.run_name is None and best.data.output_dir == str(tmp_path / "data")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -124,6 +125,11 @@ def run_name(config: dict, trial_id: str) -> str:
     return f"{name}-{trial_id}" if "search" in config else name
 
 
+def trial_dirname(trial) -> str:
+    """Tune's folder of a trial: its run name (Tune's default spells out the whole config)."""
+    return run_name(trial.config, trial.trial_id)
+
+
 class DivergenceStopper:
     """Stops a trial whose train loss is not finite or rose above `factor` x its lowest so far."""
 
@@ -189,6 +195,9 @@ def run_sweep(cfg: ExperimentConfig, log=print, callbacks=()) -> dict:
 
     if cfg.sweep is None:
         raise ConfigError("this config has no sweep section (see configs/sweeps/)")
+    if cfg.sweep.search is not None and cfg.eval.every != 1:
+        raise ConfigError(f"sweep.search needs eval.every=1 (ASHA compares trials on {cfg.sweep.metric} after "
+                          f"every epoch), got {cfg.eval.every}")
     cfg = workers_view(cfg)
     sweep = cfg.sweep
     name = sweep_name(cfg)
@@ -208,6 +217,8 @@ def run_sweep(cfg: ExperimentConfig, log=print, callbacks=()) -> dict:
     trainable = tune.with_resources(run_trial, {"CPU": sweep.trial_driver_cpus})
     stopper = DivergenceStopper(sweep.divergence_factor)
     watchers = [SweepProgress(log, total, sweep.metric), *callbacks]
+    if not cfg.ray.verbose:  # genrec's [sweep] lines only: Tune's own tables stay off the terminal
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     run_config = tune.RunConfig(name=name, storage_path=str(storage), stop=stopper, verbose=0, callbacks=watchers)
     if tune.Tuner.can_restore(str(folder)):
         log(f"[sweep] resuming {folder}: finished trials are kept, the others run")
@@ -218,7 +229,7 @@ def run_sweep(cfg: ExperimentConfig, log=print, callbacks=()) -> dict:
         restored.stop, restored.callbacks = stopper, watchers
     else:
         param_space = {"trial": tune.grid_search(trials), "parent_run_id": parent, "sweep": name}
-        tune_config = tune.TuneConfig(max_concurrent_trials=parallel)
+        tune_config = tune.TuneConfig(max_concurrent_trials=parallel, trial_dirname_creator=trial_dirname)
         if searching:
             s = sweep.search
             param_space["search"] = _search_space(cfg)
@@ -226,7 +237,8 @@ def run_sweep(cfg: ExperimentConfig, log=print, callbacks=()) -> dict:
                                       grace_period=s.grace_period, reduction_factor=s.reduction_factor)
             tune_config = tune.TuneConfig(max_concurrent_trials=parallel, num_samples=s.num_samples,
                                           metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
-                                          search_alg=BasicVariantGenerator(random_state=s.seed))
+                                          search_alg=BasicVariantGenerator(random_state=s.seed),
+                                          trial_dirname_creator=trial_dirname)
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
     results = tuner.fit()
     status = {trial.path: trial.status for trial in tune.ExperimentAnalysis(str(folder)).trials}
@@ -283,7 +295,7 @@ def summarise(cfg: ExperimentConfig, name: str, folder: Path, parent: str, rows:
 
     metric = cfg.sweep.metric
     csv_path = scaling.write_csv(rows, folder / "trials.csv")
-    finished = [r for r in rows if r["status"] == "finished" or r["status"].startswith("stopped")]
+    finished = [r for r in rows if r["status"] == "finished"]  # stopped or failed trials stay out of the fit
     fits = scaling.fit_families(finished, COMPUTE_KEY, metric)
     plot = scaling.plot_scaling(finished, fits, COMPUTE_KEY, metric, folder / "scaling.png",
                                 title=f"{name}: {metric} vs training compute")
