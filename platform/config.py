@@ -435,6 +435,9 @@ class SweepConfig(Strict):
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> values (a product)")
     metric: str = Field("best/valid/ndcg@10", description="what the power law is fitted to, from the last report")
     mode: Literal["max", "min"] = "max"
+    fit_points: Literal["all", "frontier"] = Field(
+        "all", description="fit every finished trial, or only each family's compute-efficient frontier (the "
+        "trials no cheaper trial beats)")
     max_concurrent_trials: int | None = Field(None, gt=0, description="default: as many as the cluster's CPUs "
                                               "(and GPUs) hold at once")
     trial_driver_cpus: float = Field(0.25, ge=0, description="the CPU each trial's driver (the Train run) holds")

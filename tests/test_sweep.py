@@ -16,7 +16,7 @@ from genrec.data.pipeline import prepare
 from genrec.data.prepared import read_split
 from genrec.train.batching import batch_spec, replicated_batches
 from genrec.train.flops import FlopModel
-from genrec.train.scaling import fit_power_law
+from genrec.train.scaling import fit_power_law, frontier
 from genrec.train.sweep import (DivergenceStopper, _search_space, concurrency, run_sweep, trial_configs,
                                 write_best_config)
 
@@ -117,6 +117,10 @@ def test_power_law_fit_recovers_known_parameters():
     assert not exact.with_offset and exact.b == pytest.approx(math.log10(2) / 2, rel=1e-6) and exact.c == 0
     with pytest.raises(ValueError, match="at least 2"):
         fit_power_law([1e9], [1.0], "one")
+    # The compute-efficient frontier: a point counts only if no cheaper point beats it.
+    points = [(4.0, 0.3), (1.0, 0.1), (2.0, 0.05), (3.0, 0.2), (5.0, 0.25)]
+    assert frontier(points, "max") == [(1.0, 0.1), (3.0, 0.2), (4.0, 0.3)]
+    assert frontier(points, "min") == [(1.0, 0.1), (2.0, 0.05)]
 
 
 def test_sweep_config_errors_name_the_trial_and_key(tmp_path):

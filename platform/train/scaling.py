@@ -81,13 +81,29 @@ def fit_power_law(compute, metric, family: str = "") -> PowerLaw:
                     len(C), with_offset)
 
 
-def fit_families(rows: list[dict], compute_key: str, metric_key: str) -> dict[str, PowerLaw]:
-    """One power law per family with at least 2 finished trials of different compute."""
+def frontier(points: list[tuple[float, float]], mode: str) -> list[tuple[float, float]]:
+    """The compute-efficient frontier: the (compute, metric) points that no cheaper point beats
+    (mode "max": higher is better, "min": lower), in order of compute."""
+    sign = 1 if mode == "max" else -1
+    kept, best = [], -math.inf
+    for C, y in sorted(points):
+        if sign * y > best:
+            kept.append((C, y))
+            best = sign * y
+    return kept
+
+
+def fit_families(rows: list[dict], compute_key: str, metric_key: str, points: str = "all",
+                 mode: str = "max") -> dict[str, PowerLaw]:
+    """One power law per family with at least 2 finished trials of different compute; points
+    "frontier" fits only each family's compute-efficient frontier (see `frontier`)."""
     by_family: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
         C, y = _number(row.get(compute_key)), _number(row.get(metric_key))
         if C is not None and y is not None and C > 0:
             by_family.setdefault(row["family"], []).append((C, y))
+    if points == "frontier":
+        by_family = {family: frontier(found, mode) for family, found in by_family.items()}
     fits = {}
     for family, points in sorted(by_family.items()):
         if len({C for C, _ in points}) >= 2:

@@ -296,7 +296,7 @@ def summarise(cfg: ExperimentConfig, name: str, folder: Path, parent: str, rows:
     metric = cfg.sweep.metric
     csv_path = scaling.write_csv(rows, folder / "trials.csv")
     finished = [r for r in rows if r["status"] == "finished"]  # stopped or failed trials stay out of the fit
-    fits = scaling.fit_families(finished, COMPUTE_KEY, metric)
+    fits = scaling.fit_families(finished, COMPUTE_KEY, metric, cfg.sweep.fit_points, cfg.sweep.mode)
     plot = scaling.plot_scaling(finished, fits, COMPUTE_KEY, metric, folder / "scaling.png",
                                 title=f"{name}: {metric} vs training compute")
     fits_path = folder / "fits.json"
