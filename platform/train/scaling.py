@@ -148,6 +148,9 @@ def plot_scaling(rows: list[dict], fits: dict[str, PowerLaw], compute_key: str, 
                     label=f"{family}: {law.a:.3g} C^-{law.b:.3g} + {law.c:.3g}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    shown = [y for r in rows for y in [_number(r.get(metric_key))] if y is not None and y > 0]
+    if shown:  # the trials' range: a fitted curve may dive towards 0 outside it
+        ax.set_ylim(min(shown) / 2, max(shown) * 2)
     ax.set(xlabel=f"training compute ({compute_key}, FLOPs)", ylabel=metric_key, title=title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
