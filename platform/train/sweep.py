@@ -31,7 +31,7 @@ import yaml
 from pydantic import ValidationError
 from ray.tune import Callback
 
-from ..config import ConfigError, ExperimentConfig, SweepConfig, _describe, _set_dotted, resolve_path
+from ..config import ConfigError, ExperimentConfig, _describe, _set_dotted, resolve_path
 from . import scaling, tracking
 from .trainer import fit, workers_view
 
