@@ -3,6 +3,7 @@ tracking to a shared MLflow server (`make mlflow`) over HTTP, as on a cluster.""
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -130,3 +131,38 @@ tracking: {{experiment: job-test}}
     metrics = json.loads(printed[:printed.index("\n}") + 2])
     assert metrics["model"] == "models:/job-test/1" and metrics["split"] == "test"
     assert metrics["ndcg@10"] == pytest.approx(run.data.metrics["best/test/ndcg_at_10"], abs=1e-6)
+
+    # serve: the registered model over HTTP from a job that stays up until it is stopped
+    port = free_port()
+    serving = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--no-wait",
+         "--runtime-env-json", json.dumps({"env_vars": {"GENREC_ROOT": str(REPO), **tracked}}), "--",
+         "python", "jobs/serve.py", "--config", "configs/serve/demo.yaml", "--set", "model.uri=models:/job-test/1",
+         "--set", f"model.tracking_uri={url}", "--set", f"http_options.port={port}",
+         "--set", f"store.events_db={tmp_path / 'events.sqlite'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert serving.returncode == 0, serving.stdout[-3000:] + serving.stderr[-3000:]
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", serving.stdout + serving.stderr).group(0)
+    try:
+        answer = post_when_up(f"http://127.0.0.1:{port}/v1/retrieve", {"user_id": 1, "k": 5}, timeout=240)
+        assert answer["model"]["name"] == "job-test" and answer["model"]["version"] == "1"
+        assert len(answer["items"]) == 5 and not answer["cold_start"]
+    finally:
+        stopped = subprocess.run([str(BIN / "ray"), "job", "stop", "--address", address, job_id],
+                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+
+
+def post_when_up(url: str, body: dict, timeout: float) -> dict:
+    """POST once the server answers (Serve starts its replicas after the job starts)."""
+    deadline, last = time.time() + timeout, None
+    while time.time() < deadline:
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return json.loads(r.read())
+        except OSError as error:
+            last = error
+            time.sleep(2)
+    raise AssertionError(f"no answer from {url} after {timeout} s: {last}")
