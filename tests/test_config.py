@@ -54,10 +54,13 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_shipped_configs_are_valid():
     from conftest import REPO
 
+    from genrec.serve.app import load_serve_file
+
     files = sorted((REPO / "configs").rglob("*.yaml"))
-    assert files
+    serve_files = [p for p in files if p.parent.name == "serve"]  # Ray Serve config files: their own schema
+    assert files and serve_files
     for path in files:
-        load_config(path)
+        load_serve_file(path) if path in serve_files else load_config(path)
 
 
 def test_base_files_are_merged_under_the_child(tmp_path):
