@@ -85,7 +85,7 @@ def reference(app):
     """The registered model loaded directly (no Serve, no M-FALCON): what the answers must equal."""
     encoder, cfg = load_model(app.model["uri"], app.model["tracking_uri"])
     n_max = cfg.kept_items
-    items = encoder.all_item_embeddings()
+    items = encoder.all_item_embeddings().detach()
 
     def user_vector(item_ids, stamps, request_time=NOW):
         ids, ts = torch.as_tensor(item_ids[-n_max:]), torch.as_tensor(stamps[-n_max:])
