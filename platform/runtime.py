@@ -39,6 +39,7 @@ def init_ray(cfg: RayConfig) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = cfg.verbose
     if not cfg.verbose:  # Ray Data's per-dataset INFO lines and MLflow's download bars stay off the terminal
         logging.getLogger("ray.data").setLevel(logging.ERROR)
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Started Serve", "app is ready" ...
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(quiet["logging_level"])
     address = cfg.address or os.environ.get("RAY_ADDRESS")
