@@ -16,11 +16,11 @@ run (--out, raw rows in .json); re-running skips finished runs and resumes an in
 
 import argparse
 import json
-import os
 import statistics
 
 from genrec.config import load_config, resolve_path
 from genrec.data.synthetic import read_oracle
+from genrec.reports import machine, mean_std
 from genrec.runtime import init_ray
 from genrec.train.trainer import fit
 
@@ -75,11 +75,11 @@ def table(rows: list, cfg, oracle: dict | None) -> str:
     for variant in dict.fromkeys(r["variant"] for r in rows):
         runs = [r for r in rows if r["variant"] == variant]
         vs = f"{100 * (mean_ne(runs) / mean_ne(dlrm) - 1):+.1f}%" if dlrm else "-"
-        cells = [f"{cell(runs, f'test/{t.name}/auc')} | {cell(runs, f'test/{t.name}/ne')}" for t in binary]
-        cells += [cell(runs, f"test/{t.name}/mse") for t in regression]
+        cells = [f"{mean_std(runs, f'test/{t.name}/auc')} | {mean_std(runs, f'test/{t.name}/ne')}" for t in binary]
+        cells += [mean_std(runs, f"test/{t.name}/mse") for t in regression]
         lines.append(f"| {variant} | {len(runs)} | " + " | ".join(cells) + f" | {vs} | "
-                     f"{cell(runs, 'test/hr@10')} / {cell(runs, 'test/ndcg@10')} | {cell(runs, 'impressions_per_s', 0)} | "
-                     f"{cell(runs, 'train_s_per_epoch', 1)} | {cell(runs, 'epochs', 0)} ({cell(runs, 'best_epoch', 0)}) |")
+                     f"{mean_std(runs, 'test/hr@10')} / {mean_std(runs, 'test/ndcg@10')} | {mean_std(runs, 'impressions_per_s', 0)} | "
+                     f"{mean_std(runs, 'train_s_per_epoch', 1)} | {mean_std(runs, 'epochs', 0)} ({mean_std(runs, 'best_epoch', 0)}) |")
     actions = (oracle or {}).get("test", {}).get("actions", {})
     if actions and all(t.action in actions for t in binary):
         cells = [f"{actions[t.action]['oracle_auc']:.4f} | {actions[t.action]['oracle_ne']:.4f}" for t in binary]
@@ -87,19 +87,6 @@ def table(rows: list, cfg, oracle: dict | None) -> str:
                      + " | - | - | - | - | - |")
     return "\n".join(lines) + "\n"
 
-
-def cell(runs: list, key: str, digits: int = 4) -> str:
-    """mean ± std over the runs that have `key` (as jobs/reproduce.py's table; jobs do not import each other)."""
-    values = [r[key] for r in runs if key in r]
-    if not values:
-        return "-"
-    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.{digits}f}{spread}"
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    return f"{cpu}, {os.cpu_count()} CPUs"
 
 
 if __name__ == "__main__":

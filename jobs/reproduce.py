@@ -17,12 +17,11 @@ interrupted one from its checkpoint.
 
 import argparse
 import json
-import os
-import platform
 import statistics
 
 from genrec.config import load_config, resolve_path
 from genrec.data.synthetic import read_oracle
+from genrec.reports import machine, mean_std
 from genrec.runtime import init_ray
 from genrec.train.trainer import fit
 
@@ -82,10 +81,10 @@ def table(rows: list) -> str:
         runs = [r for r in rows if r["model"] == model]
         ndcg = statistics.mean(r["test/ndcg@10"] for r in runs)
         baseline = baseline or ndcg
-        lines.append(f"| {model} | {len(runs)} | " + " | ".join(cell(runs, f"test/{c}") for c in COLUMNS)
-                     + f" | {100 * (ndcg / baseline - 1):+.1f}% | {cell(runs, 'fixed/ndcg@10')} / "
-                     f"{cell(runs, 'fixed/hr@10')} | {cell(runs, 'best_epoch', 0)} | {cell(runs, 'epochs', 0)} | "
-                     f"{cell(runs, 'train_s_per_epoch', 1)} | {cell(runs, 'valid_eval_s', 1)} | "
+        lines.append(f"| {model} | {len(runs)} | " + " | ".join(mean_std(runs, f"test/{c}") for c in COLUMNS)
+                     + f" | {100 * (ndcg / baseline - 1):+.1f}% | {mean_std(runs, 'fixed/ndcg@10')} / "
+                     f"{mean_std(runs, 'fixed/hr@10')} | {mean_std(runs, 'best_epoch', 0)} | {mean_std(runs, 'epochs', 0)} | "
+                     f"{mean_std(runs, 'train_s_per_epoch', 1)} | {mean_std(runs, 'valid_eval_s', 1)} | "
                      f"{statistics.mean(r['wall_s'] for r in runs) / 60:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -104,25 +103,12 @@ def stream_table(rows: list) -> str:
         runs = [r for r in rows if r["model"] == model]
         hr50 = statistics.mean(r["stream/hr@50"] for r in runs)
         baseline = baseline or hr50
-        lines.append(f"| {model} | {len(runs)} | " + " | ".join(cell(runs, f"stream/{k}") for k in keys)
-                     + f" | {100 * (hr50 / baseline - 1):+.1f}% | {cell(runs, 'oracle/hr@10')} / "
-                     f"{cell(runs, 'oracle/hr@50')} | {cell(runs, 'epochs', 0)} | {cell(runs, 'train_s_per_epoch', 1)} "
-                     f"| {cell(runs, 'valid_eval_s', 1)} | {statistics.mean(r['wall_s'] for r in runs) / 60:.1f} |")
+        lines.append(f"| {model} | {len(runs)} | " + " | ".join(mean_std(runs, f"stream/{k}") for k in keys)
+                     + f" | {100 * (hr50 / baseline - 1):+.1f}% | {mean_std(runs, 'oracle/hr@10')} / "
+                     f"{mean_std(runs, 'oracle/hr@50')} | {mean_std(runs, 'epochs', 0)} | {mean_std(runs, 'train_s_per_epoch', 1)} "
+                     f"| {mean_std(runs, 'valid_eval_s', 1)} | {statistics.mean(r['wall_s'] for r in runs) / 60:.1f} |")
     return "\n".join(lines) + "\n"
 
-
-def cell(runs: list, key: str, digits: int = 4) -> str:
-    values = [r[key] for r in runs if key in r]
-    if not values:
-        return "-"
-    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.{digits}f}{spread}"
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return f"{cpu}, {os.cpu_count()} CPUs"
 
 
 if __name__ == "__main__":
