@@ -24,6 +24,7 @@ ALLOWED_INTERNAL = {
     "config": {"errors"},
     "errors": set(),
     "runtime": {"config", "errors"},
+    "reports": set(),
 }
 
 
