@@ -85,7 +85,7 @@ class StreamWindows:
     """The windows of a prepared dataset's full sequences, built one at a time."""
 
     def __init__(self, sequences: pa.Table, window_days: float) -> None:
-        self.sequences = sequences
+        self.sequences = sequences.combine_chunks()  # once, not per window and column
         self.edges = window_edges(sequences, window_days)
 
     def __len__(self) -> int:
