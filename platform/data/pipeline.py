@@ -6,12 +6,12 @@ Three stages of Ray tasks (genrec.data.tasks.run_tasks), one task per work item:
 
 1. canonicalize: one task per source chunk parses and validates rows
    (genrec.data.validation), writes rejects, and hash-partitions accepted events
-   by user into Parquet files (`_events/bucket=K/chunk-C.parquet`): the shuffle
+   by user into Arrow IPC files (`_events/bucket=K/chunk-C.arrow`): the shuffle
    goes through storage, so memory stays flat at any scale and no event crosses
    the object store.
-2. vocabulary: one task per partition writes its distinct users and items as
-   Parquet (`_vocab/`); the driver merges these Arrow arrays into dense ids
-   (1..V, 0 = padding): no id travels as a Python object.
+2. vocabulary: one task per partition returns its distinct users and items as
+   Arrow arrays; the driver merges them into dense ids (1..V, 0 = padding): no id
+   travels as a Python object.
 3. sequences: one task per partition maps to dense ids, sorts by (timestamp,
    source order), drops exact duplicates, merges same-impression actions,
    attaches user context, cuts the splits and writes Parquet.
@@ -33,7 +33,6 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -55,12 +54,36 @@ class OutputExistsError(GenrecError, FileExistsError):
 
 def user_partition(user_ids: pa.Array, num_partitions: int) -> np.ndarray:
     """A stable partition per raw user id (ints or strings), same on every machine."""
-    hashed = pd.util.hash_array(user_ids.to_numpy(zero_copy_only=False))
+    if pa.types.is_integer(user_ids.type):
+        # pandas.util.hash_array's integer hash (the splitmix64 finaliser), written out: importing
+        # pandas costs every Ray worker a second of start-up, for this one function
+        hashed = user_ids.to_numpy().astype(np.int64).view(np.uint64)
+        for shift, factor in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+            hashed = (hashed ^ (hashed >> np.uint64(shift))) * np.uint64(factor)
+        hashed ^= hashed >> np.uint64(31)
+    else:
+        import pandas as pd
+
+        hashed = pd.util.hash_array(user_ids.to_numpy(zero_copy_only=False))
     return (hashed % np.uint64(num_partitions)).astype(np.int32)
 
 
 def _part(index: int) -> str:
     return f"part-{index:05d}.parquet"
+
+
+def _write_output(table: pa.Table, path: Path) -> None:
+    """An output table as Parquet. No dictionary encoding: ids, times and actions have too
+    many distinct values for it to pay (it doubled the write time); zstd makes files
+    smaller than the default snappy at less cost."""
+    pq.write_table(table, path, use_dictionary=False, compression="zstd")
+
+
+def _write_staged(table: pa.Table, path: Path) -> None:
+    """Staged events between stages: Arrow IPC, read back memory-mapped without decoding
+    (Parquet's encode and decode cost more than the whole parse of a chunk)."""
+    with pa.ipc.new_file(path, table.schema) as writer:
+        writer.write_table(table)
 
 
 def canonicalize_chunk(index: int, plan: SourcePlan, cfg: DataConfig, catalog, staging: Path) -> dict:
@@ -82,7 +105,7 @@ def canonicalize_chunk(index: int, plan: SourcePlan, cfg: DataConfig, catalog, s
         if bounds[p + 1] > bounds[p]:
             folder = staging / "_events" / f"bucket={p:05d}"
             folder.mkdir(parents=True, exist_ok=True)
-            pq.write_table(grouped.slice(bounds[p], bounds[p + 1] - bounds[p]), folder / f"chunk-{index:06d}.parquet")
+            _write_staged(grouped.slice(bounds[p], bounds[p + 1] - bounds[p]), folder / f"chunk-{index:06d}.arrow")
     ts = events["timestamp"]
     return {
         "chunk": index,
@@ -95,35 +118,51 @@ def canonicalize_chunk(index: int, plan: SourcePlan, cfg: DataConfig, catalog, s
 
 
 def _read_partition(staging: Path, partition: int, columns=None) -> pa.Table | None:
+    """A partition's staged events, in chunk order (so in source order)."""
     folder = staging / "_events" / f"bucket={partition:05d}"
-    files = sorted(folder.glob("chunk-*.parquet")) if folder.exists() else []
+    files = sorted(folder.glob("chunk-*.arrow")) if folder.exists() else []
     if not files:
         return None
-    return pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+    tables = [pa.ipc.open_file(pa.memory_map(str(f))).read_all() for f in files]
+    return pa.concat_tables(t.select(columns) if columns else t for t in tables)
 
 
-def partition_vocabulary(partition: int, staging: Path) -> dict:
-    """Stage 2 for one partition: its distinct users and items (Parquet), and a timestamp sketch."""
+def partition_vocabulary(partition: int, staging: Path, sketch: bool) -> dict:
+    """Stage 2 for one partition: its distinct users and items (Arrow arrays), and with
+    `sketch` a timestamp quantile sketch (for a quantile time split)."""
     table = _read_partition(staging, partition, ["user_id", "item_id", "timestamp"])
     if table is None:
-        return {"partition": partition, "ts_quantiles": [], "events": 0}
+        return {"partition": partition, "ts_quantiles": [], "events": 0, "user_id": None, "item_id": None}
     ts = table["timestamp"].to_numpy()
-    for name in ("user_id", "item_id"):
-        pq.write_table(pa.table({name: pc.unique(table[name])}), staging / "_vocab" / f"{name}-{_part(partition)}")
     return {
         "partition": partition,
-        "ts_quantiles": np.quantile(ts, np.linspace(0, 1, 1001)).tolist(),
+        "ts_quantiles": np.quantile(ts, np.linspace(0, 1, 1001)).tolist() if sketch else [],
         "events": len(ts),
+        **{name: pc.unique(table[name]) for name in ("user_id", "item_id")},
     }
 
 
-def _read_vocab(staging: Path, name: str) -> pa.Array:
+def _merge_vocab(parts: list[dict], name: str) -> pa.Array:
     """The distinct values of `name` over all partitions, sorted."""
-    files = sorted((staging / "_vocab").glob(f"{name}-*.parquet"))
-    if not files:
+    arrays = [p[name] for p in parts if p[name] is not None]
+    if not arrays:
         return pa.array([], pa.int64())
-    values = pa.concat_tables(pq.read_table(f) for f in files)[name].combine_chunks()
+    values = pa.chunked_array(arrays).combine_chunks()
     return pc.unique(values).sort() if name == "item_id" else values.sort()  # users: partitions are disjoint
+
+
+def dense_ids(values: pa.ChunkedArray, vocab: pa.Array) -> pa.Array:
+    """Each value's 1-based position in the sorted vocabulary (0 is padding)."""
+    if pa.types.is_integer(vocab.type) and len(vocab) and len(values):
+        low, high = vocab[0].as_py(), vocab[-1].as_py()
+        bounds = pc.min_max(values).as_py()
+        if high - low < 4 * len(vocab) + (1 << 20) and low <= bounds["min"] and bounds["max"] <= high:
+            # Catalog ids are mostly compact: then a lookup table makes the mapping one gather,
+            # where index_in would build a hash set of the whole vocabulary in every task.
+            table = np.zeros(high - low + 1, dtype=np.int32)
+            table[vocab.to_numpy() - low] = np.arange(1, len(vocab) + 1, dtype=np.int32)
+            return pa.array(table[values.to_numpy() - low])
+    return pc.add(pc.index_in(values, value_set=vocab), pa.scalar(1, pa.int32()))
 
 
 def partition_sequences(partition: int, staging: Path, vocab: dict, cfg: DataConfig, merge_actions: bool, cutoff) -> dict:
@@ -137,8 +176,8 @@ def partition_sequences(partition: int, staging: Path, vocab: dict, cfg: DataCon
     else:
         dense = pa.table(
             {
-                "user": pc.add(pc.index_in(events["user_id"], value_set=vocab["users"]), 1),
-                "item": pc.add(pc.index_in(events["item_id"], value_set=vocab["items"]), 1),
+                "user": dense_ids(events["user_id"], vocab["users"]),
+                "item": dense_ids(events["item_id"], vocab["items"]),
                 "timestamp": events["timestamp"],
                 "action": events["action"],
                 "value": events["value"],
@@ -151,10 +190,9 @@ def partition_sequences(partition: int, staging: Path, vocab: dict, cfg: DataCon
             sequences = sequences.append_column(name, pa.array(per_user[users]))
         sequences = sequences.cast(schema)
     splits, counts = make_splits(sequences, cfg.split, cutoff)
-    out = staging / SEQUENCES
-    pq.write_table(sequences, out / _part(partition))
+    _write_output(sequences, staging / SEQUENCES / _part(partition))
     for name, table in splits.items():
-        pq.write_table(table, staging / name / _part(partition))
+        _write_output(table, staging / name / _part(partition))
     return {
         "partition": partition,
         "users": sequences.num_rows,
@@ -175,9 +213,9 @@ def item_universe(cfg: DataConfig, plan: SourcePlan) -> str:
     return cfg.item_universe
 
 
-def _vocabularies(plan: SourcePlan, universe: str, staging: Path) -> dict:
-    users = _read_vocab(staging, "user_id")
-    observed = _read_vocab(staging, "item_id")
+def _vocabularies(plan: SourcePlan, universe: str, parts: list[dict]) -> dict:
+    users = _merge_vocab(parts, "user_id")
+    observed = _merge_vocab(parts, "item_id")
     items = pc.unique(plan.catalog["item_id"]).sort() if universe == "catalog" else observed
     context = {}
     context_vocab = {}
@@ -260,7 +298,7 @@ def prepare(cfg: DataConfig, log=print) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     universe = item_universe(cfg, plan)
     staging = out.with_name(f".{out.name}.incomplete-{uuid.uuid4().hex[:8]}")
-    for sub in (REJECTS, SEQUENCES, *SPLITS, "_vocab", "_item_features"):
+    for sub in (REJECTS, SEQUENCES, *SPLITS, "_item_features"):
         (staging / sub).mkdir(parents=True)
     try:
         catalog = plan.catalog["item_id"].combine_chunks() if universe == "catalog" else None
@@ -270,14 +308,15 @@ def prepare(cfg: DataConfig, log=print) -> dict:
         _check_accepted(chunks, staging, out, cfg)
         partitions = [{"partition": p} for p in range(cfg.num_partitions)]
         log(f"[prepare] stage 2/3: vocabularies over {cfg.num_partitions} user partitions ({time.time() - started:.1f} s)")
-        parts = run_tasks(partition_vocabulary, partitions, staging=staging)
-        vocab = _vocabularies(plan, universe, staging)
+        sketch = isinstance(cfg.split, TimeSplit) and cfg.split.cutoff is None
+        parts = run_tasks(partition_vocabulary, partitions, staging=staging, sketch=sketch)
+        vocab = _vocabularies(plan, universe, parts)
         cutoff = _cutoff(cfg, parts)
         log(f"[prepare] stage 3/3: sequences and splits ({time.time() - started:.1f} s)")
         seq_stats = run_tasks(partition_sequences, partitions, staging=staging, vocab=vocab, cfg=cfg,
                               merge_actions=plan.merge_actions, cutoff=cutoff)
         _write_vocab(staging / VOCAB, plan, vocab, staging)
-        for scratch in ("_events", "_vocab", "_item_features"):
+        for scratch in ("_events", "_item_features"):
             shutil.rmtree(staging / scratch, ignore_errors=True)
         summary = _summary(cfg, plan, chunks, seq_stats, vocab, cutoff, staging, universe)
         summary["seconds"] = round(time.time() - started, 2)

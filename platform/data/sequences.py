@@ -28,6 +28,20 @@ def _same_as_previous(*columns: np.ndarray) -> np.ndarray:
     return same
 
 
+def _time_order(user: np.ndarray, ts: np.ndarray, src: np.ndarray) -> np.ndarray:
+    """The permutation sorting events by (user, timestamp, source order)."""
+    if len(src) > 1 and not np.all(src[1:] > src[:-1]):
+        return np.lexsort((src, ts, user))
+    # Events arrive in source order (a partition is its chunks' files, in chunk order), so a
+    # stable sort on (user, timestamp) is enough: packed into one int64 key where they fit,
+    # one single-key sort instead of a three-key lexsort.
+    low = int(ts.min())
+    time_bits = (int(ts.max()) - low).bit_length()
+    if int(user.min()) >= 0 and int(user.max()).bit_length() + time_bits < 63:
+        return np.argsort((user.astype(np.int64) << time_bits) | (ts - low), kind="stable")
+    return np.lexsort((ts, user))
+
+
 def build_sequences(events: pa.Table, merge_actions: bool) -> tuple[pa.Table, dict]:
     """Events with dense `user`/`item` -> one row per user, sorted by (timestamp, source order).
 
@@ -45,23 +59,33 @@ def build_sequences(events: pa.Table, merge_actions: bool) -> tuple[pa.Table, di
     value = events["value"].to_numpy()
     src = events["source_order"].to_numpy()
 
-    order = np.lexsort((src, value, action, item, ts, user))
-    user, item, ts, action, value, src = (c[order] for c in (user, item, ts, action, value, src))
-    duplicate = _same_as_previous(user, item, ts, action, value)
-    keep = ~duplicate
-    user, item, ts, action, value, src = (c[keep] for c in (user, item, ts, action, value, src))
-    stats = {"duplicates": int(duplicate.sum()), "merged": 0}
-
-    if merge_actions:
-        starts = np.flatnonzero(~_same_as_previous(user, item, ts))
-        stats["merged"] = len(user) - len(starts)
-        action = np.bitwise_or.reduceat((np.int32(1) << action).astype(np.int32), starts)
-        value = np.fmax.reduceat(value, starts)
-        src = np.minimum.reduceat(src, starts)
-        user, item, ts = user[starts], item[starts], ts[starts]
-
-    order = np.lexsort((src, ts, user))
+    order = _time_order(user, ts, src)
     user, item, ts, action, value = (c[order] for c in (user, item, ts, action, value))
+    if merge_actions:
+        action = (np.int32(1) << action).astype(np.int32)
+    stats = {"duplicates": 0, "merged": 0}
+    keep = np.ones(len(user), dtype=bool)
+    # Only events sharing their (user, timestamp) with another can be duplicates or be
+    # merged (a few percent in real logs): those alone go through the six-key sort.
+    first = ~_same_as_previous(user, ts)
+    shared = np.flatnonzero(~(first & np.append(first[1:], True)))
+    if len(shared):
+        # a position in the time order stands for the source order inside one (user, timestamp)
+        by = np.lexsort((shared, value[shared], action[shared], item[shared], ts[shared], user[shared]))
+        pos = shared[by]
+        duplicate = _same_as_previous(user[pos], item[pos], ts[pos], action[pos], value[pos])
+        stats["duplicates"] = int(duplicate.sum())
+        pos = pos[~duplicate]
+        keep[shared] = False
+        if merge_actions:
+            starts = np.flatnonzero(~_same_as_previous(user[pos], item[pos], ts[pos]))
+            stats["merged"] = len(pos) - len(starts)
+            merged_action = np.bitwise_or.reduceat(action[pos], starts)
+            merged_value = np.fmax.reduceat(value[pos], starts)
+            pos = np.minimum.reduceat(pos, starts)
+            action[pos], value[pos] = merged_action, merged_value
+        keep[pos] = True
+    user, item, ts, action, value = (c[keep] for c in (user, item, ts, action, value))
     starts = np.flatnonzero(~_same_as_previous(user))
     offsets = pa.array(np.append(starts, len(user)).astype(np.int32))
     table = pa.table(
@@ -95,16 +119,20 @@ def list_lengths(table: pa.Table) -> np.ndarray:
 
 def slice_lists(table: pa.Table, rows: np.ndarray, stops: np.ndarray) -> pa.Table:
     """Keep `rows` of the table, each list column cut to its first `stops[i]` elements."""
-    kept = table.take(pa.array(rows, pa.int64()))
+    rows = pa.array(rows, pa.int64())
     lengths = np.asarray(stops, dtype=np.int64)
-    new_offsets = offsets_from_lengths(lengths).astype(np.int32)
-    for name in LIST_COLUMNS:
-        column = kept[name].combine_chunks()
-        # .offsets index into .values (the whole child array, even for a sliced list)
-        flat = concat_ranges(column.offsets.to_numpy()[:-1], lengths)
-        cut = pa.ListArray.from_arrays(pa.array(new_offsets), column.values.take(pa.array(flat)))
-        kept = kept.set_column(kept.schema.get_field_index(name), name, cut)
-    return kept
+    new_offsets = pa.array(offsets_from_lengths(lengths).astype(np.int32))
+    columns = []
+    for name in table.column_names:
+        column = table[name].combine_chunks()
+        if name in LIST_COLUMNS:  # one gather of the kept elements, straight from the full lists
+            # .offsets index into .values (the whole child array, even for a sliced list)
+            flat = concat_ranges(column.offsets.to_numpy()[:-1][rows.to_numpy()], lengths)
+            column = pa.ListArray.from_arrays(new_offsets, column.values.take(pa.array(flat)))
+        else:
+            column = column.take(rows)
+        columns.append(column)
+    return pa.table(columns, schema=table.schema)
 
 
 def _user_fraction(users: np.ndarray) -> np.ndarray:

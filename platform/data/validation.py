@@ -216,7 +216,8 @@ def _parse_int(name: str, col: pa.Array, reasons: _Reasons) -> pa.Array:
     text = _as_string(col)
     reasons.flag(_blank(text), f"missing field {name}")
     negative = pc.starts_with(text, "-")
-    digits = pc.if_else(negative, pc.utf8_slice_codeunits(text, 1), text)
+    # cutting the sign off copies the column: only when some value has one
+    digits = pc.if_else(negative, pc.utf8_slice_codeunits(text, 1), text) if pc.any(negative).as_py() else text
     is_int = pc.fill_null(pc.ascii_is_decimal(digits), False)  # false for "" too
     if pc.all(is_int).as_py():
         try:  # every value an integer: one cast (it fails only on overflow)
@@ -224,13 +225,15 @@ def _parse_int(name: str, col: pa.Array, reasons: _Reasons) -> pa.Array:
         except pa.ArrowInvalid:
             pass
     reasons.flag(pc.invert(is_int), f"{name} is not an integer: ", text)
-    digits = pc.utf8_ltrim(digits, "0")
-    size = pc.binary_length(digits)
-    overflow = pc.and_(is_int, pc.or_(pc.greater(size, 19),
-                                      pc.and_(pc.equal(size, 19), pc.greater(digits, INT64_MAX))))
-    reasons.flag(overflow, f"{name} out of range: ", text)
-    usable = pc.and_(is_int, pc.invert(overflow))
-    return pc.cast(pc.if_else(usable, text, "0"), pa.int64())
+    usable = is_int
+    if (pc.max(pc.binary_length(digits)).as_py() or 0) >= 19:  # up to 18 digits always fit in int64
+        digits = pc.utf8_ltrim(digits, "0")
+        size = pc.binary_length(digits)
+        overflow = pc.and_(is_int, pc.or_(pc.greater(size, 19),
+                                          pc.and_(pc.equal(size, 19), pc.greater(digits, INT64_MAX))))
+        reasons.flag(overflow, f"{name} out of range: ", text)
+        usable = pc.and_(is_int, pc.invert(overflow))
+    return pc.replace_with_mask(pa.array(np.zeros(len(text), np.int64)), usable, pc.cast(text.filter(usable), pa.int64()))
 
 
 def _ids(name: str, col: pa.Array, rules: Rules, reasons: _Reasons) -> pa.Array:
