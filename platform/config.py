@@ -433,6 +433,9 @@ class SweepConfig(Strict):
     name: str | None = Field(None, description="default: the experiment name; the same name resumes")
     families: dict[str, SweepFamily] = Field(min_length=1)
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> values (a product)")
+    points: list[dict[str, Any]] = Field(default_factory=list, description="a list of trials' overrides (dotted "
+                                         "key -> value), each crossed with the grid: sizes that go together, e.g. "
+                                         "a smaller width with more epochs")
     metric: str = Field("best/valid/ndcg@10", description="what the power law is fitted to, from the last report")
     mode: Literal["max", "min"] = "max"
     fit_points: Literal["all", "frontier"] = Field(
@@ -564,13 +567,14 @@ MOVED_KEYS = {
 
 # ----------------------------------------------------------------------------- loading
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """tree[a][b][c] = value for "a.b.c", creating sections on the way (a --set override, a sweep's trial)."""
     keys = dotted.split(".")
     node = tree
     for key in keys[:-1]:
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {dotted}: '{key}' is a value, not a section")
+            raise ConfigError(f"{dotted}: '{key}' is a value, not a section")
         node = child
     node[keys[-1]] = value
 
@@ -586,7 +590,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {key}: value '{raw}' is not valid YAML ({err})") from None
 
 
-def _describe(err: ValidationError, origin: str) -> str:
+def describe_error(err: ValidationError, origin: str) -> str:
+    """A pydantic error as genrec's config message: one line per bad key, named by its dotted path."""
     lines = [f"invalid config ({origin}):"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
@@ -600,6 +605,9 @@ def _describe(err: ValidationError, origin: str) -> str:
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
             lines.append(f"  {loc}: {e['msg']}{shown}" if loc else f"  {e['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
+
+
+_describe = describe_error  # the name genrec.serve.app imports
 
 
 def _merge(base: dict, child: dict) -> dict:
@@ -635,8 +643,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), model
         tree = _read_yaml(Path(path))
         origin = str(path)
     for text in overrides:
-        _set_dotted(tree, *parse_override(text))
+        set_dotted(tree, *parse_override(text))
     try:
         return model.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_describe(err, origin)) from None
+        raise ConfigError(describe_error(err, origin)) from None

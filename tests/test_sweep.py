@@ -1,10 +1,12 @@
 """Scaling sweeps on a real local Ray cluster (Ray Tune over Ray Train) with a real sqlite MLflow store:
 parent and child runs, FLOPs logged from the batches seen, CSV, PNG, the power-law fit, resume after an
-interrupt; the fit on its own recovers known parameters."""
+interrupt; a search under ASHA that stops trials early, keeps to its concurrency and gives every Train
+worker back; the fit on its own recovers known parameters."""
 
 import math
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -101,6 +103,61 @@ def test_sweep_end_to_end_interrupted_and_resumed(ray_cluster, tmp_path):
     assert parent_metrics["fit/hstu/b"] == pytest.approx(law.b)
 
 
+class MostAtOnce(Callback):
+    """The most trials Tune had running at the same time."""
+
+    def __init__(self):
+        self.running, self.most = set(), 0
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running.add(trial.trial_id)
+        self.most = max(self.most, len(self.running))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+
+    on_trial_error = on_trial_complete
+
+
+def test_search_under_asha_finishes_within_its_concurrency_and_frees_the_workers(ray_cluster, tmp_path):
+    # Seed 49 samples lr 3e-3, 3e-3, 1e-7, 1e-7 (Tune's generator): the two that barely train reach ASHA's
+    # first rung after two that learned, so ASHA stops them there. Before the fix, max_concurrent_trials was
+    # ignored next to a search algorithm (all 4 drivers started at once) and each trial Tune stopped left its
+    # Train worker's placement group behind, until the remaining trials waited for a worker forever.
+    space = {"train.lr": {"choice": [3.0e-3, 1.0e-7]}}
+    cfg = tiny_sweep(tmp_path, search={"space": space, "num_samples": 4, "grace_period": 1, "seed": 49})
+    cfg.eval.every, cfg.train.epochs = 1, 3
+    cfg.sweep.families["hstu"].grid = {"model.dim": [16]}
+    prepare(cfg.data, log=lambda *_: None)
+    parallel = concurrency(cfg, ray_cluster.cluster_resources())
+    assert parallel == 2
+    free_before = ray_cluster.available_resources().get("CPU", 0.0)
+    most = MostAtOnce()
+    lines = []
+    summary = run_sweep(cfg, log=lines.append, callbacks=[most])
+
+    assert not summary["interrupted"] and most.most == parallel
+    rows = summary["rows"]
+    assert len(rows) == 4 and all(r["status"] == "finished" or r["status"].startswith("stopped early (scheduler)")
+                                  for r in rows), [r["status"] for r in rows]
+    runs = tmp_path / "sweeps" / "tiny-sweep" / "runs"
+    requested = {r["trial"] for r in rows if (runs / r["trial"] / "stop_requested.txt").exists()}
+    assert requested and all(r["train.lr"] == 1e-7 for r in rows if r["trial"] in requested)
+    for row in rows:  # stopped or not, each Train run ended by itself: its model registered, its MLflow run done
+        assert row["epoch"] < 3 if row["status"] != "finished" else row["epoch"] == 3
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    children = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
+    assert sorted(c.info.run_name for c in children) == sorted(r["trial"] for r in rows)
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert len(client.search_model_versions("name = 'tiny-sweep-hstu'")) == len(rows)
+    deadline = time.time() + 30  # every trial's driver and Train worker given back to the cluster
+    while ray_cluster.available_resources().get("CPU", 0.0) < free_before and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray_cluster.available_resources().get("CPU", 0.0) == pytest.approx(free_before)
+    assert load_config(summary["best_config"]).train.lr == 3e-3
+
+
 def test_power_law_fit_recovers_known_parameters():
     rng = np.random.default_rng(0)
     compute = np.geomspace(1e10, 1e14, 12)
@@ -129,6 +186,12 @@ def test_sweep_config_errors_name_the_trial_and_key(tmp_path):
     bad.sweep.families["sasrec"] = SweepFamily(set={"model.kind": "sasrec"}, grid={"model.dimm": [8]})
     with pytest.raises(ConfigError, match=r"tiny-sweep-002-sasrec(.|\n)*model.dimm: unknown key"):
         trial_configs(bad)
+    # points: sizes that go together (a smaller width trained longer), each crossed with the grid
+    pointed = tiny_sweep(tmp_path, points=[{"model.dim": 8, "train.epochs": 3}, {"model.dim": 24, "train.epochs": 1}])
+    pointed.sweep.families["hstu"].grid = {"model.num_blocks": [1, 2]}
+    shapes = [ExperimentConfig.model_validate(t["experiment"]) for t in trial_configs(pointed)]
+    assert [(c.model.dim, c.train.epochs, c.model.num_blocks) for c in shapes] == [(8, 3, 1), (8, 3, 2), (24, 1, 1),
+                                                                                   (24, 1, 2)]
     assert concurrency(cfg, {"CPU": 2.0}) == 2  # 0.25 (driver) + 0.5 (one worker) per trial
     big = cfg.model_copy(deep=True)
     big.train.cpus_per_worker = 2

@@ -44,6 +44,10 @@ def selection_metric(cfg: ExperimentConfig) -> str:
     """What picks the best epoch (higher is better): retrieval NDCG@10, or for rankers 1 - mean NE."""
     return RANKING_SELECTION_METRIC if is_ranking(cfg) else SELECTION_METRIC
 NON_FINITE_MARKER = "non_finite_loss.txt"  # written beside the checkpoints when a run stops on nan/inf
+# Written beside the checkpoints by a sweep's scheduler (genrec.train.sweep): the run ends after the epoch
+# it is in, as on early stopping, so Ray Train shuts its workers down itself (a Tune trial stopped
+# from outside leaves its Train placement group behind on Ray 2.60).
+STOP_REQUEST = "stop_requested.txt"
 
 
 class NonFiniteLossError(GenrecError, FloatingPointError):
@@ -118,7 +122,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         report(worker, progress, metrics, stop)
         if stop:
             if logger:
-                logger.say(f"early stop: no better {selection_metric(cfg)} for {cfg.train.early_stopping_patience} evaluations")
+                request = worker.run_folder / STOP_REQUEST
+                logger.say(request.read_text() if request.exists() else
+                           f"early stop: no better {selection_metric(cfg)} for {cfg.train.early_stopping_patience} evaluations")
             break
 
 
@@ -233,11 +239,13 @@ def score_window(w: Worker, table, window: int, progress: Progress) -> dict:
 
 
 def should_stop(w: Worker, progress: Progress) -> bool:
-    """Early stopping, decided on rank 0 from the history (so it survives a resume), shared with all ranks."""
+    """Early stopping (or a sweep's stop request), decided on rank 0 from the history (so it survives a
+    resume), shared with all ranks."""
     patience = w.cfg.train.early_stopping_patience
     best_epoch = progress.best.get("best_epoch", 0)
     since_best = sum(1 for h in progress.history if selection_metric(w.cfg) in h and h["epoch"] > best_epoch)
-    flag = torch.tensor([1.0 if (w.rank == 0 and patience and since_best >= patience) else 0.0])
+    requested = (w.run_folder / STOP_REQUEST).exists()
+    flag = torch.tensor([1.0 if w.rank == 0 and (requested or (patience and since_best >= patience)) else 0.0])
     if w.world > 1:
         dist.broadcast(flag, src=0)
     return bool(flag.item())

@@ -9,7 +9,9 @@ parent run. As many trials run at once as the cluster's CPUs (and GPUs) hold. A 
 whose loss turns nan/inf stops inside the loop (and errors in Tune); one whose loss
 climbs above `sweep.divergence_factor` x its lowest is stopped by Tune. Re-running the
 same sweep name restores the Tune experiment: finished trials are kept, the others run
-(an interrupted trial resumes from its Train checkpoint). At the end: a CSV of all
+(an interrupted trial resumes from its Train checkpoint). Tune never stops a running trial
+from outside: a scheduler's stop (ASHA, divergence) becomes a request the trial's Train run
+honours after the epoch it is in, so Ray Train releases its workers itself. At the end: a CSV of all
 trials, L(C) = a * C^(-b) + c per family (genrec.train.scaling), a log-log PNG, all
 logged to the parent run; with a search, the best config as a YAML ready for jobs/train.py.
 
@@ -30,9 +32,11 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from ..config import ConfigError, ExperimentConfig, _describe, _set_dotted, resolve_path
+from ..config import ConfigError, ExperimentConfig, describe_error, resolve_path, set_dotted
 from . import scaling, tracking
+from .loop import STOP_REQUEST
 from .trainer import fit, workers_view
 
 COMPUTE_KEY = "train/cumulative_flops"
@@ -46,7 +50,8 @@ def sweep_name(cfg: ExperimentConfig) -> str:
 
 
 def trial_configs(cfg: ExperimentConfig) -> list[dict]:
-    """The sweep's trials: [{"name", "family", "overrides", "experiment"}], each validated, in a fixed order.
+    """The sweep's trials: [{"name", "family", "overrides", "experiment"}], each validated, in a fixed order:
+    per family, each of `points` (or one empty point) crossed with the grid's product.
     A bad key or value names the trial and the key. Without a search the overrides are complete; with
     one, the sampled keys are added per trial by Tune."""
     sweep = cfg.sweep
@@ -57,8 +62,8 @@ def trial_configs(cfg: ExperimentConfig) -> list[dict]:
     for family, spec in sweep.families.items():
         grid = {**sweep.grid, **spec.grid}
         keys = list(grid)
-        for values in itertools.product(*(grid[k] for k in keys)):
-            overrides = {**spec.set, **dict(zip(keys, values))}
+        for point, values in itertools.product(sweep.points or [{}], itertools.product(*(grid[k] for k in keys))):
+            overrides = {**spec.set, **point, **dict(zip(keys, values))}
             trial = f"{name}-{len(trials):03d}-{family}"
             experiment = experiment_for(base, overrides, trial, f"sweep.families.{family}")
             experiment["train"]["run_name"] = trial
@@ -71,11 +76,11 @@ def experiment_for(base: dict, overrides: dict, trial: str, origin: str) -> dict
     """base (a config dump) with dotted overrides applied, validated; errors name the trial and key."""
     tree = json.loads(json.dumps(base))
     for key, value in overrides.items():
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     try:
         return ExperimentConfig.model_validate(tree).model_dump(mode="json")
     except ValidationError as err:
-        raise ConfigError(_describe(err, f"{origin}, trial {trial}")) from None
+        raise ConfigError(describe_error(err, f"{origin}, trial {trial}")) from None
 
 
 def trial_resources(cfg: ExperimentConfig) -> dict:
@@ -125,13 +130,18 @@ def run_name(config: dict, trial_id: str) -> str:
     return f"{name}-{trial_id}" if "search" in config else name
 
 
+def trial_epochs(config: dict) -> int:
+    """The epochs a trial trains (its grid point's, or a sampled train.epochs)."""
+    return config.get("search", {}).get("train.epochs", config["trial"]["experiment"]["train"]["epochs"])
+
+
 def trial_dirname(trial) -> str:
     """Tune's folder of a trial: its run name (Tune's default spells out the whole config)."""
     return run_name(trial.config, trial.trial_id)
 
 
 class DivergenceStopper:
-    """Stops a trial whose train loss is not finite or rose above `factor` x its lowest so far."""
+    """The divergence rule: a trial's train loss is not finite or rose above `factor` x its lowest so far."""
 
     def __init__(self, factor: float | None) -> None:
         self.factor, self.lowest, self.stopped = factor, {}, set()
@@ -145,6 +155,84 @@ class DivergenceStopper:
             self.stopped.add(trial_id)
             return True
         return False
+
+
+class StopsAtEpochEnd:
+    """Scheduler behaviour shared by the sweep's schedulers: a STOP decision (ASHA's, or the divergence rule)
+    becomes a stop request file in the trial's Train run folder, which the training loop honours after the
+    epoch it is in (genrec.train.loop.should_stop), and Tune is told CONTINUE, so it sees the trial end by
+    itself. Why: a trial Tune stops from outside is killed together with its Ray Train controller, and on
+    Ray 2.60 that run's worker placement group outlives it (Train's cleaner asks the dashboard's state API,
+    which a local cluster started without the dashboard lacks: ray-project/ray#54305); every early stop then
+    leaked a worker's CPUs until the next trials waited forever. The request file also gives the CSV its
+    status after a resume. Holds only paths and numbers, so Tuner.restore can unpickle it."""
+
+    def _setup(self, runs: str, divergence_factor: float | None) -> None:
+        self.runs, self.divergence = runs, DivergenceStopper(divergence_factor)
+        self.requested: set[str] = set()
+
+    def on_trial_result(self, tune_controller, trial, result):
+        if trial.trial_id in self.requested:  # ends after the epoch it is in; already ranked by the scheduler
+            return TrialScheduler.CONTINUE
+        decision = super().on_trial_result(tune_controller, trial, result)
+        epoch = result.get("training_iteration", 0)
+        reason = None
+        if self.divergence(trial.trial_id, result):
+            reason = (f"stopped: diverged, train loss {result.get('train/loss'):.4g} after epoch {epoch} (lowest "
+                      f"{self.divergence.lowest[trial.trial_id]:.4g}, factor {self.divergence.factor:g})")
+        elif decision == TrialScheduler.STOP and epoch + 1 < trial_epochs(trial.config):  # else it ends anyway
+            reason = f"stopped early (scheduler): {type(self).__name__} after epoch {epoch}"
+        if reason:
+            self.requested.add(trial.trial_id)
+            request = Path(self.runs) / run_name(trial.config, trial.trial_id) / STOP_REQUEST
+            request.parent.mkdir(parents=True, exist_ok=True)
+            request.write_text(reason)
+        return TrialScheduler.CONTINUE if decision == TrialScheduler.STOP else decision
+
+
+class GridScheduler(StopsAtEpochEnd, FIFOScheduler):
+    """A grid sweep: every trial runs to its end, unless it diverges."""
+
+    def __init__(self, runs: str, divergence_factor: float | None) -> None:
+        FIFOScheduler.__init__(self)
+        self._setup(runs, divergence_factor)
+
+
+class ASHA(StopsAtEpochEnd, ASHAScheduler):
+    """A search: ASHA on the sweep's metric after every epoch (max_t: the longest trial's epochs), its stops
+    (and divergence) at epoch ends."""
+
+    def __init__(self, runs: str, divergence_factor: float | None, **asha) -> None:
+        ASHAScheduler.__init__(self, time_attr="training_iteration", **asha)
+        self._setup(runs, divergence_factor)
+
+
+_LIVE: dict[str, list] = {}  # sweep name -> the Tune callbacks of the run of it in this process (see Relay)
+
+
+class Relay(Callback):
+    """The one Tune callback a sweep hands Tune. Tuner.restore brings back the callbacks pickled when the
+    sweep first began (with that process's log function and extras); this one holds only the sweep's name
+    and forwards every hook to the callbacks the current run_sweep registered in _LIVE."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def _forward(self, hook: str, **info) -> None:
+        for callback in _LIVE.get(self.name, ()):
+            getattr(callback, hook)(**info)
+
+    def on_trial_start(self, **info):
+        self._forward("on_trial_start", **info)
+
+    def on_trial_result(self, **info):
+        self._forward("on_trial_result", **info)
+
+    def on_trial_complete(self, **info):
+        self._forward("on_trial_complete", **info)
+
+    def on_trial_error(self, **info):
+        self._forward("on_trial_error", **info)
 
 
 class SweepProgress(Callback):
@@ -190,7 +278,6 @@ def run_sweep(cfg: ExperimentConfig, log=print, callbacks=()) -> dict:
     """Run (or resume) the sweep; returns the summary (paths, fits, rows). callbacks: extra Tune callbacks."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if cfg.sweep is None:
@@ -213,36 +300,42 @@ def run_sweep(cfg: ExperimentConfig, log=print, callbacks=()) -> dict:
     total = len(trials) * (sweep.search.num_samples if searching else 1)
     log(f"[sweep] {name!r}: {total} trials ({', '.join(sweep.families)}), {parallel} at a time, "
         f"{trial_resources(cfg)['CPU']:g} CPU each; folder {folder}")
-    # The trial's driver only waits on its Train run; the Train workers take their own resources.
+    # The trial's driver only waits on its Train run; the Train workers take their own resources, so
+    # Tune's count of trials (not its resource accounting) is what keeps their sum within the cluster.
     trainable = tune.with_resources(run_trial, {"CPU": sweep.trial_driver_cpus})
-    stopper = DivergenceStopper(sweep.divergence_factor)
-    watchers = [SweepProgress(log, total, sweep.metric), *callbacks]
+    _LIVE[name] = [SweepProgress(log, total, sweep.metric), *callbacks]
     if not cfg.ray.verbose:  # genrec's [sweep] lines only: Tune's own tables stay off the terminal
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    run_config = tune.RunConfig(name=name, storage_path=str(storage), stop=stopper, verbose=0, callbacks=watchers)
-    if tune.Tuner.can_restore(str(folder)):
+    runs = str(folder / "runs")
+    if tune.Tuner.can_restore(str(folder)):  # its scheduler, search state and Relay come back with it
         log(f"[sweep] resuming {folder}: finished trials are kept, the others run")
         tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=False)
-        # A restored Tuner brings back the RunConfig pickled when the sweep began, with that run's
-        # stopper and callbacks; this run's own must be the live ones (no public setter in Tune 2.60).
-        restored = tuner._local_tuner.get_run_config()
-        restored.stop, restored.callbacks = stopper, watchers
     else:
         param_space = {"trial": tune.grid_search(trials), "parent_run_id": parent, "sweep": name}
-        tune_config = tune.TuneConfig(max_concurrent_trials=parallel, trial_dirname_creator=trial_dirname)
+        # max_concurrent on the generator itself: Tune ignores TuneConfig.max_concurrent_trials (with a
+        # warning) when it is handed a search algorithm, which let a search start every sample at once.
+        generator = BasicVariantGenerator(max_concurrent=parallel, random_state=sweep.search.seed if searching
+                                          else None)
         if searching:
             s = sweep.search
             param_space["search"] = _search_space(cfg)
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
-                                      grace_period=s.grace_period, reduction_factor=s.reduction_factor)
-            tune_config = tune.TuneConfig(max_concurrent_trials=parallel, num_samples=s.num_samples,
-                                          metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
-                                          search_alg=BasicVariantGenerator(random_state=s.seed),
+            longest = max(t["experiment"]["train"]["epochs"] for t in trials)
+            scheduler = ASHA(runs, sweep.divergence_factor, max_t=longest, grace_period=s.grace_period,
+                             reduction_factor=s.reduction_factor)
+            tune_config = tune.TuneConfig(num_samples=s.num_samples, metric=sweep.metric, mode=sweep.mode,
+                                          scheduler=scheduler, search_alg=generator,
                                           trial_dirname_creator=trial_dirname)
+        else:
+            tune_config = tune.TuneConfig(scheduler=GridScheduler(runs, sweep.divergence_factor),
+                                          search_alg=generator, trial_dirname_creator=trial_dirname)
+        run_config = tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=[Relay(name)])
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    finally:
+        _LIVE.pop(name, None)
     status = {trial.path: trial.status for trial in tune.ExperimentAnalysis(str(folder)).trials}
-    rows = [trial_row(result, status.get(result.path), stopper) for result in results]
+    rows = [trial_row(result, status.get(result.path), runs) for result in results]
     if not searching:  # Tune creates trials as slots free up: those it never reached are listed too
         started = {row["point"] for row in rows}
         rows += [{"trial": t["name"], "point": t["name"], "family": t["family"], "status": "not run", **t["overrides"]}
@@ -264,22 +357,22 @@ def _check_same_trials(folder: Path, trials: list[dict], name: str) -> None:
     path.write_text(json.dumps(listed, indent=1))
 
 
-def trial_row(result, tune_status: str | None, stopper: DivergenceStopper) -> dict:
-    """One CSV row: the trial, its overrides, how it ended and its last report."""
+def trial_row(result, tune_status: str | None, runs: str) -> dict:
+    """One CSV row: the trial, its overrides, how it ended (a scheduler's stop request says why) and its
+    last report."""
     config = result.config
     trial = config["trial"]
     metrics = result.metrics or {}
+    name = run_name(config, metrics.get("trial_id", ""))
+    request = Path(runs) / name / STOP_REQUEST
     status = "finished"
     if tune_status == "ERROR":
         status = f"error: {str(result.error).splitlines()[0][:200]}"
     elif tune_status != "TERMINATED":
         status = "not run" if not metrics else "interrupted"
-    elif metrics.get("trial_id") in stopper.stopped:
-        status = "stopped: diverged"
-    elif metrics.get("training_iteration", 0) < trial["experiment"]["train"]["epochs"] and \
-            not metrics.get("stopped_early"):
-        status = "stopped early (scheduler)"
-    row = {"trial": run_name(config, metrics.get("trial_id", "")), "point": trial["name"],
+    elif request.exists() and metrics.get("training_iteration", 0) < trial_epochs(config):
+        status = request.read_text()
+    row = {"trial": name, "point": trial["name"],
            "family": trial["family"], "status": status}
     row.update({k: v for k, v in trial["overrides"].items()})
     row.update({k: v for k, v in config.get("search", {}).items()})
