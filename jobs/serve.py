@@ -1,13 +1,19 @@
 """Recipe: serve a trained model over HTTP with Ray Serve (retrieval, ranking, recommend, events).
 
     python jobs/serve.py --config configs/serve/demo.yaml [--set model.uri=models:/demo-hstu/2]
+    kill -HUP <its pid>        # re-read the file (same --set) and apply it: a new model rolls out in place
 
 Starts the app of the Serve config file on a local Ray cluster (or RAY_ADDRESS),
 prints the URLs and stays up until Ctrl-C, then shuts Serve down cleanly.
-`--set` keys: the app's args (model.uri=..., auth.token_env=...), a deployment's
-option (deployments.Ranking.num_replicas=2), or Serve's (http_options.port=8001).
+`--set` keys: the model (model.uri=..., model.watch_s=30), the app's args
+(auth.token_env=..., retrieval.index=hnsw), a deployment's option
+(deployments.Ranking.num_replicas=2), or Serve's (http_options.port=8001).
+On SIGHUP the file is applied again as `serve deploy` would: when only the model
+changed, the running replicas load it and switch with no failed request; a model
+that does not load leaves the old one serving (GET /v1/model says why).
 """
 
+import os
 import signal
 import threading
 
@@ -22,11 +28,22 @@ def main(args) -> int:
     tree = load_serve_file(args.config, args.overrides)
     init_ray(RayConfig(num_cpus=args.num_cpus))
     url = start(tree)
-    print(f"genrec is serving at {url}/  (API docs {url}/docs, health {url}/healthz)", flush=True)
-    stop = threading.Event()
+    print(f"genrec is serving at {url}/  (API docs {url}/docs, health {url}/healthz); "
+          f"kill -HUP {os.getpid()} re-applies {args.config}", flush=True)
+    stop, reload = threading.Event(), threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    signal.signal(signal.SIGHUP, lambda *_: (reload.set(), stop.set()))
+    while True:
+        stop.wait()
+        if not reload.is_set():
+            break
+        stop.clear(), reload.clear()
+        try:  # a broken file is reported and changes nothing
+            start(load_serve_file(args.config, args.overrides))
+            print(f"applied {args.config}; GET {url}/v1/model shows the rollout", flush=True)
+        except Exception as err:  # noqa: BLE001
+            print(f"not applied: {err}", flush=True)
     print("shutting down", flush=True)
     serve.shutdown()
     return 0

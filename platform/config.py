@@ -508,9 +508,18 @@ class ExperimentConfig(Strict):
 # are Ray's schema. See genrec.serve.
 
 class ServeModelConfig(Strict):
+    """The model served: the Ingress deployment's `user_config` in a Serve config file, so that changing it
+    and `serve deploy`-ing the file rolls the new version out in place (see genrec.serve.app)."""
+
     uri: str = Field(description="a model folder, or an MLflow URI: models:/name/version, models:/name@alias, "
-                     "runs:/<id>/model_files (an alias is resolved to its version when the app starts)")
+                     "models:/name/latest, runs:/<id>/model_files (an alias is resolved to one version per load)")
     tracking_uri: str | None = Field(None, description="default $MLFLOW_TRACKING_URI, else the file-local sqlite")
+    watch_s: float | None = Field(None, gt=0, description="re-resolve the uri this often and roll out the "
+                                  "version an alias (or latest) now names; default: only on a config change")
+
+
+class ServeUserConfig(Strict):
+    model: ServeModelConfig
 
 
 class ServeAuthConfig(Strict):
@@ -527,9 +536,24 @@ class ServeBatchConfig(Strict):
     batch_wait_timeout_s: float = Field(0.002, ge=0)
 
 
+class ServeHnswConfig(Strict):
+    m: int = Field(32, ge=4, le=128, description="links per node (memory ~ 2 m ints per item)")
+    ef_construction: int = Field(64, gt=0, description="candidate list while building: build time vs recall")
+    ef_search: int = Field(128, gt=0, description="candidate list per query (at least k + the history)")
+
+
+class ServeIvfConfig(Strict):
+    nlist: int | None = Field(None, gt=0, description="clusters; default 4 sqrt(items), at most items / 39")
+    nprobe: int = Field(32, gt=0, description="clusters searched per query: speed vs recall")
+
+
 class ServeRetrievalConfig(Strict):
     candidates: int = Field(200, gt=0, description="/v1/recommend: items retrieved, then ranked")
     exclude_history: bool = Field(True, description="never retrieve an item already in the user's history")
+    index: Literal["exact", "hnsw", "ivf"] = Field("exact", description="exact: every item's inner product; "
+                                                   "hnsw / ivf: a faiss ANN index, for large catalogs")
+    hnsw: ServeHnswConfig = Field(default_factory=ServeHnswConfig)
+    ivf: ServeIvfConfig = Field(default_factory=ServeIvfConfig)
 
 
 class ServeRankingConfig(Strict):
@@ -543,10 +567,11 @@ class ServeStoreConfig(Strict):
     sequences: str | None = Field(None, description="prepared data folder whose sequence table holds the "
                                   "histories; default the model's data.output_dir")
     events_db: str = Field("outputs/serve/events.sqlite", description="sqlite append log of /v1/events")
+    root: str | None = Field(None, description="folder relative paths (these, the model's data folder) are "
+                             "taken from; default $GENREC_ROOT, else the replica's working directory")
 
 
 class ServeConfig(Strict):
-    model: ServeModelConfig
     auth: ServeAuthConfig = Field(default_factory=ServeAuthConfig)
     batching: ServeBatchConfig = Field(default_factory=ServeBatchConfig)
     retrieval: ServeRetrievalConfig = Field(default_factory=ServeRetrievalConfig)

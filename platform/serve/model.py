@@ -9,7 +9,8 @@ Scoring, per user:
 - the user vector is the model's L2-normalised output at the last history token
   (the last item for the items-only encoders HSTU and SASRec, the last action for
   a generative recommender, model.kind gr), with target time = the request time;
-- retrieval: inner product with every item (exact), the history excluded, top k;
+- retrieval: inner product with every item (exact), or an ANN index (genrec.serve.index),
+  the history excluded, top k;
 - ranking, items-only: one task, "retrieval", the same inner product per candidate;
   gr: each task's prediction (a probability, or a value for regression tasks), the
   candidates scored by M-FALCON after the interleaved history at the request time.
@@ -21,6 +22,7 @@ values instead of re-encoding; only the last token runs per request.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +32,13 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, ServeRetrievalConfig, resolve_path
 from ..data.batches import context_offsets
 from ..data.prepared import MANIFEST, VOCAB
 from ..model import HSTU, SequentialEncoder, mfalcon
 from ..model.generative import ACTION, CONTEXT, ITEM, GenerativeRecommender
 from ..train.artifact import CONFIG, load_model_folder
+from .index import build_index
 
 RETRIEVAL_TASK = "retrieval"
 
@@ -85,6 +88,15 @@ def resolve_model(uri: str, tracking_uri: str | None = None) -> ModelSource:
     if source.run_id:
         source.metrics = {k: float(v) for k, v in client.get_run(source.run_id).data.metrics.items()}
     return source
+
+
+def absolute_tracking_uri(uri: str | None) -> str:
+    """The replicas run elsewhere (another working directory, maybe another node): pin the tracking
+    URI the caller means. Default $MLFLOW_TRACKING_URI, else outputs/mlflow.db as training writes it."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///outputs/mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{resolve_path(uri.removeprefix('sqlite:///'))}"
+    return uri
 
 
 def fetch(source: ModelSource) -> Path:
@@ -144,7 +156,9 @@ class Scorer:
     calls it from one thread at a time. Requests are dicts: items, actions, timestamps (the
     last N events), context, request_time, and for a stored user `user` and `version`."""
 
-    def __init__(self, folder: Path, cache_bytes: int, microbatch: int) -> None:
+    def __init__(self, folder: Path, cache_bytes: int, microbatch: int,
+                 retrieval: ServeRetrievalConfig | None = None) -> None:
+        """retrieval: which index retrieve() searches (default exact)."""
         self.model, cfg = load_model_folder(folder)
         self.kind = cfg.model.kind
         self.max_seq_len = cfg.kept_items
@@ -162,6 +176,7 @@ class Scorer:
                              "(serve hstu, sasrec or gr)")
         with torch.no_grad():
             self.items = self.model.all_item_embeddings()
+        self.index = build_index(self.items, retrieval or ServeRetrievalConfig())
         blocks = self.model.blocks
         self.cache = (mfalcon.UserCache(cache_bytes)
                       if isinstance(blocks, HSTU) and getattr(blocks, "is_paper_hstu", True) else None)
@@ -236,16 +251,10 @@ class Scorer:
     def retrieve(self, requests: list[dict]) -> list[dict]:
         """+ seen (all history items), k, exclude_history -> top k by inner product over the item table."""
         users, states, _ = self.user_vectors(requests)
-        scores = users @ self.items.T
-        scores[:, 0] = -torch.inf  # padding
-        out = []
-        for row, r, state in zip(scores, requests, states):
-            if r["exclude_history"]:
-                row[torch.tensor(r["seen"])] = -torch.inf
-            k = min(r["k"], int(torch.isfinite(row).sum()))
-            top = torch.topk(row, k)
-            out.append({"items": top.indices.tolist(), "scores": top.values.tolist(), "cache": state})
-        return out
+        found = self.index.search(users, max(r["k"] for r in requests),
+                                  [r["seen"] if r["exclude_history"] else None for r in requests])
+        return [{"items": items[:r["k"]], "scores": scores[:r["k"]], "cache": state}
+                for (items, scores), r, state in zip(found, requests, states)]
 
     @torch.no_grad()
     def rank(self, requests: list[dict]) -> list[dict]:

@@ -18,7 +18,7 @@ silently dropped). An unknown user gets the cold-start answer (popular items,
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -123,6 +123,19 @@ class HistoryAnswer(BaseModel):
     events: list[HistoryEvent] = Field(description="most recent last")
 
 
+class Rollout(BaseModel):
+    """The last model change this ingress replica was asked for, and how it went."""
+
+    state: Literal["loading", "live", "failed"] = Field(description="live: the target is served; loading: it is "
+                                                        "being loaded (the old version answers meanwhile); failed: it "
+                                                        "did not load, `version` is still served")
+    target: str | None = Field(None, description="the model URI asked for (an alias as written)")
+    version: str | None = Field(None, description="the version served now")
+    previous: str | None = Field(None, description="the version served before the last switch")
+    error: str | None = Field(None, description="why the target did not load (state failed)")
+    at: float | None = Field(None, description="Unix time of the last change of state")
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str
@@ -136,3 +149,5 @@ class ModelInfo(BaseModel):
     max_seq_len: int
     metrics: dict[str, float]
     limits: dict[str, int]
+    retrieval_index: str = Field(description="exact, or the ANN index retrieval searches (hnsw, ivf)")
+    rollout: Rollout
