@@ -32,6 +32,9 @@ bench: install
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/mfalcon.py
+	$(PY) benchmarks/retrieval_ann.py
+	# the Serve app on the demo model (`make demo` registers it) under a bounded load, then a replica killed
+	$(PY) benchmarks/serve_load.py --requests 1000 --concurrency 32
 
 # A shared MLflow tracking server. Jobs use it with MLFLOW_TRACKING_URI=http://$(MLFLOW_HOST):$(MLFLOW_PORT)
 # (or tracking.tracking_uri). Defaults: a sqlite database and an artifact folder under outputs/mlflow-server,

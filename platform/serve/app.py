@@ -49,7 +49,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from ..config import ConfigError, ServeConfig, ServeUserConfig, _describe, parse_override, resolve_path
+from ..config import ConfigError, ServeConfig, ServeUserConfig, describe_error, parse_override, resolve_path
 from . import schemas as s
 from .model import Catalog, ModelSource, Scorer, absolute_tracking_uri, fetch, resolve_model
 from .page import PAGE
@@ -215,7 +215,7 @@ class Ingress:
         try:
             target = ServeUserConfig.model_validate(user_config or {}).model
         except ValidationError as err:
-            error = ConfigError(_describe(err, "Ingress user_config"))
+            error = ConfigError(describe_error(err, "Ingress user_config"))
             if self.live is None:
                 raise error from None
             self._failed(str(user_config), error)
@@ -512,7 +512,7 @@ def serve_settings(args: dict, origin: str = "application args") -> ServeConfig:
     try:
         return ServeConfig.model_validate(args or {})
     except ValidationError as err:
-        raise ConfigError(_describe(err, origin)) from None
+        raise ConfigError(describe_error(err, origin)) from None
 
 
 def build_app(args: dict):
@@ -555,7 +555,7 @@ def load_serve_file(path: str | Path, overrides: list[str] = ()) -> dict:
     try:
         ServeUserConfig.model_validate(_deployment(app, "Ingress").get("user_config") or {})
     except ValidationError as err:
-        raise ConfigError(_describe(err, f"{path} applications[0].deployments.Ingress.user_config "
+        raise ConfigError(describe_error(err, f"{path} applications[0].deployments.Ingress.user_config "
                                          "(the model served)")) from None
     return tree
 

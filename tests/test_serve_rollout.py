@@ -1,0 +1,208 @@
+"""Rolling a new model version out of the running Serve app while requests keep coming: none fails, the
+answers' version goes from the old to the new one (and the new one really scores them); a version that
+does not load (not in the registry, or broken weights) leaves the live one serving, and says so; an
+ingress replica started after that failure serves the last live version instead of crash-looping."""
+
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import mlflow
+import psutil
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from genrec.serve.app import load_serve_file, start
+from genrec.train.artifact import build_model, load_model, save_model_folder
+from genrec.train.tracking import MODEL_FILES
+
+REPO = Path(__file__).resolve().parents[1]
+NOW = 1_700_000_000
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def register(m: dict, state_dict: dict, corrupt: bool = False) -> str:
+    """Another version of the tiny registered model, as training registers one -> its models:/ URI."""
+    mlflow.set_tracking_uri(m["tracking_uri"])
+    client = MlflowClient(m["tracking_uri"])
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(experiment_id=client.get_run(m["run_id"]).info.experiment_id) as run:
+        folder = save_model_folder(Path(tmp) / "model", m["cfg"], state_dict)
+        if corrupt:
+            (folder / "model.pt").write_bytes(b"not a state dict")
+        mlflow.log_artifacts(str(folder), artifact_path=MODEL_FILES)
+    version = client.create_model_version("tiny-serve", f"{run.info.artifact_uri}/{MODEL_FILES}", run_id=run.info.run_id)
+    return f"models:/tiny-serve/{version.version}"
+
+
+@pytest.fixture(scope="module")
+def served(tiny_registered_model, tmp_path_factory):
+    from ray import serve
+
+    m = tiny_registered_model
+    torch.manual_seed(11)
+    good = register(m, build_model(m["cfg"]).state_dict())  # other weights: other answers
+    broken = register(m, build_model(m["cfg"]).state_dict(), corrupt=True)
+    base = [f"model.tracking_uri={m['tracking_uri']}",
+            f"store.events_db={tmp_path_factory.mktemp('rollout') / 'events.sqlite'}",
+            "retrieval.candidates=30", "http_options.port=" + str(free_port())]
+    base += [f"deployments.{d}.autoscaling_config=null" for d in ("Ingress", "Retrieval", "Ranking")]
+
+    def tree(uri, *more):
+        return load_serve_file(REPO / "configs" / "serve" / "demo.yaml", [f"model.uri={uri}", *base, *more])
+
+    url = start(tree(m["uri"]))
+    yield {"url": url, "tree": tree, "v1": m["uri"], "good": good, "broken": broken, "m": m}
+    serve.shutdown()
+
+
+class Stream:
+    """Threads posting /v1/recommend (retrieval, then ranking) back to back, recording status and version."""
+
+    def __init__(self, url: str, users: list, threads: int = 3):
+        self.url, self.users, self.stop = url, users, threading.Event()
+        self.seen: list[tuple[float, int, str | None]] = []
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, i: int):
+        with httpx.Client(base_url=self.url, timeout=60) as http:
+            n = i
+            while not self.stop.is_set():
+                r = http.post("/v1/recommend", json={"user_id": self.users[n % len(self.users)], "k": 5})
+                self.seen.append((time.time(), r.status_code, r.json()["model"]["version"] if r.is_success else r.text))
+                n += len(self.threads)
+
+    def versions_since(self, t0: float) -> list:
+        return [v for t, _, v in self.seen if t >= t0]
+
+    def close(self):
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_a_new_version_rolls_out_with_no_failed_request_and_a_broken_one_never_goes_live(served):
+    url, http = served["url"], httpx.Client(base_url=served["url"], timeout=60)
+    v1, good = served["v1"].rsplit("/", 1)[1], served["good"].rsplit("/", 1)[1]
+    users = http.get("/v1/users", params={"limit": 20}).json()
+    stream = Stream(url, users)
+    try:
+        wait_for(lambda: len(stream.seen) >= 6, 60, "answers from the first version")
+        t_roll = time.time()
+        assert start(served["tree"](served["good"])) == url  # as `serve deploy` with the new user_config
+        wait_for(lambda: stream.versions_since(t_roll).count(good) >= 6, 90, f"answers from version {good}")
+        info = http.get("/v1/model").json()
+        assert info["version"] == good
+        assert info["rollout"] | {"at": None} == {"state": "live", "target": served["good"], "version": good,
+                                                  "previous": v1, "error": None, "at": None}
+
+        # the new weights answer, not only the new label: retrieval equals version `good` run directly
+        encoder, cfg = load_model(served["good"], served["m"]["tracking_uri"])
+        history = http.get(f"/v1/users/{users[0]}/history", params={"limit": 1000}).json()["events"]
+        answer = http.post("/v1/retrieve", json={"user_id": users[0], "k": 5, "request_time": NOW}).json()
+        catalog = {e["item_id"] for e in history}
+        served_ids = [i["item_id"] for i in answer["items"]]
+        assert answer["model"]["version"] == good and not set(served_ids) & catalog
+        ids = [int(served_item_dense(served, e["item_id"])) for e in history][-cfg.kept_items:]
+        ts = [e["timestamp"] for e in history][-cfg.kept_items:]
+        with torch.no_grad():
+            user = encoder(torch.tensor(ids), torch.tensor(ts), torch.tensor(ts[1:] + [NOW]),
+                           torch.tensor([0, len(ids)]))[-1]
+            scores = encoder.all_item_embeddings() @ user
+        scores[0] = -torch.inf
+        scores[[int(served_item_dense(served, e["item_id"])) for e in history]] = -torch.inf
+        top = torch.topk(scores, 5)
+        assert [i["score"] for i in answer["items"]] == pytest.approx(top.values.tolist(), abs=1e-5)
+
+        # versions that do not load: the live one keeps answering, the failure is reported
+        for bad, why in (("models:/tiny-serve/999", "999"), (served["broken"], "UnpicklingError")):
+            t_bad = time.time()
+            start(served["tree"](bad))
+            rollout = wait_for(lambda: (r := http.get("/v1/model").json()["rollout"])["target"] == bad
+                               and r["state"] == "failed" and r, 60, f"the failure of {bad}")
+            assert rollout["version"] == good and why in rollout["error"], rollout
+            wait_for(lambda: len(stream.versions_since(t_bad)) >= 6, 60, "answers after the failed rollout")
+    finally:
+        stream.close()
+    statuses = [s for _, s, _ in stream.seen]
+    versions = [v for _, _, v in stream.seen]
+    assert set(statuses) == {200}, [x for x in stream.seen if x[1] != 200][:5]
+    switch = versions.index(good)
+    assert set(versions[:switch]) == {v1} and set(versions[switch:]) == {good}  # old, then new, never back
+    print(f"{len(versions)} requests, 0 failed: {switch} answered by version {v1}, "
+          f"{len(versions) - switch} by {good} (two failed rollouts among them)")
+
+
+def test_an_ingress_replica_started_after_a_failed_rollout_serves_the_last_live_version(served):
+    """The target in Serve's config is still the broken version: a new replica (a restart here) must not
+    crash-loop on it, but serve the version that went live last, reporting the failure."""
+    http = httpx.Client(base_url=served["url"], timeout=60)
+    good = served["good"].rsplit("/", 1)[1]
+    assert http.get("/v1/model").json()["rollout"]["target"] == served["broken"]
+    replica = [p for p in psutil.Process().children(recursive=True)
+               if "ServeReplica:genrec:Ingress" in " ".join(p.cmdline())]
+    assert len(replica) == 1
+    replica[0].kill()
+
+    def answer():
+        if replica[0].is_running() and replica[0].status() != psutil.STATUS_ZOMBIE:
+            return None
+        try:
+            r = http.get("/v1/model")
+        except httpx.HTTPError:
+            return None
+        return r.json() if r.status_code == 200 else None
+
+    info = wait_for(answer, 90, "a new ingress replica")
+    assert info["version"] == good
+    assert info["rollout"]["state"] == "failed" and info["rollout"]["target"] == served["broken"]
+    assert "UnpicklingError" in info["rollout"]["error"]
+    users = http.get("/v1/users", params={"limit": 3}).json()
+    assert http.post("/v1/recommend", json={"user_id": users[0], "k": 3}).json()["model"]["version"] == good
+
+
+def test_moving_the_alias_rolls_out_the_version_it_names(served):
+    """model.watch_s: the ingress re-resolves models:/tiny-serve@champion; moving the alias in the registry
+    is the whole rollout (no deploy)."""
+    http = httpx.Client(base_url=served["url"], timeout=60)
+    client = MlflowClient(served["m"]["tracking_uri"])
+    v1, good = served["v1"].rsplit("/", 1)[1], served["good"].rsplit("/", 1)[1]
+    client.set_registered_model_alias("tiny-serve", "champion", v1)
+    start(served["tree"]("models:/tiny-serve@champion", "model.watch_s=0.5"))
+    assert http.get("/v1/model").json()["version"] == v1  # the alias was resolved when the config was applied
+    client.set_registered_model_alias("tiny-serve", "champion", good)
+    info = wait_for(lambda: (i := http.get("/v1/model").json())["version"] == good and i, 30, "the alias's version")
+    assert info["rollout"]["state"] == "live" and info["rollout"]["previous"] == v1
+    users = http.get("/v1/users", params={"limit": 3}).json()
+    assert http.post("/v1/recommend", json={"user_id": users[0], "k": 3}).json()["model"]["version"] == good
+
+
+def served_item_dense(served, raw):
+    """Raw item id -> the model's dense index (the vocabulary the tiny model was trained with)."""
+    import pyarrow.parquet as pq
+
+    if "dense" not in served:
+        items = pq.read_table(Path(served["m"]["cfg"].data.output_dir) / "vocab" / "items.parquet")
+        served["dense"] = {str(r): i for r, i in zip(items["item_id"].to_pylist(), items["index"].to_pylist())}
+    return served["dense"][str(raw)]
