@@ -38,7 +38,8 @@ def main(args) -> int:
         stop.wait()
         if not reload.is_set():
             break
-        stop.clear(), reload.clear()
+        stop.clear()
+        reload.clear()
         try:  # a broken file is reported and changes nothing
             start(load_serve_file(args.config, args.overrides))
             print(f"applied {args.config}; GET {url}/v1/model shows the rollout", flush=True)

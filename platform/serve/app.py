@@ -30,6 +30,7 @@ Start it from a Serve config file (configs/serve/*.yaml) with jobs/serve.py, or
 
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -93,7 +94,8 @@ class _ModelReplica:
                     self.scorers[ref["uri"]] = scorer
                     while len(self.scorers) > MAX_LOADED:
                         self.scorers.popitem(last=False)
-        self.scorers.move_to_end(ref["uri"])
+        with contextlib.suppress(KeyError):  # a load in another thread evicted it meanwhile: this batch still has it
+            self.scorers.move_to_end(ref["uri"])
         return scorer
 
     def _index_config(self):
