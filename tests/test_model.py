@@ -414,7 +414,8 @@ def test_attention_normalizer_option_sets_hstu_one_over_n():
 
 def test_fused_attention_dispatch_matches_the_plain_path():
     torch.manual_seed(0)
-    plain = build_encoder(EncoderConfig("hstu", num_items=30, max_seq_len=8, dim=8, num_heads=2, dropout=0.0))
+    plain = build_encoder(EncoderConfig("hstu", num_items=30, max_seq_len=8, dim=8, num_heads=2, dropout=0.0,
+                                        attention_impl="pytorch"))
     tiled = build_encoder(EncoderConfig("hstu", num_items=30, max_seq_len=8, dim=8, num_heads=2, dropout=0.0,
                                         attention_impl="cpu"))
     tiled.load_state_dict(plain.state_dict())

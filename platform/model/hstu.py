@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .encoder_config import EncoderConfig
 from .jagged import jagged_to_padded, max_length, padded_index
 from .ops.hstu_attention import fused_attention, hstu_attention, resolve_attention_impl
+from .ops.hstu_attention_cpu import AttentionPlan, hstu_attention_cpu
 from .ops.hstu_attention_reference import time_buckets
 from .ops.table_lookup import table_lookup
 from .sasrec import causal_softmax_attention
@@ -44,14 +45,18 @@ class HSTULayer(nn.Module):
         nn.init.normal_(self.uvqk.weight, mean=0.0, std=0.02)
         nn.init.xavier_uniform_(self.out.weight)
 
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor, bias_index: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, bias_index: torch.Tensor | AttentionPlan | None,
                 timestamps: torch.Tensor | None = None, target_timestamps: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, D] jagged -> [T, D]. The plain attention takes bias_index [B, L, L]
-        (`relative_bias_index`; None without rab); the fused ones (the full model
-        only) compute the bias from the timestamps."""
+        """x [T, D] jagged -> [T, D]. bias_index is what `HSTU.attention_inputs` built for the
+        batch: the plain attention's [B, L, L] index (`relative_bias_index`; None without rab),
+        the tiled CPU path's `AttentionPlan`, or None for Triton, which computes the bias
+        from the timestamps."""
         u, q, k, v = self.project(x)
         # Eq. (2): pointwise causal attention with the relative bias, scaled by 1/N.
-        if not self.is_paper_hstu or bias_index is not None:
+        if isinstance(bias_index, AttentionPlan):
+            attended = hstu_attention_cpu(q, k, v, offsets, timestamps, target_timestamps, self.rab.position_weights,
+                                          self.rab.time_weights, self.max_seq_len, self.normalizer, plan=bias_index)
+        elif not self.is_paper_hstu or bias_index is not None:
             attended = self.plain_attention(q, k, v, offsets, bias_index)
         else:
             fused = fused_attention(resolve_attention_impl(self.attention_impl, x))
@@ -100,15 +105,21 @@ class HSTU(nn.Module):
         self, x: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor, target_timestamps: torch.Tensor
     ) -> torch.Tensor:
         """x [T, D], offsets [B+1], timestamps and target_timestamps [T] -> [T, D]."""
-        bias_index = None
-        plain = not self.is_paper_hstu or resolve_attention_impl(self.attention_impl, x) == "pytorch"
-        if plain and self.uses_bias:
-            # The bias index depends on the batch only: computed once, shared by every layer.
-            bias_index = relative_bias_index(timestamps, target_timestamps, offsets, max_length(offsets),
-                                             self.max_seq_len)
+        bias_index = self.attention_inputs(x, offsets, timestamps, target_timestamps)
         for layer in self.layers:
             x = layer(x, offsets, bias_index, timestamps, target_timestamps)
         return x
+
+    def attention_inputs(self, x, offsets, timestamps, target_timestamps) -> torch.Tensor | AttentionPlan | None:
+        """What the attention needs of the batch besides q, k, v. It depends on the batch only
+        (offsets, timestamps), so it is computed once here and shared by every layer."""
+        impl = resolve_attention_impl(self.attention_impl, x) if self.is_paper_hstu else "pytorch"
+        if impl == "cpu":
+            return AttentionPlan(offsets, timestamps, target_timestamps, self.max_seq_len,
+                                 self.layers[0].rab.time_weights.numel() - 1)
+        if impl == "pytorch" and self.uses_bias:
+            return relative_bias_index(timestamps, target_timestamps, offsets, max_length(offsets), self.max_seq_len)
+        return None
 
 
 class RelativeBucketedTimeAndPositionBias(nn.Module):

@@ -1,146 +1,171 @@
 """HSTU attention on CPU without the [B, L, L] bias or the masked upper half:
 same signature and numbers as hstu_attention_reference (see there for the math).
 
-Users are sorted by length, longest first, and padded to [B, H, L, d]. Query
+Users are sorted by length, longest first, and padded to [B, L, H, d]. Query
 tiles [s, e) then only involve the users longer than s (a prefix of the sorted
 batch) and the keys [0, e): the cost follows the real jagged lengths at tile
-granularity, the way Stochastic Length expects. The bias of a tile is gathered
-from the two tables when the tile is computed, and again in the backward (which
-is hand-written: it recomputes the scores of a tile instead of keeping them, and
-scatters the bias gradient straight into the tables). Only the time buckets of the
-causal tiles are kept from the forward to the backward, one byte each.
+granularity, the way Stochastic Length expects (on ML-1M batches about a quarter
+of the padded [B, L, L] square).
+
+Everything that depends only on the batch is an `AttentionPlan`, built once per
+forward pass and shared by all layers: the sorted layout, the tiles, and for each
+tile one int32 index per (query, key) into the flattened [buckets, 2N - 1] table of
+(time bucket, relative position) bias sums. Masked pairs (the upper triangle, and
+with M-FALCON targets what a candidate may not see) index one extra entry that
+holds a huge negative number: SiLU of it is exactly 0 and so is SiLU's derivative,
+so the mask costs nothing per layer. Per tile and head the forward is one baddbmm
+(bias + Q K^T), one SiLU and one bmm with V; 1/N is applied to the [T, H, dv]
+output. The backward is hand-written: it reuses the forward's scores and weights
+(recomputes them when they would exceed SAVED_SCORES_LIMIT elements), takes
+SiLU' in one fused op and scatters the bias gradient into the table once per tile.
 """
+
+from __future__ import annotations
 
 import torch
 
 from .hstu_attention_reference import time_buckets
 
-TILE = 64  # query rows per tile: smaller tiles waste less of the masked upper half, larger ones less Python
 
 
-class _Batch:
-    """Bookkeeping of a jagged batch in the sorted, padded layout (no gradients)."""
+def tile_rows(max_len: int) -> int:
+    """Query rows per tile: smaller tiles skip more of the masked and padded area, larger ones make
+    fewer, larger matmuls (the best of 16-128 measured on 2 CPU cores: 32 at N=200, 64 at 1024, 128 at 4096)."""
+    return 32 if max_len <= 512 else 64 if max_len <= 2048 else 128
 
-    def __init__(self, offsets, timestamps, target_timestamps, num_targets, num_tokens, max_seq_len, num_buckets):
+SAVED_SCORES_LIMIT = 1 << 25  # score elements per layer kept for the backward (x2 tensors, 128 MB each in float32)
+
+
+class AttentionPlan:
+    """The batch's sorted padded layout, its tiles and their bias indices (no gradients).
+
+    tiles: (s, e, c, index): query rows [s, e) of the c users longer than s against
+    keys [0, e); index [c, e - s, e] int32 into the flattened [num_buckets + 1, 2N - 1]
+    table, or `self.hidden` (= the table's size) where the pair is masked.
+    """
+
+    def __init__(self, offsets: torch.Tensor, timestamps: torch.Tensor, target_timestamps: torch.Tensor,
+                 max_seq_len: int, num_buckets: int, num_targets: torch.Tensor | None = None) -> None:
+        num_tokens = timestamps.size(0)
         lengths = offsets.diff()
         self.lengths, order = lengths.sort(descending=True, stable=True)
         self.batch_size = lengths.numel()
         self.max_len = int(self.lengths[0]) if self.batch_size else 0
+        self.num_buckets, self.max_seq_len = num_buckets, max_seq_len
         rank = torch.empty_like(order)
         rank[order] = torch.arange(self.batch_size)
         user = torch.arange(self.batch_size).repeat_interleave(lengths, output_size=num_tokens)
         pos = torch.arange(num_tokens) - offsets[:-1][user]
-        self.row = rank[user] * self.max_len + pos  # token -> row of the flattened [B * L] layout
-        self.ts = self.pad(timestamps)
-        self.target_ts = self.pad(target_timestamps)
-        self.history = None
-        if num_targets is not None:
-            self.history = self.lengths - torch.minimum(num_targets[order], self.lengths)
-        self.max_seq_len, self.num_buckets = max_seq_len, num_buckets
-        self._buckets = {}
+        self.row = rank[user] * self.max_len + pos  # token -> row of the flattened sorted [B * L] layout
+        ts, target_ts = self.pad(timestamps), self.pad(target_timestamps)
+        history = None if num_targets is None else self.lengths - torch.minimum(num_targets[order], self.lengths)
+        N, width = max_seq_len, 2 * max_seq_len - 1
+        self.hidden = (num_buckets + 1) * width
+        self.tiles = []
+        longer, c = self.lengths.tolist(), self.batch_size
+        tile = tile_rows(self.max_len)
+        for s in range(0, self.max_len, tile):
+            while longer[c - 1] <= s:
+                c -= 1
+            e = min(s + tile, self.max_len)
+            i, j = torch.arange(s, e).unsqueeze(1), torch.arange(e).unsqueeze(0)
+            bucket = time_buckets(target_ts[:c, s:e, None], ts[:c, None, :e], num_buckets)
+            if history is None:
+                rel, visible = N - 1 + j - i, j <= i
+            else:  # candidates sit at the history's end (see the reference) and see the history and themselves
+                h = history[:c, None, None]
+                rel = N - 1 + torch.minimum(j, h) - torch.minimum(i, h)
+                visible = (j == i) | ((j < i) & (j < h))
+            index = bucket.mul_(width).add_(rel.clamp_(0, width - 1)).masked_fill_(~visible, self.hidden)
+            self.tiles.append((s, e, c, index.to(torch.int32)))
+        self.area = sum(index.numel() for *_, index in self.tiles)
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """[T, ...] -> [B, L, ...] in sorted order, zeros after each user's end."""
+        # index_copy_ from a strided source (q, k, v are column slices of one projection) is 3x slower
+        t = t.contiguous()
         rows = t.new_zeros(self.batch_size * self.max_len, *t.shape[1:]).index_copy_(0, self.row, t)
         return rows.view(self.batch_size, self.max_len, *t.shape[1:])
 
-    def tiles(self):
-        """(s, e, c): query rows [s, e) of the c users longer than s."""
-        longer = self.lengths.tolist()
-        c = self.batch_size
-        for s in range(0, self.max_len, TILE):
-            while longer[c - 1] <= s:
-                c -= 1
-            yield s, min(s + TILE, self.max_len), c
+    def unpad(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, L, ...] -> [T, ...]."""
+        return t.flatten(0, 1).index_select(0, self.row)
 
-    def time_buckets(self, s: int, e: int, c: int) -> torch.Tensor:
-        """uint8 [c, e - s, e] time buckets of a tile: computed once (the log is the
-        costly part) and kept for the backward, a quarter of a float bias."""
-        if (s, c) not in self._buckets:
-            target_ts, ts = self.target_ts[:c, s:e, None], self.ts[:c, None, :e]
-            dtype = torch.uint8 if self.num_buckets < 256 else torch.int64
-            self._buckets[s, c] = time_buckets(target_ts, ts, self.num_buckets).to(dtype)
-        return self._buckets[s, c]
-
-    def bias_index(self, s: int, e: int, c: int):
-        """Position indices of query rows [s, e) x keys [0, e) of the first c users
-        and the mask of that tile (None: plain causal), as ([e - s, e], None) or
-        ([c, e - s, e], [c, e - s, e]) with targets."""
-        N = self.max_seq_len
-        i = torch.arange(s, e).unsqueeze(1)
-        j = torch.arange(e).unsqueeze(0)
-        if self.history is None:
-            return (N - 1 + j - i).clamp_(0, 2 * N - 2), None
-        history = self.history[:c, None, None]
-        # Candidates sit at the history's end (see the reference) and see the history and themselves.
-        rel = N - 1 + torch.minimum(j, history) - torch.minimum(i, history)
-        mask = (j == i) | ((j < i) & (j < history))
-        return rel.clamp_(0, 2 * N - 2), mask
+    def table(self, position_weights: torch.Tensor, time_weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Flattened [num_buckets + 1, 2N - 1] table of every (time bucket, relative position) bias, then the
+        masked pairs' entry: a negative number so large that SiLU and its derivative are exactly 0 there (and
+        adding q.k to it cannot overflow)."""
+        table = (time_weights.unsqueeze(1) + position_weights.unsqueeze(0)).flatten().to(dtype)
+        return torch.cat([table, table.new_full((1,), torch.finfo(dtype).min / 2)])
 
 
-_UPPER = torch.ones(TILE, TILE, dtype=torch.bool).triu_(1)
+def _bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return table.index_select(0, index.flatten()).view(index.shape)
 
 
-def _tile_scores(q, k, batch, position_weights, time_weights, s, e, c):
-    """Scores q_i . k_j + rab(i, j) of one tile [c, H, e - s, e], its indices and mask."""
-    (rel, mask), bucket = batch.bias_index(s, e, c), batch.time_buckets(s, e, c).long()
-    bias = position_weights[rel].to(q.dtype) + time_weights[bucket].to(q.dtype)
-    scores = torch.matmul(q[:c, :, s:e], k[:c, :, :e].transpose(-1, -2)).add_(bias.unsqueeze(1))
-    return scores, rel, bucket, mask
+def _scores(qp, kp, bias, h, s, e, c):
+    """bias + q_i . k_j of one tile and head: [c, e - s, e]."""
+    return torch.baddbmm(bias, qp[:c, s:e, h], kp[:c, :e, h].transpose(1, 2))
 
 
-def _apply_mask(t: torch.Tensor, s: int, e: int, mask: torch.Tensor | None) -> torch.Tensor:
-    """Zero the masked entries of a tile in place; without targets only the diagonal block has any."""
-    if mask is None:
-        t[..., s:].masked_fill_(_UPPER[: e - s, : e - s], 0)
-    else:
-        t.mul_(mask.unsqueeze(1))
-    return t
+def _forward(qp, kp, vp, table, plan, keep: bool):
+    """Padded [B, L, H, dv] output (not yet divided by the normaliser) and, if `keep`, every
+    tile's (scores, weights) per head."""
+    H = vp.size(2)
+    out = vp.new_empty(vp.shape)  # every real row is written; padding rows are never read
+    kept = []
+    for s, e, c, index in plan.tiles:
+        bias = _bias(table, index)
+        for h in range(H):
+            scores = _scores(qp, kp, bias, h, s, e, c)
+            if keep:
+                weights = torch.nn.functional.silu(scores)
+                kept += [scores, weights]
+            else:
+                weights = torch.nn.functional.silu(scores, inplace=True)
+            out[:c, s:e, h] = torch.bmm(weights, vp[:c, :e, h])
+    return out, kept
 
 
 class _HSTUAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, position_weights, time_weights, batch, normalizer):
-        H, dv = v.shape[1:]
-        qp, kp, vp = (batch.pad(t).transpose(1, 2).contiguous() for t in (q, k, v))  # [B, H, L, d]
-        out = vp.new_zeros(batch.batch_size, H, batch.max_len, dv)
-        for s, e, c in batch.tiles():
-            scores, _, _, mask = _tile_scores(qp, kp, batch, position_weights, time_weights, s, e, c)
-            weights = _apply_mask(torch.nn.functional.silu(scores, inplace=True), s, e, mask)
-            out[:c, :, s:e] = weights @ vp[:c, :, :e]
-        ctx.save_for_backward(qp, kp, vp, position_weights, time_weights)
-        ctx.batch, ctx.normalizer = batch, normalizer
-        return out.div_(normalizer).transpose(1, 2).flatten(0, 1)[batch.row]
+    def forward(ctx, q, k, v, position_weights, time_weights, plan, normalizer):
+        qp, kp, vp = (plan.pad(t) for t in (q, k, v))
+        table = plan.table(position_weights, time_weights, q.dtype)
+        keep = plan.area * q.size(1) <= SAVED_SCORES_LIMIT
+        out, kept = _forward(qp, kp, vp, table, plan, keep)
+        ctx.save_for_backward(qp, kp, vp, table, *kept)
+        ctx.plan, ctx.normalizer, ctx.table_dtype = plan, normalizer, position_weights.dtype
+        return plan.unpad(out).div_(normalizer)
 
     @staticmethod
     def backward(ctx, grad_out):
-        qp, kp, vp, position_weights, time_weights = ctx.saved_tensors
-        batch = ctx.batch
-        grad_outp = batch.pad(grad_out / ctx.normalizer).transpose(1, 2).contiguous()
-        grad_q, grad_k, grad_v = torch.zeros_like(qp), torch.zeros_like(kp), torch.zeros_like(vp)
-        grad_position = torch.zeros_like(position_weights)
-        grad_time = torch.zeros_like(time_weights)
-        for s, e, c in batch.tiles():
-            scores, rel, bucket, mask = _tile_scores(qp, kp, batch, position_weights, time_weights, s, e, c)
-            sig = torch.sigmoid(scores)
-            weights = _apply_mask(scores * sig, s, e, mask)
-            go = grad_outp[:c, :, s:e]
-            grad_v[:c, :, :e] += weights.transpose(-1, -2) @ go
-            # SiLU'(x) = sig * (1 + x - SiLU(x)); scores becomes dL/dscores in place.
-            grad_weights = go @ vp[:c, :, :e].transpose(-1, -2)
-            grad_scores = _apply_mask(scores.sub_(weights).add_(1).mul_(sig).mul_(grad_weights), s, e, mask)
-            grad_q[:c, :, s:e] = grad_scores @ kp[:c, :, :e]
-            grad_k[:c, :, :e] += grad_scores.transpose(-1, -2) @ qp[:c, :, s:e]
-            grad_bias = grad_scores.sum(1, dtype=grad_time.dtype)  # the bias is shared by the heads
-            grad_time.index_add_(0, bucket.flatten(), grad_bias.flatten())
-            if rel.dim() == 2:
-                grad_bias = grad_bias.sum(0)
-            grad_position.index_add_(0, rel.flatten(), grad_bias.flatten())
-
-        def unpad(t):
-            return t.transpose(1, 2).flatten(0, 1)[batch.row]
-
-        return unpad(grad_q), unpad(grad_k), unpad(grad_v), grad_position, grad_time, None, None
+        qp, kp, vp, table, *kept = ctx.saved_tensors
+        plan, H = ctx.plan, qp.size(2)
+        go = plan.pad(grad_out / ctx.normalizer)
+        grad_q, grad_k, grad_v = torch.empty_like(qp), torch.zeros_like(kp), torch.zeros_like(vp)
+        grad_table = torch.zeros(table.numel(), dtype=ctx.table_dtype)
+        saved, kept = bool(kept), iter(kept)
+        for s, e, c, index in plan.tiles:
+            bias = None if saved else _bias(table, index)
+            grad_bias = None
+            for h in range(H):
+                if saved:
+                    scores, weights = next(kept), next(kept)
+                else:
+                    scores = _scores(qp, kp, bias, h, s, e, c)
+                    weights = torch.nn.functional.silu(scores)
+                q_, k_, v_, go_ = qp[:c, s:e, h], kp[:c, :e, h], vp[:c, :e, h], go[:c, s:e, h]
+                grad_v[:c, :e, h] += torch.bmm(weights.transpose(1, 2), go_)
+                # SiLU'(x) in one op; 0 at the masked pairs, as SiLU is flat there (see AttentionPlan.table)
+                grad_scores = torch.ops.aten.silu_backward(torch.bmm(go_, v_.transpose(1, 2)), scores)
+                grad_q[:c, s:e, h] = torch.bmm(grad_scores, k_)
+                grad_k[:c, :e, h] += torch.bmm(grad_scores.transpose(1, 2), q_)
+                grad_bias = grad_scores if grad_bias is None else grad_bias.add_(grad_scores)
+            grad_table.index_add_(0, index.flatten(), grad_bias.flatten().to(grad_table.dtype))
+        grad_table = grad_table[:-1].view(plan.num_buckets + 1, 2 * plan.max_seq_len - 1)
+        return (plan.unpad(grad_q), plan.unpad(grad_k), plan.unpad(grad_v), grad_table.sum(0), grad_table.sum(1),
+                None, None)
 
 
 def hstu_attention_cpu(
@@ -155,9 +180,17 @@ def hstu_attention_cpu(
     max_seq_len: int,
     normalizer: float,
     num_targets: torch.Tensor | None = None,
+    plan: AttentionPlan | None = None,
 ) -> torch.Tensor:
     """Same arguments and result as hstu_attention_reference; differentiable in
-    q, k, v, position_weights and time_weights."""
-    num_buckets = time_weights.numel() - 1
-    batch = _Batch(offsets, timestamps, target_timestamps, num_targets, q.size(0), max_seq_len, num_buckets)
-    return _HSTUAttention.apply(q, k, v, position_weights, time_weights, batch, normalizer)
+    q, k, v, position_weights and time_weights. `plan`, the `AttentionPlan` of this
+    batch (offsets, timestamps, num_targets), saves rebuilding it in every layer."""
+    if plan is None:
+        plan = AttentionPlan(offsets, timestamps, target_timestamps, max_seq_len, time_weights.numel() - 1,
+                             num_targets)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, position_weights, time_weights)):
+        return _HSTUAttention.apply(q, k, v, position_weights, time_weights, plan, normalizer)
+    # Inference: the same forward, SiLU in place and nothing kept for a backward.
+    out, _ = _forward(*(plan.pad(t) for t in (q, k, v)), plan.table(position_weights, time_weights, q.dtype),
+                      plan, keep=False)
+    return plan.unpad(out).div_(normalizer)
