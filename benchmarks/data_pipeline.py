@@ -211,17 +211,21 @@ def measured(side: str, path: Path, out: Path) -> dict:
     """Run one side in a subprocess, sampling the PSS of its whole process tree."""
     import psutil
 
+    load = os.getloadavg()[0]
     started = time.time()
     proc = subprocess.Popen([sys.executable, __file__, "--run", side, "--input", str(path), "--out", str(out)],
                             stdout=subprocess.PIPE, text=True)
     root = psutil.Process(proc.pid)
     peak = 0
+    cpu = {}  # pid -> user + system seconds, last seen: the CPU time of the whole tree, load-independent
     while proc.poll() is None:
         total = 0
         try:
             for p in [root, *root.children(recursive=True)]:
                 try:
                     total += p.memory_full_info().pss
+                    times = p.cpu_times()
+                    cpu[p.pid] = times.user + times.system
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
         except psutil.NoSuchProcess:
@@ -233,7 +237,8 @@ def measured(side: str, path: Path, out: Path) -> dict:
         print(f"{side} failed on {path}:\n{output}", flush=True)
         return None
     result = json.loads(output.strip().splitlines()[-1])
-    result.update(wall_s=time.time() - started, peak_gib=peak / (1 << 30))
+    result.update(wall_s=time.time() - started, peak_gib=peak / (1 << 30), cpu_s=sum(cpu.values()),
+                  load=(load, os.getloadavg()[0]))
     return result
 
 
@@ -280,6 +285,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--formats", nargs="+", choices=["csv", "parquet"], default=["csv", "parquet"])
     parser.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES))
+    parser.add_argument("--repeat", type=int, default=1, help="runs per side, taking turns; the median is reported")
     parser.add_argument("--data", type=Path, default=REPO / "outputs" / "bench-data", help="generated inputs (kept)")
     parser.add_argument("--run", choices=list(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
@@ -290,9 +296,10 @@ def main() -> None:
         return
 
     import shutil
+    import statistics
     import tempfile
 
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; load average at start {os.getloadavg()[0]:.1f}")
     rows = []
     for events in args.events:
         folder = args.data / f"behaviour-{events}"
@@ -301,11 +308,21 @@ def main() -> None:
         for fmt in args.formats:
             path = folder / f"behaviour.{fmt}"
             with tempfile.TemporaryDirectory(dir=args.data) as tmp:
+                runs = {side: [] for side in args.sides}
+                for repeat in range(args.repeat):  # sides take turns, so a shared machine's load falls on all of them
+                    for side in args.sides:
+                        shutil.rmtree(Path(tmp) / side, ignore_errors=True)
+                        result = measured(side, path, Path(tmp) / side)
+                        print(f"{events:,} rows, {fmt}, {side}, run {repeat + 1}: {json.dumps(result)}", flush=True)
+                        if result is not None:
+                            runs[side].append(result)
                 results = {}
-                for side in args.sides:
-                    results[side] = measured(side, path, Path(tmp) / side)
-                    print(f"{events:,} rows, {fmt}, {side}: {json.dumps(results[side])}", flush=True)
-                results = {side: r for side, r in results.items() if r is not None}
+                for side, done in runs.items():
+                    if done:  # the median run by wall time; peak memory: the largest of all runs
+                        r = dict(sorted(done, key=lambda d: d["wall_s"])[(len(done) - 1) // 2])
+                        r.update(runs=len(done), peak_gib=max(d["peak_gib"] for d in done),
+                                 load=(min(d["load"][0] for d in done), max(max(d["load"]) for d in done)))
+                        results[side] = r
                 if not results:
                     continue
                 first = next(iter(results))
@@ -314,23 +331,26 @@ def main() -> None:
                     same = all(r[k] == results[first][k] for k in ("input_rows", "rejected", "users", "duplicates", "merged"))
                     r["same"] = same and sequences_by_raw_id(side, Path(tmp) / side).equals(reference)
                 rows.append((events, fmt, path.stat().st_size, results))
-                shutil.rmtree(tmp, ignore_errors=True)
             print(f"done: {events:,} rows, {fmt}", {s: round(r["wall_s"], 1) for s, r in results.items()}, flush=True)
     print()
     print(f"Baseline: a single-process polars {__import__('polars').__version__} script (polars_prepare) on the same "
-          f"input; machine: {machine()}")
+          f"input; machine: {machine()}; load average (1 min) now {os.getloadavg()[0]:.1f}")
+    print(f"wall and cpu: the median of {args.repeat} run(s) per side, sides taking turns; cpu = user + system seconds of "
+          "the whole process tree; load = the 1-minute load average over the side's runs (lowest start, highest end)")
     print()
-    print("| rows | input | side | wall s | inside prepare s | events/s (wall) | wall / polars | peak GiB "
-          "| rejected | duplicates | merged | users | same sequences |")
-    print("|---:|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
+    print("| rows | input | side | wall s | inside prepare s | cpu s | events/s (wall) | wall / polars | cpu / polars "
+          "| peak GiB | load | rejected | duplicates | merged | users | same sequences |")
+    print("|---:|:---|:---|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|:---:|")
     for events, fmt, size, results in rows:
-        polars_wall = results.get("polars", {}).get("wall_s")
+        polars = results.get("polars", {})
         for side, r in results.items():
-            ratio = f"{r['wall_s'] / polars_wall:.2f}" if polars_wall else "-"
+            ratio = f"{r['wall_s'] / polars['wall_s']:.2f}" if polars else "-"
+            cpu_ratio = f"{r['cpu_s'] / polars['cpu_s']:.2f}" if polars else "-"
             inside = f"{r['inside_s']:.1f}" if "inside_s" in r else "-"
             print(f"| {r['input_rows']:,} | {fmt} ({size / 1e6:,.0f} MB) | {side} | {r['wall_s']:.1f} | {inside} "
-                  f"| {r['input_rows'] / r['wall_s']:,.0f} | {ratio} | {r['peak_gib']:.2f} | {r['rejected']:,} "
-                  f"| {r['duplicates']:,} | {r['merged']:,} | {r['users']:,} | {'yes' if r['same'] else 'NO'} |")
+                  f"| {r['cpu_s']:.1f} | {r['input_rows'] / r['wall_s']:,.0f} | {ratio} | {cpu_ratio} | {r['peak_gib']:.2f} "
+                  f"| {r['load'][0]:.1f}-{r['load'][1]:.1f} | {r['rejected']:,} | {r['duplicates']:,} | {r['merged']:,} "
+                  f"| {r['users']:,} | {'yes' if r['same'] else 'NO'} |")
     events, fmt, _, results = max(rows, key=lambda row: row[0])
     if events < 100_000_000:  # not run: a straight line from the largest size measured
         scale = 100_000_000 / events

@@ -1,8 +1,11 @@
 """The pipeline end to end on a real local Ray cluster: counts, order, determinism, atomic output, splits."""
 
 import filecmp
+import functools
 import json
+import operator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -10,8 +13,9 @@ import pytest
 from genrec.config import ConfigError, DataConfig
 from genrec.data.adapters import SourceError
 from genrec.data.prepared import read_split
-from genrec.data.pipeline import OutputExistsError, prepare
+from genrec.data.pipeline import OutputExistsError, dense_ids, prepare, user_partition
 from genrec.data.prepared import read_manifest
+from genrec.data.sequences import build_sequences
 
 
 def config(source, out, **data) -> DataConfig:
@@ -162,3 +166,70 @@ def test_time_split_by_quantile(ray_cluster, tmp_path):
                            item_universe="observed", split={"kind": "time", "quantile": 0.8}))
     assert abs(summary["split"]["cutoff_used"] - (t0 + 80)) <= 1
     assert abs(summary["train_events"] - 800) <= 10
+
+
+def rules_by_hand(rows, merge_actions):
+    """The duplicate and merge rules, row by row in plain Python: the oracle for build_sequences."""
+    kept = {}
+    for user, item, ts, action, value, src in sorted(rows, key=lambda r: r[5]):
+        key = (user, item, ts, action, "nan" if np.isnan(value) else value)
+        kept.setdefault(key, (user, item, ts, action, value, src))  # the first in source order
+    events = list(kept.values())
+    if merge_actions:
+        groups = {}
+        for user, item, ts, action, value, src in events:
+            groups.setdefault((user, item, ts), []).append((action, value, src))
+        events = [(user, item, ts, functools.reduce(operator.or_, (1 << a for a, _, _ in g)),
+                   max((v for _, v, _ in g if not np.isnan(v)), default=float("nan")), min(s for _, _, s in g))
+                  for (user, item, ts), g in groups.items()]
+    sequences = {}
+    for user, item, ts, action, value, src in sorted(events, key=lambda e: (e[0], e[2], e[5])):
+        sequences.setdefault(user, []).append((item, action, ts, value))
+    return sequences, len(rows) - len(kept), len(kept) - len(events)
+
+
+@pytest.mark.parametrize("merge_actions", [True, False])
+@pytest.mark.parametrize("in_source_order", [True, False])
+def test_build_sequences_follows_the_rules(merge_actions, in_source_order):
+    """Many events share a (user, timestamp): duplicates, merges, NaN values and ties all meet."""
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        n = int(rng.integers(1, 300))
+        src = np.arange(n, dtype=np.int64) * 7 + (5 << 40)
+        if not in_source_order:
+            src = rng.permutation(src)
+        rows = list(zip(rng.integers(1, 6, n).tolist(), rng.integers(1, 4, n).tolist(),
+                        (1_600_000_000 + rng.integers(0, 5, n)).tolist(), rng.integers(0, 3, n).tolist(),
+                        rng.choice([np.nan, 1.0, 4.5], n).tolist(), src.tolist()))
+        table = pa.table({name: pa.array(column, type) for name, column, type in zip(
+            ["user", "item", "timestamp", "action", "value", "source_order"], zip(*rows),
+            [pa.int32(), pa.int32(), pa.int64(), pa.int32(), pa.float32(), pa.int64()])})
+        sequences, stats = build_sequences(table, merge_actions)
+        expected, duplicates, merged = rules_by_hand(rows, merge_actions)
+        assert stats == {"duplicates": duplicates, "merged": merged}
+        got = {r["user"]: list(zip(r["items"], r["actions"], r["timestamps"], r["values"])) for r in sequences.to_pylist()}
+        assert list(got) == sorted(expected)
+        for user, events in expected.items():
+            assert [e[:3] for e in got[user]] == [e[:3] for e in events]
+            assert np.allclose([e[3] for e in got[user]], [e[3] for e in events], equal_nan=True)
+
+
+def test_dense_ids_by_lookup_table_or_hash_agree():
+    rng = np.random.default_rng(0)
+    for vocab in (np.unique(rng.integers(1, 50_000, 30_000)),  # compact ids: the lookup table
+                  np.unique(rng.integers(-2**62, 2**62, 500)),  # sparse ids: index_in
+                  np.array(["a", "b", "x"])):
+        values = vocab[rng.integers(0, len(vocab), 5_000)]
+        ids = dense_ids(pa.chunked_array([pa.array(values[:100]), pa.array(values[100:])]), pa.array(vocab))
+        assert ids.type == pa.int32()
+        assert np.array_equal(np.asarray(ids), np.searchsorted(vocab, values) + 1)
+
+
+def test_user_partition_is_pandas_hash_for_integer_ids():
+    """Written out to spare every worker a pandas import: the same partitions as pandas.util.hash_array."""
+    pd = pytest.importorskip("pandas")
+    users = np.random.default_rng(1).integers(-2**63, 2**63 - 1, 10_000)
+    expected = (pd.util.hash_array(users) % np.uint64(7)).astype(np.int32)
+    assert np.array_equal(user_partition(pa.array(users), 7), expected)
+    strings = pa.array([str(u) for u in users[:100]])
+    assert np.array_equal(user_partition(strings, 7), (pd.util.hash_array(np.array(strings.to_pylist(), dtype=object)) % np.uint64(7)).astype(np.int32))
