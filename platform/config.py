@@ -261,8 +261,8 @@ class ModelConfig(Strict):
     attention_normalizer: int | None = Field(
         None, gt=0, description="the N of HSTU's 1/N; default max_seq_len (the paper's ML-1M code: 211)")
     attention_impl: Literal["auto", "pytorch", "cpu", "triton"] = Field(
-        "auto", description="HSTU attention: auto = Triton on CUDA, plain PyTorch on CPU; cpu = the tiled CPU "
-        "path (never builds the L x L bias: less memory at long lengths)")
+        "auto", description="HSTU attention: auto = Triton on CUDA, the tiled CPU path on CPU (cpu: the bias "
+        "gathered per tile, never an L x L tensor); pytorch = the plain reference (materialised bias and scores)")
     attention: Literal["pointwise", "softmax"] = Field(
         "pointwise", description="HSTU only: SiLU(QK^T + rab)/N (the paper) or a causal softmax (its ablation)")
     relative_bias: Literal["both", "position", "time", "none"] = Field(

@@ -21,7 +21,7 @@ import torch
 from genrec.model.ops.hstu_attention_cpu import hstu_attention_cpu
 from genrec.model.ops.hstu_attention_reference import hstu_attention_reference
 
-# Lengths 0 and 1, lengths around the CPU tile (64) and the Triton tile (32), one over N.
+# Lengths 0 and 1, lengths around the tiles (32 rows on CPU at these lengths, 32 in Triton), one over N.
 LENGTHS = [5, 0, 1, 64, 65, 33, 130, 9]
 TARGETS = [2, 0, 1, 10, 65, 1, 7, 3]  # including a sequence that is all candidates
 N = 100
@@ -98,6 +98,33 @@ def test_each_candidate_scores_as_if_alone_after_the_history():
 def test_cpu_matches_reference(dtype, targets):
     args = make_inputs(LENGTHS, targets=targets, dtype=dtype)
     assert_parity(hstu_attention_cpu, args, args, TOLERANCE[dtype])
+
+
+def test_cpu_long_users_larger_tiles_and_recomputed_scores(monkeypatch):
+    # Over 512 rows the CPU path takes 64-row tiles; with nothing kept from the forward the backward
+    # recomputes every tile's scores (what it does for long sequences).
+    import genrec.model.ops.hstu_attention_cpu as cpu
+
+    args = make_inputs([530, 3, 70], heads=1, dqk=4, dv=3, max_seq_len=300, dtype=torch.float64)
+    assert cpu.tile_rows(530) == 64
+    assert_parity(hstu_attention_cpu, args, args, TOLERANCE[torch.float64])
+    monkeypatch.setattr(cpu, "SAVED_SCORES_LIMIT", 0)
+    for targets in (None, TARGETS):
+        args = make_inputs(LENGTHS, targets=targets, dtype=torch.float64)
+        assert_parity(hstu_attention_cpu, args, args, TOLERANCE[torch.float64])
+
+
+def test_cpu_plan_shared_and_inference_path_give_the_same_values():
+    from genrec.model.ops.hstu_attention_cpu import AttentionPlan
+
+    q, k, v, offsets, ts, target_ts, pw, tw, n, norm, num_targets = make_inputs(LENGTHS, targets=TARGETS)
+    plan = AttentionPlan(offsets, ts, target_ts, n, tw.numel() - 1, num_targets)
+    trained = hstu_attention_cpu(q, k, v, offsets, ts, target_ts, pw, tw, n, norm, num_targets)
+    with torch.no_grad():  # nothing kept for a backward, SiLU in place
+        inferred = hstu_attention_cpu(q, k, v, offsets, ts, target_ts, pw, tw, n, norm, num_targets, plan=plan)
+    torch.testing.assert_close(inferred, trained.detach(), rtol=0, atol=0)
+    again = hstu_attention_cpu(q, k, v, offsets, ts, target_ts, pw, tw, n, norm, num_targets, plan=plan)
+    torch.testing.assert_close(again, trained, rtol=0, atol=0)
 
 
 def test_cpu_empty_batch():

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from genrec.model.jagged import concat_ranges
+from genrec.model.ops.hstu_attention import resolve_attention_impl
 from genrec.model import (
     EncoderConfig,
     HSTULayer,
@@ -428,3 +429,5 @@ def test_fused_attention_dispatch_matches_the_plain_path():
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
     with pytest.raises(ValueError, match="attention_impl"):
         build_encoder(EncoderConfig("hstu", num_items=30, max_seq_len=8, dim=8, attention_impl="fast"))(*batch)
+    # auto: the tiled path on CPU tensors (Triton on CUDA ones, tested where there is a GPU)
+    assert resolve_attention_impl("auto", batch[0]) == "cpu"
