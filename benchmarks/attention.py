@@ -3,6 +3,10 @@
     python benchmarks/attention.py [--device cpu|cuda] [--lengths 200 1024 2048] [--tokens 8192]
                                    [--heads 2] [--dim 32] [--reps 3] [--threads T]
 
+On CPU it runs with OMP_WAIT_POLICY=PASSIVE unless the variable is set (see
+benchmarks/shared_machine.py: on a shared machine, spinning OpenMP threads slow the
+tiled path's many small ops far more than SDPA's one fused call).
+
 Forward and forward+backward time and peak memory of
   fused:     hstu_attention_cpu on CPU, hstu_attention_triton on CUDA (bias from the tables, in the op)
   reference: hstu_attention_reference (pads, materialises the [B, L, L] bias and [B, H, L, L] scores)
@@ -13,18 +17,22 @@ log-uniform on [n/8, n] (as benchmarks/train_throughput.py), without and with St
 Length (the users' most recent items kept). Every implementation sees the same batch,
 and the timed calls are interleaved, so the ratios hold even on a shared machine.
 Ratios > 1 mean the fused op is faster / smaller. Peak memory: CUDA's allocator peak on
-GPU; on CPU the growth of the resident set, sampled every millisecond (approximate;
-the script re-runs itself with glibc's mmap threshold at 64 KiB so that freed tensors
-leave the resident set).
+GPU; on CPU the growth of the resident set, sampled every millisecond (approximate), in a
+second process run with glibc's mmap threshold at 64 KiB so that freed tensors leave the
+resident set; the times come from this process, without the sampler thread (it takes
+the GIL every millisecond) and without that malloc setting (it makes every large
+allocation a fresh mmap), both of which would slow the ops being timed.
 TFLOP/s (GPU): the causal half of the real (unpadded) tokens, 2 matmuls forward, 7 in all.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -37,6 +45,7 @@ import torch.nn.functional as F
 from genrec.data.batches import stochastic_length
 from genrec.model.ops.hstu_attention_cpu import hstu_attention_cpu
 from genrec.model.ops.hstu_attention_reference import hstu_attention_reference
+from shared_machine import passive_omp_wait
 
 SETTINGS = (("none", None), ("SL α=1.7", 1.7))
 
@@ -102,9 +111,19 @@ class PeakMemory:
         self.bytes = self.peak - self.start
 
 
-def run_once(fn, args: list, backward: bool, device: torch.device) -> tuple[float, int]:
+class NoMemory:
+    bytes = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def run_once(fn, args: list, backward: bool, device: torch.device, memory: bool) -> tuple[float, int]:
     args = trainable(args) if backward else args
-    with PeakMemory(device) as memory:
+    with PeakMemory(device) if memory else NoMemory() as memory:
         start = time.perf_counter()
         out = fn(*args)
         if backward:
@@ -115,7 +134,7 @@ def run_once(fn, args: list, backward: bool, device: torch.device) -> tuple[floa
     return seconds, memory.bytes
 
 
-def measure(impls: dict, batch: dict, backward: bool, reps: int, device: torch.device) -> dict:
+def measure(impls: dict, batch: dict, backward: bool, reps: int, device: torch.device, memory: bool) -> dict:
     """Min seconds and max peak bytes per implementation over interleaved repetitions (first is warm-up)."""
     results = {name: ([], []) for name in impls}
     for rep in range(reps + 1):
@@ -123,7 +142,7 @@ def measure(impls: dict, batch: dict, backward: bool, reps: int, device: torch.d
             if results[name] is None:
                 continue
             try:
-                seconds, peak = run_once(fn, batch[key], backward, device)
+                seconds, peak = run_once(fn, batch[key], backward, device, memory)
             except (RuntimeError, MemoryError):  # out of memory
                 results[name] = None
                 continue
@@ -149,9 +168,15 @@ def machine(device: torch.device) -> str:
     return f"{name}; torch {torch.__version__}, triton {triton_version}"
 
 
+def cpu_peaks(argv: list[str]) -> list:
+    """Peak bytes per row and implementation, measured by a second run of this script (--memory-only)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    child = subprocess.run([sys.executable, __file__, *argv, "--memory-only"], env=env, capture_output=True,
+                           text=True, check=True)
+    return json.loads(child.stdout.splitlines()[-1])
+
+
 def main() -> None:
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--lengths", type=int, nargs="+")
@@ -160,7 +185,10 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=32, help="dqk = dv per head")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the CPU memory run
     args = parser.parse_args()
+    if args.device == "cpu":
+        passive_omp_wait()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -176,12 +204,17 @@ def main() -> None:
         "reference": (hstu_attention_reference, "hstu"),
         "SDPA": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), "sdpa"),
     }
+    # CUDA's allocator statistics are free; on CPU a second process samples the resident set
+    peaks = [] if args.memory_only else cpu_peaks(sys.argv[1:]) if device.type == "cpu" else None
+    reps, out = (1, open(os.devnull, "w")) if args.memory_only else (args.reps, sys.stdout)
     print(f"# HSTU attention, {machine(device)}; {str(dtype).removeprefix('torch.')}, "
-          f"{args.heads} heads x {args.dim}, about {tokens} tokens per batch")
+          f"{args.heads} heads x {args.dim}, about {tokens} tokens per batch; OMP_WAIT_POLICY "
+          f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average {os.getloadavg()[0]:.1f}", file=out)
     header = ("n", "setting", "users", "kept %", "pass", "fused ms", "ref ms", "SDPA ms", "ref/fused", "SDPA/fused",
               "fused MB", "ref MB", "SDPA MB") + (("fused TFLOP/s",) if device.type == "cuda" else ())
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    print("| " + " | ".join(header) + " |", file=out)
+    print("|" + "---|" * len(header), file=out)
+    row_number = 0
     rng = np.random.default_rng(0)
     for n in lengths:
         full = synthetic_lengths(n, tokens, rng)
@@ -189,7 +222,13 @@ def main() -> None:
             kept = full if alpha is None else stochastic_length(full, n, alpha, rng)
             batch = make_batch(kept, n, args.heads, args.dim, dtype, device)
             for backward, name in ((False, "fwd"), (True, "fwd+bwd")):
-                r = measure(impls, batch, backward, args.reps, device)
+                r = measure(impls, batch, backward, reps, device, memory=args.memory_only or device.type == "cuda")
+                if args.memory_only:
+                    peaks.append({k: None if v is None else v[1] for k, v in r.items()})
+                    continue
+                if device.type == "cpu":
+                    r = {k: None if v is None else (v[0], peaks[row_number][k] or 0) for k, v in r.items()}
+                    row_number += 1
                 ms = {k: "OOM" if v is None else f"{v[0] * 1e3:.1f}" for k, v in r.items()}
                 mb = {k: "OOM" if v is None else f"{v[1] / 2**20:.0f}" for k, v in r.items()}
 
@@ -204,6 +243,10 @@ def main() -> None:
                     flops = 2 * 2 * args.heads * args.dim * causal_pairs * (3.5 if backward else 1)
                     row.append(f"{flops / r['fused'][0] / 1e12:.1f}")
                 print("| " + " | ".join(map(str, row)) + " |", flush=True)
+    if args.memory_only:
+        print(json.dumps(peaks))
+    else:
+        print(f"load average at end (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
-"""Benchmark: training throughput of the HSTU encoder vs the SASRec Transformer encoder.
+"""Benchmark: training throughput of the HSTU encoder (fused and plain attention) vs the SASRec Transformer.
 
     python benchmarks/train_throughput.py [--lengths 200 1024 4096 8192] [--steps 5] [--tokens 16384]
                                           [--device cpu|cuda] [--quick]
 
 Tokens/s of a full training step (forward, sampled-softmax loss, backward, AdamW
-step) of HSTU and of SASRec (softmax attention through PyTorch's
-scaled_dot_product_attention), same width and depth, measured side by side on the
+step) of HSTU with its default attention (`model.attention_impl: auto`: the tiled
+CPU path on CPU, Triton on CUDA), of HSTU with the plain PyTorch reference
+attention (`pytorch`: materialised [B, L, L] bias and [B, H, L, L] scores), and of
+SASRec (softmax attention through PyTorch's scaled_dot_product_attention), same
+width and depth, measured side by side on the
 same synthetic jagged batches at several maximum lengths N, without and with
 Stochastic Length (alpha 1.6 and 1.8). The paper reports HSTU 5.3x to 15.2x faster
 than a FlashAttention2 Transformer at N = 8192 on GPU; this shows where genrec's
-plain-PyTorch HSTU stands, on CPU or (when there is one) GPU.
+HSTU stands, on CPU or (when there is one) GPU. The machine's load average is
+printed with the table (in each cell the three models run one after the other on the
+same batch); on CPU the script runs with OMP_WAIT_POLICY=PASSIVE unless the variable
+is set (see benchmarks/shared_machine.py).
 
 Throughput counts the batch's tokens before Stochastic Length, i.e. how fast
 training consumes the data; "kept tokens %" is the share Stochastic Length fed to
@@ -33,6 +39,7 @@ import torch
 from genrec.data.batches import stochastic_length
 from genrec.data.jagged import concat_ranges, offsets_from_lengths
 from genrec.model import EncoderConfig, build_encoder, sampled_softmax_loss
+from shared_machine import passive_omp_wait
 
 NUM_ITEMS = 10_000
 DIM, NUM_BLOCKS, NUM_HEADS = 64, 2, 2  # dqk = dv = DIM / NUM_HEADS = 32; SASRec FFN width DIM
@@ -74,10 +81,15 @@ def most_recent(users: dict[str, np.ndarray], kept: np.ndarray, device: torch.de
     return inputs
 
 
-def step_seconds(kind: str, n: int, inputs: dict[str, torch.Tensor], steps: int, device: torch.device) -> list[float]:
-    """Seconds of each timed training step of a fresh `kind` encoder on one batch."""
+MODELS = {"HSTU": ("hstu", "auto"), "HSTU reference": ("hstu", "pytorch"), "SASRec": ("sasrec", "auto")}
+
+
+def step_seconds(model: str, n: int, inputs: dict[str, torch.Tensor], steps: int, device: torch.device) -> list[float]:
+    """Seconds of each timed training step of a fresh encoder (a key of MODELS) on one batch."""
     torch.manual_seed(0)
-    config = EncoderConfig(kind, NUM_ITEMS, n, DIM, NUM_BLOCKS, NUM_HEADS, ffn_dim=DIM, dropout=0.0)
+    kind, impl = MODELS[model]
+    config = EncoderConfig(kind, NUM_ITEMS, n, DIM, NUM_BLOCKS, NUM_HEADS, ffn_dim=DIM, dropout=0.0,
+                           attention_impl=impl)
     encoder = build_encoder(config).to(device)
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-3)
     negatives = torch.Generator(device).manual_seed(0)
@@ -95,11 +107,11 @@ def step_seconds(kind: str, n: int, inputs: dict[str, torch.Tensor], steps: int,
     return seconds[WARMUP_STEPS:]
 
 
-def tokens_per_second(kind: str, n: int, inputs: dict[str, torch.Tensor], tokens: int, steps: int,
+def tokens_per_second(model: str, n: int, inputs: dict[str, torch.Tensor], tokens: int, steps: int,
                       device: torch.device) -> float | None:
     """`tokens` over the median step time; None when the step runs out of memory."""
     try:
-        return tokens / statistics.median(step_seconds(kind, n, inputs, steps, device))
+        return tokens / statistics.median(step_seconds(model, n, inputs, steps, device))
     except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError too
         if "out of memory" in str(error) or "can't allocate memory" in str(error):
             return None
@@ -143,11 +155,14 @@ def main() -> None:
     if device.type == "cuda":
         where = f"{torch.cuda.get_device_name(device)} (float32)"
     else:
+        omp_wait = passive_omp_wait()
         torch.set_num_threads(os.cpu_count())
-        where = f"cpu, {torch.get_num_threads()} threads (float32), memory cap {cap_memory() / (1 << 30):.1f} GiB"
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, device {where}")
+        where = (f"cpu, {torch.get_num_threads()} threads (float32), OMP_WAIT_POLICY {omp_wait}, "
+                 f"memory cap {cap_memory() / (1 << 30):.1f} GiB")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, device {where}; "
+          f"load average at start {os.getloadavg()[0]:.1f}")
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"model (both): D={DIM}, {NUM_BLOCKS} blocks, {NUM_HEADS} heads, dqk=dv={DIM // NUM_HEADS}, SASRec FFN {DIM}, "
+    print(f"models: D={DIM}, {NUM_BLOCKS} blocks, {NUM_HEADS} heads, dqk=dv={DIM // NUM_HEADS}, SASRec FFN {DIM}, "
           f"dropout 0; V={NUM_ITEMS:,}, sampled softmax with 128 negatives, AdamW")
 
     batches = {n: synthetic_users(n, max(tokens, n), np.random.default_rng(n)) for n in lengths}
@@ -157,8 +172,9 @@ def main() -> None:
     for n, users in batches.items():
         print(f"  N={n}: {len(users['lengths'])} users, {users['lengths'].sum():,} tokens, {timed[n]} timed steps")
     print()
-    print("| N | setting | kept tokens % | HSTU tok/s | SASRec tok/s | HSTU / SASRec |")
-    print("|---:|:---|---:|---:|---:|---:|")
+    print("| N | setting | kept tokens % | HSTU tok/s | HSTU reference tok/s | SASRec tok/s | HSTU / reference "
+          "| HSTU / SASRec | reference / SASRec |")
+    print("|---:|:---|---:|---:|---:|---:|---:|---:|---:|")
     started = time.perf_counter()
     for n, users in batches.items():
         total = int(users["lengths"].sum())
@@ -167,11 +183,14 @@ def main() -> None:
             if alpha is not None:
                 kept = stochastic_length(kept, n, alpha, np.random.default_rng(1))
             inputs = most_recent(users, kept, device)
-            hstu, sasrec = (tokens_per_second(kind, n, inputs, total, timed[n], device) for kind in ("hstu", "sasrec"))
-            ratio = f"{hstu / sasrec:.2f}x" if hstu and sasrec else "-"
-            cells = [f"{rate:,.0f}" if rate else "OOM" for rate in (hstu, sasrec)]
-            print(f"| {n} | {name} | {100 * kept.sum() / total:.1f} | {cells[0]} | {cells[1]} | {ratio} |", flush=True)
-    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+            rates = [tokens_per_second(model, n, inputs, total, timed[n], device) for model in MODELS]
+            cells = [f"{rate:,.0f}" if rate else "OOM" for rate in rates]
+            ratios = [f"{a / b:.2f}x" if a and b else "-" for a, b in
+                      ((rates[0], rates[1]), (rates[0], rates[2]), (rates[1], rates[2]))]
+            print(f"| {n} | {name} | {100 * kept.sum() / total:.1f} | {' | '.join(cells)} | {' | '.join(ratios)} |",
+                  flush=True)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; load average at end (1, 5, 15 min): "
+          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":
