@@ -99,12 +99,13 @@ class _ModelReplica:
         return scorer
 
     def _index_config(self):
+        """Which item index the Scorer builds: none but the exact one (Ranking never searches the table)."""
         return None
 
     async def prepare(self, ref: dict) -> dict:
         """Load a version before the ingress switches to it (a failure here keeps the old one live)."""
         scorer = await asyncio.to_thread(self._scorer, ref)
-        return {"tasks": scorer.tasks, "kind": scorer.kind, "pid": os.getpid()}
+        return {"tasks": scorer.tasks}
 
     def _score(self, requests: list[dict]) -> list[dict]:
         """A batch, grouped by the version each request names (two during a rollout)."""

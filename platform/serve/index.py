@@ -53,6 +53,7 @@ class FaissIndex:
             nlist = min(cfg.ivf.nlist or min(int(4 * math.sqrt(n)), n // 39), n) or 1
             self.quantizer = faiss.IndexFlatIP(dim)  # the index uses it and does not own it: keep it alive
             index = faiss.IndexIVFFlat(self.quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.cp.max_points_per_centroid = 64  # k-means on a sample (faiss's default 256): 4x faster builds
             index.train(vectors)
             index.nprobe = min(cfg.ivf.nprobe, nlist)
         else:
