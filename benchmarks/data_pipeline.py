@@ -202,6 +202,45 @@ def genrec_ray(path: Path, out: Path) -> dict:
             "duplicates": summary["duplicates_dropped"], "merged": summary["merged_into_bitmask"], "inside_s": inside}
 
 
+def stage_profile(path: Path, out: Path) -> None:
+    """CPU seconds of each stage of genrec's pipeline, its task functions run one after the other in
+    this process (no Ray): where the work is, whatever the machine's load."""
+    import shutil
+
+    from genrec.config import DataConfig
+    from genrec.data import pipeline
+    from genrec.data.adapters import plan_source
+    from genrec.data.prepared import REJECTS, SEQUENCES, SPLITS, VOCAB
+
+    cfg = DataConfig.model_validate(genrec_data_config(path.suffix[1:], path.parent, out))
+    staging = out / "staging"
+    for sub in (REJECTS, SEQUENCES, *SPLITS, "_item_features"):
+        (staging / sub).mkdir(parents=True)
+    times, clock = {}, time.process_time()
+
+    def lap(name):
+        nonlocal clock
+        times[name], clock = time.process_time() - clock, time.process_time()
+
+    plan = plan_source(cfg)
+    lap(f"plan the source ({len(plan.chunks)} chunks, sha256)")
+    for index in range(len(plan.chunks)):
+        pipeline.canonicalize_chunk(index, plan, cfg, None, staging)
+    lap("1 canonicalize: parse, validate, partition")
+    parts = [pipeline.partition_vocabulary(p, staging, False) for p in range(cfg.num_partitions)]
+    vocab = pipeline._vocabularies(plan, "observed", parts)
+    lap("2 vocabularies (tasks + driver merge)")
+    for p in range(cfg.num_partitions):
+        pipeline.partition_sequences(p, staging, vocab, cfg, plan.merge_actions, None)
+    lap("3 sequences, splits, Parquet out")
+    shutil.rmtree(out)
+    print(f"\nCPU seconds per stage, {path.name}, one process; machine: {machine()}, load average "
+          f"{os.getloadavg()[0]:.1f}\n\n| stage | cpu s |\n|:---|---:|")
+    for name, seconds in times.items():
+        print(f"| {name} | {seconds:.2f} |")
+    print(f"| total | {sum(times.values()):.2f} |")
+
+
 SIDES = {"polars": polars_prepare, "genrec-1proc": genrec_in_process, "genrec-ray": genrec_ray}
 
 
@@ -286,6 +325,7 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", choices=["csv", "parquet"], default=["csv", "parquet"])
     parser.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES))
     parser.add_argument("--repeat", type=int, default=1, help="runs per side, taking turns; the median is reported")
+    parser.add_argument("--stages", action="store_true", help="only the CPU seconds of each genrec stage, in one process")
     parser.add_argument("--data", type=Path, default=REPO / "outputs" / "bench-data", help="generated inputs (kept)")
     parser.add_argument("--run", choices=list(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
@@ -296,9 +336,17 @@ def main() -> None:
         return
 
     import shutil
-    import statistics
     import tempfile
 
+    if args.stages:
+        for events in args.events:
+            folder = args.data / f"behaviour-{events}"
+            if not (folder / "behaviour.parquet").exists():
+                generate(events, folder)
+            for fmt in args.formats:
+                with tempfile.TemporaryDirectory(dir=args.data) as tmp:
+                    stage_profile(folder / f"behaviour.{fmt}", Path(tmp) / "out")
+        return
     print(f"machine: {machine()}; load average at start {os.getloadavg()[0]:.1f}")
     rows = []
     for events in args.events:
@@ -321,6 +369,7 @@ def main() -> None:
                     if done:  # the median run by wall time; peak memory: the largest of all runs
                         r = dict(sorted(done, key=lambda d: d["wall_s"])[(len(done) - 1) // 2])
                         r.update(runs=len(done), peak_gib=max(d["peak_gib"] for d in done),
+                                 best_s=min(d["wall_s"] for d in done),
                                  load=(min(d["load"][0] for d in done), max(max(d["load"]) for d in done)))
                         results[side] = r
                 if not results:
@@ -335,20 +384,23 @@ def main() -> None:
     print()
     print(f"Baseline: a single-process polars {__import__('polars').__version__} script (polars_prepare) on the same "
           f"input; machine: {machine()}; load average (1 min) now {os.getloadavg()[0]:.1f}")
-    print(f"wall and cpu: the median of {args.repeat} run(s) per side, sides taking turns; cpu = user + system seconds of "
-          "the whole process tree; load = the 1-minute load average over the side's runs (lowest start, highest end)")
+    print(f"wall and cpu: the median of {args.repeat} run(s) per side, sides taking turns; best: the fastest run (on a "
+          "shared machine the closest to an idle one); cpu = user + system seconds of the whole process tree; load = the "
+          "1-minute load average over the side's runs (lowest start, highest end)")
     print()
-    print("| rows | input | side | wall s | inside prepare s | cpu s | events/s (wall) | wall / polars | cpu / polars "
-          "| peak GiB | load | rejected | duplicates | merged | users | same sequences |")
-    print("|---:|:---|:---|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|:---:|")
+    print("| rows | input | side | wall s | inside prepare s | cpu s | events/s (wall) | wall / polars | best s "
+          "| best / polars | cpu / polars | peak GiB | load | rejected | duplicates | merged | users | same sequences |")
+    print("|---:|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|:---:|")
     for events, fmt, size, results in rows:
         polars = results.get("polars", {})
         for side, r in results.items():
             ratio = f"{r['wall_s'] / polars['wall_s']:.2f}" if polars else "-"
             cpu_ratio = f"{r['cpu_s'] / polars['cpu_s']:.2f}" if polars else "-"
+            best_ratio = f"{r['best_s'] / polars['best_s']:.2f}" if polars else "-"
             inside = f"{r['inside_s']:.1f}" if "inside_s" in r else "-"
             print(f"| {r['input_rows']:,} | {fmt} ({size / 1e6:,.0f} MB) | {side} | {r['wall_s']:.1f} | {inside} "
-                  f"| {r['cpu_s']:.1f} | {r['input_rows'] / r['wall_s']:,.0f} | {ratio} | {cpu_ratio} | {r['peak_gib']:.2f} "
+                  f"| {r['cpu_s']:.1f} | {r['input_rows'] / r['wall_s']:,.0f} | {ratio} | {r['best_s']:.1f} | {best_ratio} "
+                  f"| {cpu_ratio} | {r['peak_gib']:.2f} "
                   f"| {r['load'][0]:.1f}-{r['load'][1]:.1f} | {r['rejected']:,} | {r['duplicates']:,} | {r['merged']:,} "
                   f"| {r['users']:,} | {'yes' if r['same'] else 'NO'} |")
     events, fmt, _, results = max(rows, key=lambda row: row[0])
