@@ -1,6 +1,7 @@
 """Benchmark: genrec's Ray pipeline vs the single-process polars script a user would write instead.
 
-    python benchmarks/data_pipeline.py [--events 1000000 10000000] [--formats csv parquet]
+    python benchmarks/data_pipeline.py [--events 1000000 10000000] [--formats csv parquet] [--repeat N]
+    python benchmarks/data_pipeline.py --stages    # CPU seconds of each genrec stage, in one process
 
 Input: a generated behaviour log shaped like the public e-commerce one (user, item,
 category, behavior in pv/cart/fav/buy, ts in Unix seconds; ~100 events per user,
@@ -21,7 +22,10 @@ source-order tie-break, leave-one-out splits, Parquet out):
 Each side runs in its own subprocess. "wall" is that subprocess from start to exit
 (imports, Ray start-up and shutdown included); genrec Ray also reports the time
 inside prepare(). Peak memory is the largest sum of PSS over the process and all its
-children (Ray's raylet, GCS, workers and object store included), sampled every 0.2 s.
+children (Ray's raylet, GCS, workers and object store included), sampled every 0.2 s;
+"cpu" the user + system seconds of that tree, which a shared machine's load distorts
+less than wall time. The load average is printed with every side; with --repeat the
+sides take turns, so the load falls on all of them, and the median run is reported.
 The sequences of all sides are checked to be the same (raw user id -> raw item ids,
 actions, timestamps) and the reject counts equal.
 """
