@@ -31,6 +31,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -98,6 +99,8 @@ def main() -> None:
     rows = []
     for path in args.configs:
         cfg = load_config(path)
+        if not Path(cfg.data.output_dir, "train").exists():
+            sys.exit(f"no prepared data in {cfg.data.output_dir}: run python jobs/prepare.py --config {path} first")
         best: dict[str, dict] = {}
         for round_ in range(args.rounds):
             for impl in args.impls if round_ % 2 == 0 else args.impls[::-1]:
