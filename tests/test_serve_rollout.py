@@ -1,18 +1,28 @@
 """Rolling a new model version out of the running Serve app while requests keep coming: none fails, the
 answers' version goes from the old to the new one (and the new one really scores them); a version that
 does not load (not in the registry, or broken weights) leaves the live one serving, and says so; an
-ingress replica started after that failure serves the last live version instead of crash-looping."""
+ingress replica started after that failure serves the last live version instead of crash-looping; a model
+replica that cannot load the new version after the switch leaves its requests to the previous one; and
+jobs/serve.py applies its file again on SIGHUP. The app runs 2 replicas of each model deployment, so every
+rollout here has a replica that loads the new version late (at its first request for it)."""
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 import mlflow
 import psutil
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
 from genrec.serve.app import load_serve_file, start
@@ -56,6 +66,7 @@ def served(tiny_registered_model, tmp_path_factory):
             f"store.events_db={tmp_path_factory.mktemp('rollout') / 'events.sqlite'}",
             "retrieval.candidates=30", "http_options.port=" + str(free_port())]
     base += [f"deployments.{d}.autoscaling_config=null" for d in ("Ingress", "Retrieval", "Ranking")]
+    base += [f"deployments.{d}.num_replicas=2" for d in ("Retrieval", "Ranking")]
 
     def tree(uri, *more):
         return load_serve_file(REPO / "configs" / "serve" / "demo.yaml", [f"model.uri={uri}", *base, *more])
@@ -66,11 +77,12 @@ def served(tiny_registered_model, tmp_path_factory):
 
 
 class Stream:
-    """Threads posting /v1/recommend (retrieval, then ranking) back to back, recording status and version."""
+    """Threads posting /v1/recommend (retrieval, then ranking) back to back, recording when each request was
+    sent and answered, its status and the version that answered it."""
 
     def __init__(self, url: str, users: list, threads: int = 3):
         self.url, self.users, self.stop = url, users, threading.Event()
-        self.seen: list[tuple[float, int, str | None]] = []
+        self.seen: list[tuple[float, float, int, str | None]] = []
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
         for t in self.threads:
             t.start()
@@ -79,12 +91,14 @@ class Stream:
         with httpx.Client(base_url=self.url, timeout=60) as http:
             n = i
             while not self.stop.is_set():
+                sent = time.time()
                 r = http.post("/v1/recommend", json={"user_id": self.users[n % len(self.users)], "k": 5})
-                self.seen.append((time.time(), r.status_code, r.json()["model"]["version"] if r.is_success else r.text))
+                self.seen.append((sent, time.time(), r.status_code,
+                                  r.json()["model"]["version"] if r.is_success else r.text))
                 n += len(self.threads)
 
     def versions_since(self, t0: float) -> list:
-        return [v for t, _, v in self.seen if t >= t0]
+        return [v for _, t, _, v in self.seen if t >= t0]
 
     def close(self):
         self.stop.set()
@@ -115,7 +129,7 @@ def test_a_new_version_rolls_out_with_no_failed_request_and_a_broken_one_never_g
         info = http.get("/v1/model").json()
         assert info["version"] == good
         assert info["rollout"] | {"at": None} == {"state": "live", "target": served["good"], "version": good,
-                                                  "previous": v1, "error": None, "at": None}
+                                                  "previous": v1, "error": None, "fallbacks": 0, "at": None}
 
         # the new weights answer, not only the new label: retrieval equals version `good` run directly
         encoder, cfg = load_model(served["good"], served["m"]["tracking_uri"])
@@ -145,13 +159,17 @@ def test_a_new_version_rolls_out_with_no_failed_request_and_a_broken_one_never_g
             wait_for(lambda: len(stream.versions_since(t_bad)) >= 6, 60, "answers after the failed rollout")
     finally:
         stream.close()
-    statuses = [s for _, s, _ in stream.seen]
-    versions = [v for _, _, v in stream.seen]
-    assert set(statuses) == {200}, [x for x in stream.seen if x[1] != 200][:5]
-    switch = versions.index(good)
-    assert set(versions[:switch]) == {v1} and set(versions[switch:]) == {good}  # old, then new, never back
-    print(f"{len(versions)} requests, 0 failed: {switch} answered by version {v1}, "
-          f"{len(versions) - switch} by {good} (two failed rollouts among them)")
+    statuses = [s for _, _, s, _ in stream.seen]
+    versions = [v for _, _, _, v in stream.seen]
+    assert set(statuses) == {200}, [x for x in stream.seen if x[2] != 200][:5]
+    assert set(versions) == {v1, good}
+    # old, then new, never back: once an answer named the new version, every request sent after it gets the new
+    # one (a request sent before may still finish on the old one after that answer: its replica was loading)
+    first_new = min(done for _, done, _, v in stream.seen if v == good)
+    assert {v for sent, _, _, v in stream.seen if sent > first_new} == {good}
+    assert http.get("/v1/model").json()["rollout"]["fallbacks"] == 0  # every replica loaded version `good`
+    print(f"{len(versions)} requests, 0 failed: {versions.count(v1)} answered by version {v1}, "
+          f"{versions.count(good)} by {good} (two failed rollouts among them)")
 
 
 def test_an_ingress_replica_started_after_a_failed_rollout_serves_the_last_live_version(served):
@@ -196,6 +214,99 @@ def test_moving_the_alias_rolls_out_the_version_it_names(served):
     assert info["rollout"]["state"] == "live" and info["rollout"]["previous"] == v1
     users = http.get("/v1/users", params={"limit": 3}).json()
     assert http.post("/v1/recommend", json={"user_id": users[0], "k": 3}).json()["model"]["version"] == good
+
+
+def test_a_replica_that_cannot_load_the_new_version_leaves_its_requests_to_the_previous_one(served):
+    """The rollout loads the new version in one replica of each model deployment; then its artifact is deleted
+    (as if the artifact store lost it), so the other replicas' first load of it fails. Their requests are
+    answered by the previous version, whole and naming it; none fails; GET /v1/model reports it."""
+    http = httpx.Client(base_url=served["url"], timeout=60)
+    m = served["m"]
+    previous = http.get("/v1/model").json()["version"]
+    torch.manual_seed(12)
+    late = register(m, build_model(m["cfg"]).state_dict())
+    version = late.rsplit("/", 1)[1]
+    start(served["tree"](late))
+    assert http.get("/v1/model").json()["rollout"] | {"at": None} == {
+        "state": "live", "target": late, "version": version, "previous": previous, "error": None, "fallbacks": 0,
+        "at": None}
+    artifact = urlparse(MlflowClient(m["tracking_uri"]).get_model_version("tiny-serve", version).source)
+    assert artifact.scheme in ("", "file") and Path(artifact.path).is_dir(), artifact
+    shutil.rmtree(artifact.path)
+
+    users = http.get("/v1/users", params={"limit": 20}).json()
+    stream = Stream(served["url"], users, threads=4)
+    try:  # a request reaches the late replica of Retrieval or of Ranking with probability 3/4
+        wait_for(lambda: {previous, version} <= set(stream.versions_since(0)), 60, "answers of both versions")
+    finally:
+        stream.close()
+    statuses = [s for _, _, s, _ in stream.seen]
+    versions = [v for _, _, _, v in stream.seen]
+    assert set(statuses) == {200}, [x for x in stream.seen if x[2] != 200][:5]
+    rollout = http.get("/v1/model").json()["rollout"]
+    assert rollout["state"] == "degraded" and rollout["version"] == version and rollout["previous"] == previous
+    assert rollout["fallbacks"] == versions.count(previous) > 0  # every answer by the previous version is one
+    assert f"could not load version {version}" in rollout["error"] and f"{late} did not load" in rollout["error"]
+    print(f"{len(versions)} requests, 0 failed: {versions.count(version)} answered by version {version}, "
+          f"{versions.count(previous)} by {previous} (a replica could not load {version})")
+
+
+def test_kill_hup_makes_jobs_serve_apply_its_file_again(served, ray_cluster, tmp_path):
+    """jobs/serve.py as a person runs it (its own process, joining this session's Ray cluster, where the app
+    runs): it applies its file; after the file names another version, `kill -HUP` rolls that out; a file with a
+    typo is reported and changes nothing; Ctrl-C shuts Serve down and exits 0. Last here: it ends the app."""
+    http = httpx.Client(base_url=served["url"], timeout=60)
+    v1, good = served["v1"].rsplit("/", 1)[1], served["good"].rsplit("/", 1)[1]
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(served["tree"](served["good"])))
+    job = subprocess.Popen([sys.executable, "jobs/serve.py", "--config", str(config)], cwd=REPO, text=True,
+                           env={**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address},
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines: list[str] = []
+
+    def read():
+        for line in job.stdout:
+            lines.append(line)
+
+    threading.Thread(target=read, daemon=True).start()
+
+    def printed(start: str, after: int = 0):
+        """-> a check for the first line from `after` on that starts so; it fails at once if the job exited."""
+        def check():
+            found = next((x for x in lines[after:] if x.startswith(start)), None)
+            if found is None and job.poll() is not None:
+                raise AssertionError(f"jobs/serve.py exited ({job.returncode}): {''.join(lines)}")
+            return found
+        return check
+
+    try:
+        wait_for(printed("genrec is serving at"), 90, f"jobs/serve.py to serve; it printed {lines}")
+        assert http.get("/v1/model").json()["version"] == good
+
+        config.write_text(yaml.safe_dump(served["tree"](served["v1"])))
+        seen = len(lines)
+        job.send_signal(signal.SIGHUP)
+        wait_for(printed("applied", seen), 60, f"the reload; it printed {lines}")
+        info = http.get("/v1/model").json()
+        assert info["version"] == v1 and info["rollout"]["state"] == "live" and info["rollout"]["previous"] == good
+
+        typo = served["tree"](served["good"])
+        typo["applications"][0]["args"]["retrieval"]["candidats"] = 5
+        config.write_text(yaml.safe_dump(typo))
+        seen = len(lines)
+        job.send_signal(signal.SIGHUP)
+        wait_for(printed("not applied", seen), 60, f"the refusal; it printed {lines}")
+        wait_for(lambda: "candidats" in "".join(lines[seen:]), 10, f"the refusal to name the key; it printed {lines}")
+        assert http.get("/v1/model").json()["version"] == v1
+
+        job.send_signal(signal.SIGINT)
+        assert job.wait(60) == 0, lines
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert "shutting down\n" in lines
+    with pytest.raises(httpx.TransportError):
+        http.get("/healthz")
 
 
 def served_item_dense(served, raw):

@@ -18,7 +18,10 @@ has a Retrieval and a Ranking replica load its weights, and only then swaps: eac
 request reads the live model once and names its version to the model deployments,
 whose replicas keep the newest MAX_LOADED versions, so requests in flight finish on
 the version they started with and every answer names the version that scored it.
-A load that fails keeps the old version live, logs the error and reports it in
+The other model replicas load the new version at their first request for it; if such
+a late load fails, that request is answered whole by the previous version (and says
+so), and the ingress reports it (rollout state degraded). A load that fails during
+the rollout keeps the old version live, logs the error and reports it in
 GET /v1/model (`rollout`); a replica started later (autoscaling, a restart) falls back
 to the last version that went live (`<store.events_db>.model.json`) when the target
 fails. With `model.watch_s` the ingress re-resolves the URI periodically, so moving an
@@ -52,13 +55,17 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from ..config import ConfigError, ServeConfig, ServeUserConfig, describe_error, parse_override, resolve_path
 from . import schemas as s
-from .model import Catalog, ModelSource, Scorer, absolute_tracking_uri, fetch, resolve_model
+from .model import Catalog, ModelLoadError, ModelSource, Scorer, absolute_tracking_uri, fetch, resolve_model
 from .page import PAGE
 from .store import EmbeddedHistoryStore, History, user_key
 
 log = logging.getLogger("genrec.serve")
 MODEL_CALL_ATTEMPTS = 3
 MAX_LOADED = 2  # versions a model replica keeps: the outgoing and the incoming one during a rollout
+# A version a model replica failed to load is tried again at a request this long after, not at every request:
+# meanwhile the ingress answers those requests with the previous version at no extra cost, and a passing
+# failure (the artifact store unreachable) still heals by itself.
+LOAD_RETRY_S = 10.0
 DEPLOYMENTS = ("Ingress", "Retrieval", "Ranking")
 
 
@@ -75,6 +82,7 @@ class _ModelReplica:
         self.cfg = ServeConfig.model_validate(settings)
         torch.set_num_threads(self.cfg.torch_threads)
         self.scorers: OrderedDict[str, Scorer] = OrderedDict()
+        self.failed: dict[str, tuple[float, str]] = {}  # uri -> when its load last failed, and why
         self.loading = threading.Lock()
         self.batched.set_max_batch_size(self.cfg.batching.max_batch_size)
         self.batched.set_batch_wait_timeout_s(self.cfg.batching.batch_wait_timeout_s)
@@ -86,11 +94,17 @@ class _ModelReplica:
             with self.loading:  # one load at a time; a second request for the same version waits for it
                 scorer = self.scorers.get(ref["uri"])
                 if scorer is None:
+                    at, error = self.failed.get(ref["uri"], (-LOAD_RETRY_S, ""))
+                    if time.monotonic() - at < LOAD_RETRY_S:
+                        raise ModelLoadError(error)
                     try:
                         scorer = Scorer(fetch(ModelSource(**ref)), self.cfg.ranking.cache_bytes,
                                         self.cfg.ranking.microbatch, self._index_config())
                     except Exception as err:
-                        raise RuntimeError(f"model {ref['uri']} did not load: {type(err).__name__}: {err}") from err
+                        error = f"model {ref['uri']} did not load: {type(err).__name__}: {err}"
+                        self.failed[ref["uri"]] = (time.monotonic(), error)
+                        raise ModelLoadError(error) from err
+                    self.failed.pop(ref["uri"], None)
                     self.scorers[ref["uri"]] = scorer
                     while len(self.scorers) > MAX_LOADED:
                         self.scorers.popitem(last=False)
@@ -103,24 +117,36 @@ class _ModelReplica:
         return None
 
     async def prepare(self, ref: dict) -> dict:
-        """Load a version before the ingress switches to it (a failure here keeps the old one live)."""
+        """Load a version before the ingress switches to it (a failure here keeps the old one live). A rollout
+        always tries, however recently this replica failed to load the version."""
+        self.failed.pop(ref["uri"], None)
         scorer = await asyncio.to_thread(self._scorer, ref)
         return {"tasks": scorer.tasks}
 
-    def _score(self, requests: list[dict]) -> list[dict]:
-        """A batch, grouped by the version each request names (two during a rollout)."""
+    def _score(self, requests: list[dict]) -> list:
+        """A batch, grouped by the version each request names (two during a rollout). A version that does
+        not load fails only its own requests (their answer is the ModelLoadError): the ingress answers those
+        with the previous version, which this same batch may be scoring for other requests."""
         out: list = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(r["model"]["uri"], []).append(i)
         for rows in groups.values():
-            scorer = self._scorer(requests[rows[0]]["model"])
+            try:
+                scorer = self._scorer(requests[rows[0]]["model"])
+            except ModelLoadError as err:
+                for i in rows:
+                    out[i] = err
+                continue
             for i, answer in zip(rows, getattr(scorer, self.method)([requests[i] for i in rows])):
                 out[i] = answer
         return out
 
     async def __call__(self, request: dict) -> dict:
-        return await self.batched(request)
+        answer = await self.batched(request)
+        if isinstance(answer, ModelLoadError):  # @serve.batch fails a whole batch on a raise: raise per request
+            raise answer
+        return answer
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def batched(self, requests: list[dict]) -> list[dict]:
@@ -206,6 +232,7 @@ class Ingress:
         self.events_db = resolve_path(self.cfg.store.events_db)
         self.last_good = self.events_db.with_name(self.events_db.name + ".model.json")
         self.live: Live | None = None
+        self.previous: Live | None = None  # what answers a request whose model replica cannot load `live`
         self.target = None
         self.rollout = s.Rollout(state="loading")
         self.rolling = asyncio.Lock()
@@ -244,7 +271,9 @@ class Ingress:
             try:
                 source = await asyncio.to_thread(resolve_model, target.uri, absolute_tracking_uri(target.tracking_uri))
                 if self.live is not None and source.uri == self.live.source.uri:
-                    if self.rollout.state != "live":  # e.g. the config went back to the version still live
+                    # e.g. the config went back to the version still live; degraded stays (a replica still cannot
+                    # load it, as far as this ingress knows) until the next switch
+                    if self.rollout.state not in ("live", "degraded"):
                         self.rollout = self.rollout.model_copy(update={"state": "live", "target": target.uri,
                                                                        "error": None, "at": time.time()})
                     return
@@ -275,7 +304,7 @@ class Ingress:
 
     def _swap(self, live: Live, target: str) -> None:
         previous = self.live.source.version if self.live is not None else None
-        self.live = live
+        self.previous, self.live = self.live, live
         self.rollout = s.Rollout(state="live", target=target, version=live.source.version, previous=previous,
                                  at=time.time())
         log.warning("serving %s version %s (was %s)", live.source.name, live.source.version, previous)
@@ -429,9 +458,49 @@ class Ingress:
                                    "max_candidates": s.MAX_CANDIDATES, "max_history": s.MAX_HISTORY,
                                    "max_events": s.MAX_EVENTS, "max_seq_len": catalog.max_seq_len})
 
+    async def _answer(self, handler, body, response: Response) -> s.Answer:
+        """handler(live, body, response) with the live version. The model replicas that did not load it during
+        the rollout load it at their first request for it; if that load fails (the artifact gone or unreadable
+        since), the request is answered once more, whole, by the version served before (its catalog, its
+        weights, its name in the answer), and the failure is logged and reported (rollout state degraded).
+        A 503 only when there is no older version to answer with."""
+        live = self.live
+        try:
+            return await handler(live, body, response)
+        except ModelLoadError as err:
+            fallback = self.previous if self.previous is not live else None
+            error = getattr(err, "cause", None) or err  # the replica's error arrives wrapped in a RayTaskError
+        if fallback is not None:
+            self._fell_back(live, fallback, error)
+            try:
+                return await handler(fallback, body, response)
+            except ModelLoadError as err:
+                error = getattr(err, "cause", None) or err
+        raise HTTPException(503, f"no model replica could load the version to answer with: {error}"[:1000])
+
+    def _fell_back(self, live: Live, fallback: Live, error: Exception) -> None:
+        error = (f"a model replica could not load version {live.source.version} (the requests it got are answered "
+                 f"by version {fallback.source.version}): {error}")[:1000]
+        if self.rollout.error != error:
+            log.error("%s", error)
+        update = {"fallbacks": self.rollout.fallbacks + 1, "error": error}
+        if self.rollout.state != "degraded":
+            update |= {"state": "degraded", "at": time.time()}
+        self.rollout = self.rollout.model_copy(update=update)
+
     @api.post("/v1/retrieve", response_model=s.Answer)
     async def retrieve(self, body: s.RetrieveRequest, response: Response) -> s.Answer:
-        live = self.live
+        return await self._answer(self._retrieve, body, response)
+
+    @api.post("/v1/rank", response_model=s.Answer)
+    async def rank(self, body: s.RankRequest, response: Response) -> s.Answer:
+        return await self._answer(self._rank_answer, body, response)
+
+    @api.post("/v1/recommend", response_model=s.Answer)
+    async def recommend(self, body: s.RecommendRequest, response: Response) -> s.Answer:
+        return await self._answer(self._recommend, body, response)
+
+    async def _retrieve(self, live: Live, body: s.RetrieveRequest, response: Response) -> s.Answer:
         query = self._query(live, body)
         if query["items"] is None:
             return self._cold(live, query, body.user_id, body.k)
@@ -441,9 +510,7 @@ class Ingress:
         return s.Answer(model=self._model(live), user_id=body.user_id, items=items,
                         history_used=len(query["items"]), unknown_items=query["unknown"], cache=out["cache"])
 
-    @api.post("/v1/rank", response_model=s.Answer)
-    async def rank(self, body: s.RankRequest, response: Response) -> s.Answer:
-        live = self.live
+    async def _rank_answer(self, live: Live, body: s.RankRequest, response: Response) -> s.Answer:
         query = self._query(live, body)
         dense, unknown = self._dense(live, body.candidates)
         query["unknown"] += unknown
@@ -457,9 +524,7 @@ class Ingress:
         return s.Answer(model=self._model(live), user_id=body.user_id, items=[self._item(live, *r) for r in ranked],
                         history_used=len(query["items"]), unknown_items=query["unknown"], cache=cache)
 
-    @api.post("/v1/recommend", response_model=s.Answer)
-    async def recommend(self, body: s.RecommendRequest, response: Response) -> s.Answer:
-        live = self.live
+    async def _recommend(self, live: Live, body: s.RecommendRequest, response: Response) -> s.Answer:
         query = self._query(live, body)
         if query["items"] is None:
             self._weights(body.tasks, live.tasks)
@@ -601,7 +666,15 @@ def start(tree: dict, port: int | None = None, timeout_s: float = 600) -> str:
     Binds http_options.host, 127.0.0.1 unless the file says otherwise; waits until the app runs. Called
     again with the same args and another model (the Ingress's user_config), it rolls the model out in place
     (see the module doc) and returns once the ingress has switched or reported the failure."""
-    from ray.serve._private.api import serve_start  # what `serve run config.yaml` itself calls
+    # Private, on purpose (Ray 2.60): a user_config-only change must reconfigure the running replicas, not
+    # replace them, and only a config deploy does that (its code version is a hash of the import path and
+    # runtime_env: deploy_utils.get_app_code_version). The public Python API cannot: serve.run deploys a built
+    # app under a random code version each call (client.deploy_applications: `deployment._version or
+    # get_random_string()`; .options(version=) is removed), so every call replaces every replica. The public
+    # equivalents of these two calls are `serve deploy` / the REST API (PUT /api/serve/applications/), which
+    # need the dashboard that tests and jobs/serve.py run without; `serve run config.yaml` itself makes exactly
+    # these two calls (serve/scripts.py), and the dashboard's REST handler the second.
+    from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
     tree = pin_paths(tree)

@@ -43,6 +43,12 @@ from .index import build_index
 RETRIEVAL_TASK = "retrieval"
 
 
+class ModelLoadError(RuntimeError):
+    """A model replica could not load the version a request names (artifact missing or unreadable, weights
+    that do not fit, ...). Its own class so that the ingress can tell it from a scoring error and answer with
+    the version served before (genrec.serve.app)."""
+
+
 @dataclass
 class ModelSource:
     """A model pinned to one version: where to load it from and what to say about it."""

@@ -126,13 +126,18 @@ class HistoryAnswer(BaseModel):
 class Rollout(BaseModel):
     """The last model change this ingress replica was asked for, and how it went."""
 
-    state: Literal["loading", "live", "failed"] = Field(description="live: the target is served; loading: it is "
-                                                        "being loaded (the old version answers meanwhile); failed: it "
-                                                        "did not load, `version` is still served")
+    state: Literal["loading", "live", "failed", "degraded"] = Field(
+        description="live: the target is served; loading: it is being loaded (the old version answers meanwhile); "
+                    "failed: it did not load, `version` is still served; degraded: `version` went live, but a model "
+                    "replica could not load it later (its first request for it), so the requests that replica got "
+                    "were answered by `previous` (each answer names its version); until the next rollout")
     target: str | None = Field(None, description="the model URI asked for (an alias as written)")
     version: str | None = Field(None, description="the version served now")
     previous: str | None = Field(None, description="the version served before the last switch")
-    error: str | None = Field(None, description="why the target did not load (state failed)")
+    error: str | None = Field(None, description="why the target did not load (failed), or why a replica could not "
+                                                "load the live version (degraded)")
+    fallbacks: int = Field(0, description="requests answered by `previous` because a model replica could not load "
+                                          "`version` (since the switch)")
     at: float | None = Field(None, description="Unix time of the last change of state")
 
 
