@@ -103,6 +103,15 @@ def test_sweep_end_to_end_interrupted_and_resumed(ray_cluster, tmp_path):
     assert parent_metrics["fit/hstu/b"] == pytest.approx(law.b)
 
 
+def free_cpus(ray, at_least: float, wait_s: float = 30.0) -> float:
+    """The cluster's free CPUs once they reach `at_least` (resources come back a moment after their owner ends),
+    or what is free after wait_s."""
+    deadline = time.time() + wait_s
+    while ray.available_resources().get("CPU", 0.0) < at_least and time.time() < deadline:
+        time.sleep(0.5)
+    return ray.available_resources().get("CPU", 0.0)
+
+
 class MostAtOnce(Callback):
     """The most trials Tune had running at the same time."""
 
@@ -131,7 +140,7 @@ def test_search_under_asha_finishes_within_its_concurrency_and_frees_the_workers
     prepare(cfg.data, log=lambda *_: None)
     parallel = concurrency(cfg, ray_cluster.cluster_resources())
     assert parallel == 2
-    free_before = ray_cluster.available_resources().get("CPU", 0.0)
+    free_before = free_cpus(ray_cluster, at_least=ray_cluster.cluster_resources()["CPU"])  # prepare's tasks done
     most = MostAtOnce()
     lines = []
     summary = run_sweep(cfg, log=lines.append, callbacks=[most])
@@ -151,10 +160,7 @@ def test_search_under_asha_finishes_within_its_concurrency_and_frees_the_workers
     assert sorted(c.info.run_name for c in children) == sorted(r["trial"] for r in rows)
     assert all(c.info.status == "FINISHED" for c in children)
     assert len(client.search_model_versions("name = 'tiny-sweep-hstu'")) == len(rows)
-    deadline = time.time() + 30  # every trial's driver and Train worker given back to the cluster
-    while ray_cluster.available_resources().get("CPU", 0.0) < free_before and time.time() < deadline:
-        time.sleep(0.5)
-    assert ray_cluster.available_resources().get("CPU", 0.0) == pytest.approx(free_before)
+    assert free_cpus(ray_cluster, at_least=free_before) == pytest.approx(free_before)  # every worker given back
     assert load_config(summary["best_config"]).train.lr == 3e-3
 
 
