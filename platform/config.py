@@ -632,8 +632,6 @@ def describe_error(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
-_describe = describe_error  # the name genrec.serve.app imports
-
 
 def _merge(base: dict, child: dict) -> dict:
     merged = dict(base)
