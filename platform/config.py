@@ -632,7 +632,6 @@ def describe_error(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
-
 def _merge(base: dict, child: dict) -> dict:
     merged = dict(base)
     for key, value in child.items():
