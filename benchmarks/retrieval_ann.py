@@ -60,12 +60,12 @@ def catalog(n: int, dim: int, queries: int, kind: str, seed: int = 0) -> tuple[t
 def model_catalog(uri: str, tracking_uri: str | None, queries: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     """A trained model's item table and the user vectors the Retrieval deployment computes for its users."""
     from genrec.data.prepared import read_split
-    from genrec.serve.model import Catalog, Scorer, absolute_tracking_uri, fetch, resolve_model
+    from genrec.serve.model import Catalog, Scorer, absolute_tracking_uri, fetched, resolve_model
 
     source = resolve_model(uri, absolute_tracking_uri(tracking_uri))
-    folder = fetch(source)
-    scorer = Scorer(folder, cache_bytes=0, microbatch=128)
-    table = read_split(Catalog(folder).experiment.data.output_dir, "sequences")
+    with fetched(source) as folder:
+        scorer = Scorer(folder, cache_bytes=0, microbatch=128)
+        table = read_split(Catalog(folder).experiment.data.output_dir, "sequences")
     requests = []
     for items, stamps, actions in zip(table["items"].to_pylist()[:queries], table["timestamps"].to_pylist(),
                                       table["actions"].to_pylist()):

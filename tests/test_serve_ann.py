@@ -9,7 +9,7 @@ import torch
 from genrec.config import ConfigError, ServeRetrievalConfig
 from genrec.data.prepared import read_split
 from genrec.serve.index import ExactIndex, FaissIndex
-from genrec.serve.model import Scorer, fetch, resolve_model
+from genrec.serve.model import Scorer, fetched, resolve_model
 
 NOW = 1_700_000_000
 K = 10
@@ -26,9 +26,10 @@ def recall(got: list, exact: list) -> float:
 def test_ann_retrieval_on_the_trained_model_matches_exact(tiny_registered_model, kind):
     torch.set_num_threads(1)
     m = tiny_registered_model
-    folder = fetch(resolve_model(m["uri"], m["tracking_uri"]))
-    exact = Scorer(folder, cache_bytes=0, microbatch=32)
-    ann = Scorer(folder, cache_bytes=0, microbatch=32, retrieval=ServeRetrievalConfig(index=kind))
+    with fetched(resolve_model(m["uri"], m["tracking_uri"])) as folder:
+        exact = Scorer(folder, cache_bytes=0, microbatch=32)
+        ann = Scorer(folder, cache_bytes=0, microbatch=32, retrieval=ServeRetrievalConfig(index=kind))
+    assert m["uri"].startswith("models:/") and not folder.exists(), "the registry download is removed after loading"
     assert isinstance(exact.index, ExactIndex) and isinstance(ann.index, FaissIndex)
     table = read_split(m["cfg"].data.output_dir, "sequences")
     requests = []

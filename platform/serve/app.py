@@ -55,7 +55,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from ..config import ConfigError, ServeConfig, ServeUserConfig, describe_error, parse_override, resolve_path
 from . import schemas as s
-from .model import Catalog, ModelLoadError, ModelSource, Scorer, absolute_tracking_uri, fetch, resolve_model
+from .model import Catalog, ModelLoadError, ModelSource, Scorer, absolute_tracking_uri, fetched, resolve_model
 from .page import PAGE
 from .store import EmbeddedHistoryStore, History, user_key
 
@@ -98,8 +98,9 @@ class _ModelReplica:
                     if time.monotonic() - at < LOAD_RETRY_S:
                         raise ModelLoadError(error)
                     try:
-                        scorer = Scorer(fetch(ModelSource(**ref)), self.cfg.ranking.cache_bytes,
-                                        self.cfg.ranking.microbatch, self._index_config())
+                        with fetched(ModelSource(**ref)) as folder:
+                            scorer = Scorer(folder, self.cfg.ranking.cache_bytes,
+                                            self.cfg.ranking.microbatch, self._index_config())
                     except Exception as err:
                         error = f"model {ref['uri']} did not load: {type(err).__name__}: {err}"
                         self.failed[ref["uri"]] = (time.monotonic(), error)
@@ -285,7 +286,11 @@ class Ingress:
                     await self._load_last_good()
 
     async def _load(self, source: ModelSource) -> Live:
-        catalog = await asyncio.to_thread(lambda: Catalog(fetch(source)))
+        def read_catalog() -> Catalog:
+            with fetched(source) as folder:
+                return Catalog(folder)
+
+        catalog = await asyncio.to_thread(read_catalog)
         prepared = resolve_path(self.cfg.store.sequences or catalog.experiment.data.output_dir)
         old = self.live
         if old is not None and old.prepared == prepared:

@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,16 +107,19 @@ def absolute_tracking_uri(uri: str | None) -> str:
     return uri
 
 
-def fetch(source: ModelSource) -> Path:
-    """A local folder holding the model (downloaded once per process for MLflow URIs)."""
+@contextmanager
+def fetched(source: ModelSource) -> Iterator[Path]:
+    """A local folder holding the model while the block runs. An MLflow URI is downloaded to a
+    temporary folder that is removed afterwards: Scorer and Catalog read all they need up front."""
     if Path(source.uri).is_dir():
-        return Path(source.uri)
+        yield Path(source.uri)
+        return
     import mlflow
 
     if source.tracking_uri:
         mlflow.set_tracking_uri(source.tracking_uri)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source.uri,
-                                                    dst_path=tempfile.mkdtemp(prefix="genrec-serve-")))
+    with tempfile.TemporaryDirectory(prefix="genrec-serve-") as tmp:
+        yield Path(mlflow.artifacts.download_artifacts(artifact_uri=source.uri, dst_path=tmp))
 
 
 class Catalog:
