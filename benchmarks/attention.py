@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import threading
@@ -45,6 +43,7 @@ import torch.nn.functional as F
 from genrec.data.batches import stochastic_length
 from genrec.model.ops.hstu_attention_cpu import hstu_attention_cpu
 from genrec.model.ops.hstu_attention_reference import hstu_attention_reference
+from genrec.reports import cpu_model
 from shared_machine import passive_omp_wait
 
 SETTINGS = (("none", None), ("SL α=1.7", 1.7))
@@ -156,9 +155,7 @@ def machine(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        cpuinfo = Path("/proc/cpuinfo")
-        models = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else []
-        name = f"{models[0] if models else platform.processor()}, {torch.get_num_threads()} threads"
+        name = f"{cpu_model()}, {torch.get_num_threads()} threads"
     try:
         import triton
 

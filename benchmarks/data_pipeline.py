@@ -214,7 +214,7 @@ def stage_profile(path: Path, out: Path) -> None:
     from genrec.config import DataConfig
     from genrec.data import pipeline
     from genrec.data.adapters import plan_source
-    from genrec.data.prepared import REJECTS, SEQUENCES, SPLITS, VOCAB
+    from genrec.data.prepared import REJECTS, SEQUENCES, SPLITS
 
     cfg = DataConfig.model_validate(genrec_data_config(path.suffix[1:], path.parent, out))
     staging = out / "staging"
@@ -314,11 +314,9 @@ def sequences_by_raw_id(side: str, out: Path):
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from genrec.reports import cpu_model  # genrec is imported inside the functions: each side times its own imports
+
+    cpu = cpu_model()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
     return f"{platform.machine()} {cpu}, {os.cpu_count()} CPUs, {mem:.0f} GiB, Python {platform.python_version()}"
 

@@ -24,26 +24,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from genrec.model.encoder_config import EncoderConfig
 from genrec.model.hstu import HSTU
 from genrec.model.mfalcon import DEFAULT_MICROBATCH, UserCache, candidate_hidden, encode_history
+from genrec.reports import cpu_model
 
 NAIVE_BATCH_TOKENS = 8192  # tokens per naive batch (at least one sequence): a fraction of a second to seconds
-
-
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    models = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else []
-    return models[0] if models else platform.processor() or platform.machine()
 
 
 def history(n: int, dim: int, seed: int):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import random
 import signal
 import sys
@@ -109,6 +108,7 @@ def main() -> int:
     from ray import serve
 
     from genrec.config import RayConfig
+    from genrec.reports import machine
     from genrec.runtime import init_ray
     from genrec.serve.app import load_serve_file, start
 
@@ -124,7 +124,7 @@ def main() -> int:
     candidates = min(args.candidates, len(items))
     print(f"model {info['name']} v{info['version']} ({info['kind']}, {info['num_items']} items, N = "
           f"{info['max_seq_len']}); {candidates} candidates per /v1/rank; {len(users)} users")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+    print(f"machine: {machine()}, load average "
           f"{os.getloadavg()[0]:.1f}; Ray {ray.__version__}; the app's replicas share these CPUs with the client\n")
     print("| endpoint | requests | concurrency | QPS | vs baseline | p50 ms | p95 ms | p99 ms | errors | retried |")
     print("|---|---|---|---|---|---|---|---|---|---|")

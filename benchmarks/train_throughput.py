@@ -26,12 +26,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,6 +36,7 @@ import torch
 from genrec.data.batches import stochastic_length
 from genrec.data.jagged import concat_ranges, offsets_from_lengths
 from genrec.model import EncoderConfig, build_encoder, sampled_softmax_loss
+from genrec.reports import cpu_model
 from shared_machine import passive_omp_wait
 
 NUM_ITEMS = 10_000
@@ -130,12 +128,6 @@ def cap_memory() -> int:
     limit = psutil.Process().memory_info().vms + headroom
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     return headroom
-
-
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    models = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else []
-    return models[0] if models else platform.processor() or platform.machine()
 
 
 def main() -> None:

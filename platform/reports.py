@@ -1,4 +1,4 @@
-"""What the recipes' result tables share: mean ± std cells and the machine they ran on."""
+"""What the recipes' and benchmarks' result tables share: mean ± std cells and the machine they ran on."""
 
 from __future__ import annotations
 
@@ -16,10 +16,15 @@ def mean_std(runs: list[dict], key: str, digits: int = 4) -> str:
     return f"{statistics.mean(values):.{digits}f}{spread}"
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo where there is one, else what `platform` knows."""
+    fallback = platform.processor() or platform.machine() or "unknown CPU"
+    if not os.path.exists("/proc/cpuinfo"):
+        return fallback
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), fallback)
+
+
 def machine() -> str:
-    """e.g. 'AMD EPYC, 2 CPUs': the CPU model (from /proc/cpuinfo where there is one) and count."""
-    cpu = platform.processor() or "?"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return f"{cpu}, {os.cpu_count()} CPUs"
+    """e.g. 'AMD EPYC, 2 CPUs': the CPU model and count."""
+    return f"{cpu_model()}, {os.cpu_count()} CPUs"

@@ -16,7 +16,7 @@ from genrec.data.prepared import read_split
 from genrec.model import EncoderConfig, HSTULayer, build_encoder
 from genrec.train.artifact import build_model
 from genrec.train.batching import batch_spec
-from genrec.train.streaming import StreamWindows, add_to_stream, evaluate_window, window_table
+from genrec.train.streaming import StreamWindows, add_to_stream, evaluate_window
 from genrec.train.trainer import fit
 
 DAY = 86_400
