@@ -67,13 +67,13 @@ def full_ranks(queries: torch.Tensor, targets: torch.Tensor, items: torch.Tensor
         scores = only_block if only_block is not None else block_scores(start)
         here = torch.nonzero((targets >= start) & (targets < start + scores.size(1))).squeeze(1)
         target_scores[here] = scores[here, targets[here] - start]
-    higher = torch.zeros(len(targets), dtype=torch.long, device=queries.device)
-    equal = torch.zeros_like(higher)  # counts the target itself
+    # one comparison pass: pessimistic rank = #(score >= target's), the target itself included;
+    # optimistic rank = 1 + #(score > target's)
+    outranks = torch.ge if ties == "pessimistic" else torch.gt
+    ranks = torch.zeros(len(targets), dtype=torch.long, device=queries.device) + (ties == "optimistic")
     for start in starts:
         scores = only_block if only_block is not None else block_scores(start)
-        higher += (scores > target_scores.unsqueeze(1)).sum(1)
-        equal += (scores == target_scores.unsqueeze(1)).sum(1)
-    ranks = higher + equal if ties == "pessimistic" else higher + 1
+        ranks += outranks(scores, target_scores.unsqueeze(1)).sum(1)
     return torch.where(torch.isfinite(target_scores), ranks, items.size(0) - 1)
 
 
