@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from genrec.config import ExperimentConfig
+from genrec.config import ConfigError, ExperimentConfig
 from genrec.data.pipeline import prepare
 from genrec.train.evaluation import full_ranks, metrics_from_ranks
 from genrec.train.trainer import evaluate_model, fit
@@ -86,6 +86,12 @@ def test_fit_tracks_registers_and_resumes(tiny):
     resumed = fit(variant(cfg, "tracked", epochs=3), log=lambda *_: None)
     assert resumed["mlflow_run_id"] == run.info.run_id
     assert curve(resumed)[:2] == curve(result) and len(curve(resumed)) == 3
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
+    # the same run name with a differently shaped model is refused before any worker starts, naming the key
+    reshaped = variant(cfg, "tracked", epochs=4)
+    reshaped.model = reshaped.model.model_copy(update={"max_seq_len": cfg.model.max_seq_len + 8})
+    with pytest.raises(ConfigError, match=r"'tracked'.*changed: model\.max_seq_len\b.*train\.run_name"):
+        fit(reshaped, log=lambda *_: None)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
 
 

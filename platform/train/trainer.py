@@ -10,6 +10,7 @@ are printed here, so a terminal shows them without Ray's own logs.
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -55,6 +56,7 @@ def fit(cfg: ExperimentConfig, log=print, callbacks=(), mlflow_tags: dict | None
     storage = resolve_path(t.storage_path)
     run_folder = storage / run_name
     run_folder.mkdir(parents=True, exist_ok=True)
+    check_resumable(cfg, run_folder)
     run_id = tracking.start_or_resume_run(cfg, run_name, mlflow_tags)
     marker = run_folder / NON_FINITE_MARKER
     marker.unlink(missing_ok=True)
@@ -104,6 +106,27 @@ def fit(cfg: ExperimentConfig, log=print, callbacks=(), mlflow_tags: dict | None
     log(f"[train] browse: mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)} --host 127.0.0.1")
     return {"run_name": run_name, "mlflow_run_id": run_id, "registered_model": name, "version": version,
             "best": best, "history": history, "checkpoint": result.checkpoint.path, "epochs_run": len(history)}
+
+
+SHAPE_FILE = "model_shape.json"
+
+
+def check_resumable(cfg: ExperimentConfig, run_folder: Path) -> None:
+    """A run resumes from the checkpoints in its folder, so the folder must belong to the same model:
+    the keys that shape the weights (model.*, the ranking tasks, the prepared data) are recorded at the
+    first start and compared at every later one, before any worker starts."""
+    shape = {f"model.{key}": value for key, value in cfg.model.model_dump(mode="json").items()}
+    shape["ranking.tasks"] = cfg.ranking.model_dump(mode="json")["tasks"]
+    shape["data.output_dir"] = cfg.data.output_dir
+    record = run_folder / SHAPE_FILE
+    if record.exists() and any(run_folder.glob("checkpoint_*")):
+        before = json.loads(record.read_text())
+        changed = [key for key in shape if before.get(key) != shape[key]]
+        if changed:
+            raise ConfigError(f"run {run_folder.name!r} has checkpoints of a different model in {run_folder} "
+                              f"(changed: {', '.join(changed)}); set train.run_name to a new name, or remove "
+                              "that folder to start over")
+    record.write_text(json.dumps(shape, indent=1, sort_keys=True))
 
 
 def plot_history(history: list, path: Path, title: str) -> None:
