@@ -181,6 +181,9 @@ class SyntheticSource(Strict):
         description="weakest action first; base rates of an impression's (first) action",
     )
     action_affinity: float = Field(3.0, ge=0, description="how strongly actions respond to user-item affinity")
+    taste_noise: float = Field(
+        0.6, ge=0, description="size of each user's private taste vector beside their interests: the part of "
+        "action affinity that only the user's past actions reveal (0: taste = interests)")
     action_session_slope: float = Field(0.3, description="how strongly strong actions grow with position in session")
     multi_action_rate: float = Field(0.05, ge=0, le=1, description="chance an impression gets a second action")
     oracle_max_users: int = Field(20_000, gt=0, description="oracle metrics on at most this many users (every k-th)")
@@ -389,6 +392,9 @@ class EvalConfig(Strict):
     test_epochs: list[int] = Field(
         default_factory=list,
         description="also rank the test split after these epochs, whatever validation says (fixed-epoch figures)")
+    window_users: float = Field(
+        1.0, gt=0, le=1, description="train.mode one_pass: share of users whose events each window ranks (a "
+        "fixed sample by user id, the same in every window and run); training always uses every event")
 
 
 class TrackingConfig(Strict):

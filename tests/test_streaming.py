@@ -16,7 +16,7 @@ from genrec.data.prepared import read_split
 from genrec.model import EncoderConfig, HSTULayer, build_encoder
 from genrec.train.artifact import build_model
 from genrec.train.batching import batch_spec
-from genrec.train.streaming import StreamWindows, add_to_stream, evaluate_window
+from genrec.train.streaming import StreamWindows, add_to_stream, evaluate_window, sampled_users
 from genrec.train.trainer import fit
 
 DAY = 86_400
@@ -93,6 +93,27 @@ def test_one_pass_ranks_every_event_once_before_training_on_it(stream):
     assert result["best"]["stream/hr@10"] == pytest.approx(expected)
     assert result["best"]["stream/hr@50"] > history[0]["window/hr@50"]
     assert any(line.startswith("[train] window 2/") and "window ndcg@10" in line for line in lines)
+
+
+def test_window_ranking_can_sample_a_fixed_share_of_users(stream):
+    cfg, _, _ = stream
+    windows = StreamWindows(read_split(cfg.data.output_dir, "sequences"), cfg.train.window_days)
+    first, second = windows.window(0)[0], windows.window(1)[0]
+    assert sampled_users(first, 1.0) is first
+    half = sampled_users(second, 0.5)
+    assert 0.3 < half.num_rows / second.num_rows < 0.7
+    # the same users in every window, and a smaller share is a subset of a larger one
+    both = set(first["user"].to_pylist()) & set(second["user"].to_pylist())
+    assert {u for u in sampled_users(first, 0.5)["user"].to_pylist() if u in both} == \
+        {u for u in half["user"].to_pylist() if u in both}
+    assert set(sampled_users(second, 0.2)["user"].to_pylist()) < set(half["user"].to_pylist())
+    # the ranked targets are exactly the sampled users' events in the window that have an earlier event
+    start = windows.edges[1]
+    expected = sum(sum(1 for k, t in enumerate(stamps) if k > 0 and t >= start)
+                   for stamps in half["timestamps"].to_pylist())
+    torch.manual_seed(0)
+    scored = evaluate_window(build_model(cfg), second, batch_spec(cfg), 256, "pessimistic", users=0.5)
+    assert scored["window/targets"] == expected > 0
 
 
 def test_one_pass_logs_each_window_to_mlflow(stream):

@@ -231,8 +231,8 @@ def score_window(w: Worker, table, window: int, progress: Progress) -> dict:
     """Rank 0, one_pass mode: rank the window's events before training on them; from the
     second window on, add them to the run's stream metrics. The latest model is the result."""
     started = time.time()
-    scored = evaluate_window(w.core, table, w.eval_spec, w.cfg.eval.batch_size, w.cfg.eval.ties)
-    if window > 0:
+    scored = evaluate_window(w.core, table, w.eval_spec, w.cfg.eval.batch_size, w.cfg.eval.ties, w.cfg.eval.window_users)
+    if window > 0 and scored["window/targets"]:
         progress.best = {**progress.best, **add_to_stream(progress.best, scored), "best_epoch": window + 1}
     scored["eval_seconds"] = time.time() - started
     return scored

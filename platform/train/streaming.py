@@ -62,8 +62,23 @@ def window_table(sequences: pa.Table, start: int, end: int) -> tuple[pa.Table, i
     return table, targets
 
 
-def evaluate_window(model, table: pa.Table, spec, batch_size: int, ties: str) -> dict:
-    """Full-ranking metrics of the window's targets, as `window/<metric>` plus `window/targets`."""
+def sampled_users(table: pa.Table, share: float) -> pa.Table:
+    """The rows of a fixed share of users, chosen by a hash of the user id (so the same users in every
+    window and every run); all rows when share is 1."""
+    if share >= 1:
+        return table
+    users = table["user"].to_numpy().astype(np.uint64)
+    hashed = (users * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)  # Fibonacci hashing, 24 bits
+    return table.filter(pa.array(hashed < np.uint64(round(share * (1 << 24)))))
+
+
+def evaluate_window(model, table: pa.Table, spec, batch_size: int, ties: str, users: float = 1.0) -> dict:
+    """Full-ranking metrics of the window's targets (of a `users` share of its users, see sampled_users),
+    as `window/<metric>` plus `window/targets`."""
+    table = sampled_users(table, users)
+    lengths = np.diff(table["items"].combine_chunks().offsets.to_numpy())
+    if not (lengths - np.maximum(table["eval_start"].to_numpy(), 1)).clip(min=0).sum():
+        return {"window/targets": 0.0}  # the sample holds no event with a history in this window
     batches = iter_torch_batches(table, spec, batch_size, shuffle=False)
     metrics = evaluate(model, batches, ties=ties)
     targets = metrics.pop("count")
