@@ -67,7 +67,11 @@ def table(rows: list, cfg, oracle: dict | None) -> str:
     regression = [t for t in cfg.ranking.tasks if t.kind == "regression"]
     header = (["model", "seeds"] + [f"{t.name} AUC | {t.name} NE" for t in binary] + [f"{t.name} MSE" for t in regression]
               + ["mean NE vs dlrm", "retrieval HR@10 / NDCG@10", "train impressions/s", "s/epoch", "epochs (best)"])
-    lines = [f"machine: {machine()}; {cfg.name}: test (leave-one-out) targets at the epoch of best validation "
+    split = cfg.data.split
+    targets = ("leave-one-out" if split.kind == "leave_one_out" else
+               f"time split: every event after the {f'{split.quantile:g} quantile' if split.quantile else split.cutoff}"
+               " cutoff, scored with all history before it")
+    lines = [f"machine: {machine()}; {cfg.name}: test ({targets}) targets at the epoch of best validation "
              "1 - mean NE; mean ± std over seeds", "",
              "| " + " | ".join(header) + " |", "|---|---:|" + "---:|" * (2 * len(binary) + len(regression) + 5)]
     mean_ne = lambda runs: statistics.mean(statistics.mean(r[f"test/{t.name}/ne"] for t in binary) for r in runs)

@@ -22,7 +22,8 @@ sessions (each event ends the session with `session_end_prob`). At every event:
       P(i) ~ pz[z_i] * F[p, i],   F[p, i] = w_i 2^(-(p - b_i)/h) [b_i <= p] / W[p, z_i]
   (W normalises each topic at period p): the exact conditional of drawing (topic,
   item) and redrawing when the item was already consumed (no repeats, as in MovieLens).
-- affinity a = <taste, item vector>, taste = normalise(theta @ topic vectors + noise);
+- affinity a = <taste, item vector>, taste = normalise(theta @ topic vectors + noise), the
+  noise a private draw of size `taste_noise` per user;
   the impression's action is drawn from q = softmax(log rate_k + beta_k (a - A0)
   + gamma_k log(1 + position in session)), with beta = action_affinity * s,
   gamma = action_session_slope * s, s = -0.5 for the weakest (first) action and
@@ -72,7 +73,6 @@ ORACLE_FILE = "oracle.json"
 BLOCK_SEEN_BYTES = 1 << 26  # a block's users x items seen-matrix stays under this
 AFFINITY_CENTER = 0.5  # A0: typical affinity of a consumed item
 ITEM_NOISE = 0.6  # item vector = normalise(topic vector + ITEM_NOISE * N(0, I/d))
-TASTE_NOISE = 0.6
 WITHIN_SESSION_GAP = (math.log(60.0), 1.0)  # log-normal (mu, sigma) seconds: median 1 min
 BETWEEN_SESSION_GAP = (math.log(12 * 3600.0), 1.5)  # median 12 h
 MAX_REDRAWS = 32  # then draw the few left from the exact conditional
@@ -298,7 +298,7 @@ def simulate_block(world: World, source: SyntheticSource, block: int) -> dict:
         return np.where(s > 0, g / np.where(s > 0, s, 1.0), world.topic_base)
 
     theta = interests(n)
-    taste_noise = TASTE_NOISE * rng.standard_normal((n, d)) / math.sqrt(d)
+    taste_noise = source.taste_noise * rng.standard_normal((n, d)) / math.sqrt(d)
     clock = source.start_time + np.floor(rng.uniform(0, source.duration_days * 86_400, size=n)).astype(np.int64)
     oracle_user = ((user_ids - 1) % oracle_stride(source) == 0) & (lengths >= 3)
 
