@@ -121,7 +121,7 @@ def check_resumable(cfg: ExperimentConfig, run_folder: Path) -> None:
     record = run_folder / SHAPE_FILE
     if record.exists() and any(run_folder.glob("checkpoint_*")):
         before = json.loads(record.read_text())
-        changed = [key for key in shape if before.get(key) != shape[key]]
+        changed = [key for key in shape if key in before and before[key] != shape[key]]  # keys added since: no record
         if changed:
             raise ConfigError(f"run {run_folder.name!r} has checkpoints of a different model in {run_folder} "
                               f"(changed: {', '.join(changed)}); set train.run_name to a new name, or remove "
