@@ -87,12 +87,16 @@ def test_fit_tracks_registers_and_resumes(tiny):
     assert resumed["mlflow_run_id"] == run.info.run_id
     assert curve(resumed)[:2] == curve(result) and len(curve(resumed)) == 3
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
+    # another attention kernel (a CPU run resumed on a GPU) is the same model: it resumes
+    other_kernel = variant(cfg, "tracked", epochs=4)
+    other_kernel.model = other_kernel.model.model_copy(update={"attention_impl": "pytorch"})
+    assert curve(fit(other_kernel, log=lambda *_: None))[:3] == curve(resumed)
     # the same run name with a differently shaped model is refused before any worker starts, naming the key
-    reshaped = variant(cfg, "tracked", epochs=4)
+    reshaped = variant(cfg, "tracked", epochs=5)
     reshaped.model = reshaped.model.model_copy(update={"max_seq_len": cfg.model.max_seq_len + 8})
     with pytest.raises(ConfigError, match=r"'tracked'.*changed: model\.max_seq_len\b.*train\.run_name"):
         fit(reshaped, log=lambda *_: None)
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
 
 
 def test_two_workers_match_one_worker(tiny):

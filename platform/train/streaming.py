@@ -58,8 +58,13 @@ def window_table(sequences: pa.Table, start: int, end: int) -> tuple[pa.Table, i
            for name in ("items", "actions", "timestamps")},
         "eval_start": pa.array(before_start[rows]),
     })
-    targets = int((keep - np.maximum(before_start[rows], 1)).clip(min=0).sum())
-    return table, targets
+    return table, count_targets(table)
+
+
+def count_targets(table: pa.Table) -> int:
+    """Events of a window table that get ranked: those after `eval_start` with an earlier event of their user."""
+    lengths = np.diff(table["items"].combine_chunks().offsets.to_numpy())
+    return int((lengths - np.maximum(table["eval_start"].to_numpy(), 1)).clip(min=0).sum())
 
 
 def sampled_users(table: pa.Table, share: float) -> pa.Table:
@@ -76,8 +81,7 @@ def evaluate_window(model, table: pa.Table, spec, batch_size: int, ties: str, us
     """Full-ranking metrics of the window's targets (of a `users` share of its users, see sampled_users),
     as `window/<metric>` plus `window/targets`."""
     table = sampled_users(table, users)
-    lengths = np.diff(table["items"].combine_chunks().offsets.to_numpy())
-    if not (lengths - np.maximum(table["eval_start"].to_numpy(), 1)).clip(min=0).sum():
+    if not count_targets(table):
         return {"window/targets": 0.0}  # the sample holds no event with a history in this window
     batches = iter_torch_batches(table, spec, batch_size, shuffle=False)
     metrics = evaluate(model, batches, ties=ties)

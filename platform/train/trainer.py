@@ -111,11 +111,15 @@ def fit(cfg: ExperimentConfig, log=print, callbacks=(), mlflow_tags: dict | None
 SHAPE_FILE = "model_shape.json"
 
 
+RESUMABLE_CHANGES = {"dropout", "attention_impl"}  # regularisation and kernel choice: the same weights load
+
+
 def check_resumable(cfg: ExperimentConfig, run_folder: Path) -> None:
     """A run resumes from the checkpoints in its folder, so the folder must belong to the same model:
-    the keys that shape the weights (model.*, the ranking tasks, the prepared data) are recorded at the
-    first start and compared at every later one, before any worker starts."""
-    shape = {f"model.{key}": value for key, value in cfg.model.model_dump(mode="json").items()}
+    the keys that define it (model.* but RESUMABLE_CHANGES, the ranking tasks, the prepared data) are
+    recorded at the first start and compared at every later one, before any worker starts."""
+    shape = {f"model.{key}": value for key, value in cfg.model.model_dump(mode="json").items()
+             if key not in RESUMABLE_CHANGES}
     shape["ranking.tasks"] = cfg.ranking.model_dump(mode="json")["tasks"]
     shape["data.output_dir"] = cfg.data.output_dir
     record = run_folder / SHAPE_FILE
