@@ -19,7 +19,7 @@ import json
 import statistics
 
 from genrec.config import load_config, resolve_path
-from genrec.data.synthetic import read_oracle
+from genrec.data.prepared import read_manifest
 from genrec.reports import machine, mean_std
 from genrec.runtime import init_ray
 from genrec.train.trainer import fit
@@ -41,7 +41,7 @@ def main() -> None:
     out = resolve_path(args.out or f"outputs/results/rank_compare-{base.name}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else []
-    oracle = read_oracle(base.data.source) if base.data.source.kind == "synthetic" else None
+    oracle = read_manifest(base.data.output_dir).get("synthetic_oracle")
     for seed in args.seeds:
         for variant in args.variants:
             if any(r["variant"] == variant and r["seed"] == seed for r in rows):

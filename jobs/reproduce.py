@@ -20,7 +20,7 @@ import json
 import statistics
 
 from genrec.config import load_config, resolve_path
-from genrec.data.synthetic import read_oracle
+from genrec.data.prepared import read_manifest
 from genrec.reports import machine, mean_std
 from genrec.runtime import init_ray
 from genrec.train.trainer import fit
@@ -54,7 +54,7 @@ def main() -> None:
             fixed = next((h for h in history if h["epoch"] == args.fixed_epoch and "test/ndcg@10" in h), {})
             evaluations = [h["eval_seconds" if one_pass else "valid_seconds"] for h in history
                            if ("window/targets" if one_pass else "valid_seconds") in h]
-            oracle = read_oracle(cfg.data.source) if cfg.data.source.kind == "synthetic" else None
+            oracle = read_manifest(cfg.data.output_dir).get("synthetic_oracle")
             rows.append({"model": cfg.name, "seed": seed, "epochs": result["epochs_run"],
                          "train_s_per_epoch": statistics.median(h["train/epoch_seconds"] for h in history),
                          "valid_eval_s": statistics.median(evaluations), "fixed_epoch": args.fixed_epoch,
