@@ -35,12 +35,12 @@ from pathlib import Path
 
 import torch
 
+from genrec.artifact import build_model
 from genrec.config import load_config
 from genrec.data.loader import iter_torch_batches
 from genrec.data.prepared import read_split
 from genrec.model import sampled_softmax_loss
 from genrec.reports import machine
-from genrec.train.artifact import build_model
 from genrec.train.batching import batch_spec, replicated_batches
 from genrec.train.evaluation import evaluate
 from shared_machine import passive_omp_wait
@@ -48,12 +48,13 @@ from shared_machine import passive_omp_wait
 PAPER_CODE_SECONDS = {"ml-1m-hstu-large": (95.8, 18.6)}  # train, evaluation: the issue's measurement
 
 
-def run_epoch(cfg, impl: str, steps: int | None) -> dict:
-    """One training epoch and one validation ranking of a fresh model (seeded) -> seconds, loss, tokens."""
+def run_epoch(cfg, impl: str, steps: int | None, device: str = "cpu") -> dict:
+    """One training epoch and one validation ranking of a fresh model (seeded) -> seconds, loss, tokens.
+    device: where the model and batches go (benchmarks/gpu_check.py runs it on "cuda")."""
     attention_impl, *options = impl.split("+")
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"attention_impl": attention_impl})})
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg)
+    model = build_model(cfg).to(device)
     if "compile" in options:
         for layer in model.blocks.layers:
             layer.project = torch.compile(layer.project, dynamic=True)
@@ -66,18 +67,19 @@ def run_epoch(cfg, impl: str, steps: int | None) -> dict:
     started = time.perf_counter()
     loss_sum = 0.0
     for batch, negatives in batches:
+        batch, negatives = {k: v.to(device) for k, v in batch.items()}, negatives.to(device)
         users = model(batch["item_ids"], batch["timestamps"], batch["target_timestamps"], batch["offsets"])
         loss = sampled_softmax_loss(users, batch["target_ids"], model.all_item_embeddings(), negatives,
                                     temperature=t.temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += float(loss.detach())
+        loss_sum += float(loss.detach())  # also waits for a GPU's queued kernels
     train_seconds = time.perf_counter() - started
     valid = read_split(cfg.data.output_dir, "valid")
     started = time.perf_counter()
-    metrics = evaluate(model, iter_torch_batches(valid, batch_spec(cfg), cfg.eval.batch_size, shuffle=False),
-                       ties=cfg.eval.ties)
+    valid_batches = iter_torch_batches(valid, batch_spec(cfg), cfg.eval.batch_size, shuffle=False)
+    metrics = evaluate(model, ({k: v.to(device) for k, v in b.items()} for b in valid_batches), ties=cfg.eval.ties)
     return {"train": train_seconds, "eval": time.perf_counter() - started, "loss": loss_sum / len(batches),
             "ndcg": metrics["ndcg@10"], "tokens": sum(len(b["item_ids"]) for b, _ in batches)}
 

@@ -32,8 +32,9 @@ import torch
 
 from genrec.model.encoder_config import EncoderConfig
 from genrec.model.hstu import HSTU
-from genrec.model.mfalcon import DEFAULT_MICROBATCH, UserCache, candidate_hidden, encode_history
+from genrec.model.mfalcon import DEFAULT_MICROBATCH, candidate_hidden, encode_history
 from genrec.reports import cpu_model
+from genrec.serve.cache import UserCache
 
 NAIVE_BATCH_TOKENS = 8192  # tokens per naive batch (at least one sequence): a fraction of a second to seconds
 
@@ -52,7 +53,7 @@ def naive(blocks: HSTU, x, timestamps, request_time: int, candidates: torch.Tens
     tokens = torch.cat([x.expand(b, n, -1), candidates.unsqueeze(1)], dim=1).reshape(b * (n + 1), -1)
     ts = torch.cat([timestamps, request]).repeat(b)
     target = torch.cat([timestamps[1:], request, request]).repeat(b)
-    offsets = torch.arange(b + 1) * (n + 1)
+    offsets = torch.arange(b + 1, device=x.device) * (n + 1)
     return blocks(tokens, offsets, ts, target)[offsets[1:] - 1]
 
 
@@ -82,7 +83,7 @@ def main() -> None:
     clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = EncoderConfig(max_seq_len=max(args.lengths) + 1, dim=args.dim, num_blocks=args.blocks,
+    config = EncoderConfig(num_positions=max(args.lengths) + 1, dim=args.dim, num_blocks=args.blocks,
                            num_heads=args.heads, dropout=0.0)
     blocks = HSTU(config).eval()
 

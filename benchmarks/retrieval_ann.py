@@ -60,7 +60,7 @@ def catalog(n: int, dim: int, queries: int, kind: str, seed: int = 0) -> tuple[t
 def model_catalog(uri: str, tracking_uri: str | None, queries: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     """A trained model's item table and the user vectors the Retrieval deployment computes for its users."""
     from genrec.data.prepared import read_split
-    from genrec.serve.model import Catalog, Scorer, absolute_tracking_uri, fetched, resolve_model
+    from genrec.serve.model import Catalog, ModelCall, Scorer, absolute_tracking_uri, fetched, resolve_model
 
     source = resolve_model(uri, absolute_tracking_uri(tracking_uri))
     with fetched(source) as folder:
@@ -70,8 +70,9 @@ def model_catalog(uri: str, tracking_uri: str | None, queries: int) -> tuple[tor
     for items, stamps, actions in zip(table["items"].to_pylist()[:queries], table["timestamps"].to_pylist(),
                                       table["actions"].to_pylist()):
         n = min(len(items), scorer.max_seq_len)
-        requests.append({"user": None, "items": np.asarray(items[-n:]), "timestamps": np.asarray(stamps[-n:]),
-                         "actions": np.asarray(actions[-n:]), "context": (), "request_time": int(stamps[-1]) + 1})
+        requests.append(ModelCall(user=None, version=len(items), items=np.asarray(items[-n:]),
+                                  timestamps=np.asarray(stamps[-n:]), actions=np.asarray(actions[-n:]), context=(),
+                                  seen=np.unique(items), request_time=int(stamps[-1]) + 1))
     users = torch.cat([scorer.user_vectors(requests[i:i + 64])[0] for i in range(0, len(requests), 64)])
     return scorer.items, users, f"{source.name} v{source.version}"
 

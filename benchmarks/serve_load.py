@@ -110,7 +110,7 @@ def main() -> int:
     from genrec.config import RayConfig
     from genrec.reports import machine
     from genrec.runtime import init_ray
-    from genrec.serve.app import load_serve_file, start
+    from genrec.serve.deploy import load_serve_file, start
 
     os.environ.setdefault("GENREC_SERVE_TOKEN", "benchmark-token-not-used-for-writes")
     tree = load_serve_file(args.config, args.overrides)

@@ -82,20 +82,30 @@ def most_recent(users: dict[str, np.ndarray], kept: np.ndarray, device: torch.de
 MODELS = {"HSTU": ("hstu", "auto"), "HSTU reference": ("hstu", "pytorch"), "SASRec": ("sasrec", "auto")}
 
 
-def step_seconds(model: str, n: int, inputs: dict[str, torch.Tensor], steps: int, device: torch.device) -> list[float]:
-    """Seconds of each timed training step of a fresh encoder (a key of MODELS) on one batch."""
+def step_seconds(model: str, n: int, inputs: dict[str, torch.Tensor], steps: int, device: torch.device,
+                 config: EncoderConfig | None = None, autocast: torch.dtype | None = None,
+                 losses: list | None = None) -> list[float]:
+    """Seconds of each timed training step of a fresh encoder (a key of MODELS) on one batch.
+
+    config replaces the model's shape (benchmarks/gpu_check.py times other recipes); autocast runs
+    forward and loss under torch.autocast in that dtype; losses, when given, receives every step's loss."""
     torch.manual_seed(0)
     kind, impl = MODELS[model]
-    config = EncoderConfig(kind, NUM_ITEMS, n, DIM, NUM_BLOCKS, NUM_HEADS, ffn_dim=DIM, dropout=0.0,
-                           attention_impl=impl)
+    config = config or EncoderConfig(kind, NUM_ITEMS, n, DIM, NUM_BLOCKS, NUM_HEADS, ffn_dim=DIM, dropout=0.0,
+                                     attention_impl=impl)
     encoder = build_encoder(config).to(device)
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-3)
     negatives = torch.Generator(device).manual_seed(0)
     seconds = []
     for _ in range(WARMUP_STEPS + steps):
         started = time.perf_counter()
-        user_vectors = encoder(inputs["item_ids"], inputs["timestamps"], inputs["target_timestamps"], inputs["offsets"])
-        loss = sampled_softmax_loss(user_vectors, inputs["target_ids"], encoder.all_item_embeddings(), generator=negatives)
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            user_vectors = encoder(inputs["item_ids"], inputs["timestamps"], inputs["target_timestamps"],
+                                   inputs["offsets"])
+            loss = sampled_softmax_loss(user_vectors, inputs["target_ids"], encoder.all_item_embeddings(),
+                                        generator=negatives)
+        if losses is not None:
+            losses.append(loss.detach())  # a tensor: reading it here would wait for the GPU mid-step
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -18,7 +18,7 @@ from genrec.data.prepared import read_manifest, read_split
 from genrec.data.summary import summary_text
 from genrec.data.synthetic import oracle_ratio_text
 from genrec.runtime import init_ray, load_job_config, run_job
-from genrec.serve.app import load_serve_file, start
+from genrec.serve.deploy import load_serve_file, start
 from genrec.train.tracking import tracking_uri
 from genrec.train.trainer import evaluate_model, fit
 

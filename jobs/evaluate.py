@@ -1,10 +1,12 @@
-"""Recipe: evaluate a registered model or a model folder on a split (full ranking).
+"""Recipe: evaluate a registered model or a model folder on a split, as training evaluates its kind.
 
     python jobs/evaluate.py --config configs/ml-1m/hstu.yaml --model models:/ml-1m-hstu/1 --split test
     ray job submit --working-dir . -- python jobs/evaluate.py --config ... --model models:/<name>/<version>
 
-The ranking runs as one Ray task with the CPUs of a training worker (train.cpus_per_worker), so on
-a cluster it lands on a worker node, never on the head.
+hstu / sasrec get the full-ranking retrieval metrics; gr / dlrm per-task AUC / NE / log loss of their
+own tasks (gr also retrieval at its action positions). The evaluation runs as one Ray task with the
+CPUs of a training worker (train.cpus_per_worker), so on a cluster it lands on a worker node, never
+on the head.
 """
 
 import json

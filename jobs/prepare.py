@@ -4,15 +4,16 @@
     ray job submit --working-dir . -- python jobs/prepare.py --config configs/demo.yaml
 """
 
-from genrec.data.pipeline import prepare
+from genrec.data.pipeline import plan_before_ray, prepare
 from genrec.data.summary import summary_text
 from genrec.runtime import init_ray, load_job_config, run_job
 
 
 def main(args) -> int:
     cfg = load_job_config(args)
+    plan = plan_before_ray(cfg.data)  # a missing or malformed file is reported before Ray takes seconds to start
     init_ray(cfg.ray)
-    summary = prepare(cfg.data)
+    summary = prepare(cfg.data, plan=plan)
     print(summary_text(summary))
     return 0
 

@@ -16,16 +16,15 @@ interrupted one from its checkpoint.
 """
 
 import argparse
-import json
+import functools
 import statistics
 
 from genrec.config import load_config, resolve_path
 from genrec.data.prepared import read_manifest
-from genrec.reports import machine, mean_std
+from genrec.metrics import RETRIEVAL_METRICS
+from genrec.reports import change, groups, machine, markdown_table, mean_of, mean_std, run_grid
 from genrec.runtime import init_ray
 from genrec.train.trainer import fit
-
-COLUMNS = ["hr@10", "hr@50", "hr@200", "ndcg@10", "ndcg@200", "mrr"]
 
 
 def main() -> None:
@@ -36,34 +35,37 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/results/reproduce.md")
     parser.add_argument("--fixed-epoch", type=int, default=30)
     args = parser.parse_args()
-    out = resolve_path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    rows = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else []
+    rows = run_grid(resolve_path(args.out), cells(args), table)
+    print(table(rows))
+
+
+def cells(args):
+    """The grid, seed by seed (every model's seed 1 first): (key, run) per (config, seed)."""
     for seed in args.seeds:
         for path in args.config:
             cfg = load_config(path, [*args.overrides, f"train.seed={seed}"])
-            one_pass = cfg.train.mode == "one_pass"
-            if not one_pass:
-                cfg.eval.test_epochs = [args.fixed_epoch]
-            if any(r["model"] == cfg.name and r["seed"] == seed for r in rows):
-                continue
-            cfg.train.run_name = f"{cfg.name}-seed{seed}"
-            init_ray(cfg.ray)
-            result = fit(cfg)
-            history = result["history"]
-            fixed = next((h for h in history if h["epoch"] == args.fixed_epoch and "test/ndcg@10" in h), {})
-            evaluations = [h["eval_seconds" if one_pass else "valid_seconds"] for h in history
-                           if ("window/targets" if one_pass else "valid_seconds") in h]
-            oracle = read_manifest(cfg.data.output_dir).get("synthetic_oracle")
-            rows.append({"model": cfg.name, "seed": seed, "epochs": result["epochs_run"],
-                         "train_s_per_epoch": statistics.median(h["train/epoch_seconds"] for h in history),
-                         "valid_eval_s": statistics.median(evaluations), "fixed_epoch": args.fixed_epoch,
-                         **{f"oracle/{k}": v for k, v in ((oracle or {}).get("test", {}).get("oracle", {})).items()},
-                         **{f"fixed/{k}": fixed[f"test/{k}"] for k in ("ndcg@10", "hr@10") if fixed},
-                         "wall_s": sum(h["train/epoch_seconds"] + h.get("eval_seconds", 0.0) for h in history), **result["best"]})
-            out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-            out.write_text(table(rows))
-    print(table(rows))
+            yield {"model": cfg.name, "seed": seed}, functools.partial(train, cfg, args.fixed_epoch)
+
+
+def train(cfg, fixed_epoch: int) -> dict:
+    """One (config, seed) run, tracked and registered; its row of the table."""
+    one_pass = cfg.train.mode == "one_pass"
+    if not one_pass:
+        cfg.eval.test_epochs = [fixed_epoch]
+    cfg.train.run_name = f"{cfg.name}-seed{cfg.train.seed}"
+    init_ray(cfg.ray)
+    result = fit(cfg)
+    history = result["history"]
+    fixed = next((h for h in history if h["epoch"] == fixed_epoch and "test/ndcg@10" in h), {})
+    evaluations = [h["eval_seconds" if one_pass else "valid_seconds"] for h in history
+                   if ("window/targets" if one_pass else "valid_seconds") in h]
+    oracle = read_manifest(cfg.data.output_dir).get("synthetic_oracle")
+    return {"epochs": result["epochs_run"],
+            "train_s_per_epoch": statistics.median(h["train/epoch_seconds"] for h in history),
+            "valid_eval_s": statistics.median(evaluations), "fixed_epoch": fixed_epoch,
+            **{f"oracle/{k}": v for k, v in ((oracle or {}).get("test", {}).get("oracle", {})).items()},
+            **{f"fixed/{k}": fixed[f"test/{k}"] for k in ("ndcg@10", "hr@10") if fixed},
+            "wall_s": sum(h["train/epoch_seconds"] + h.get("eval_seconds", 0.0) for h in history), **result["best"]}
 
 
 def table(rows: list) -> str:
@@ -71,44 +73,35 @@ def table(rows: list) -> str:
     if rows and "stream/hr@10" in rows[0]:
         return stream_table(rows)
     fixed_epoch = rows[0].get("fixed_epoch", 30) if rows else 30
-    lines = [f"machine: {machine()}; test metrics at the best validation NDCG@10 epoch; mean ± std over seeds", "",
-             "| model | seeds | " + " | ".join(f"test {c}" for c in COLUMNS)
-             + f" | NDCG@10 vs {rows[0]['model'] if rows else '-'} | test NDCG@10 / HR@10 at epoch {fixed_epoch}"
-             " | best epoch | epochs run | median s/epoch train | median s one evaluation | wall min/run |",
-             "|---|---:|" + "---:|" * (len(COLUMNS) + 7)]
-    baseline = None
-    for model in dict.fromkeys(r["model"] for r in rows):
-        runs = [r for r in rows if r["model"] == model]
-        ndcg = statistics.mean(r["test/ndcg@10"] for r in runs)
-        baseline = baseline or ndcg
-        lines.append(f"| {model} | {len(runs)} | " + " | ".join(mean_std(runs, f"test/{c}") for c in COLUMNS)
-                     + f" | {100 * (ndcg / baseline - 1):+.1f}% | {mean_std(runs, 'fixed/ndcg@10')} / "
-                     f"{mean_std(runs, 'fixed/hr@10')} | {mean_std(runs, 'best_epoch', 0)} | {mean_std(runs, 'epochs', 0)} | "
-                     f"{mean_std(runs, 'train_s_per_epoch', 1)} | {mean_std(runs, 'valid_eval_s', 1)} | "
-                     f"{statistics.mean(r['wall_s'] for r in runs) / 60:.1f} |")
-    return "\n".join(lines) + "\n"
+    columns = ["model", "seeds", *(f"test {c}" for c in RETRIEVAL_METRICS), f"NDCG@10 vs {rows[0]['model'] if rows else '-'}",
+               f"test NDCG@10 / HR@10 at epoch {fixed_epoch}", "best epoch", "epochs run", "median s/epoch train",
+               "median s one evaluation", "wall min/run"]
+    by_model = groups(rows, "model")
+    baseline = mean_of(next(iter(by_model.values())), "test/ndcg@10") if rows else None
+    lines = [[model, str(len(runs)), *(mean_std(runs, f"test/{c}") for c in RETRIEVAL_METRICS),
+              change(mean_of(runs, "test/ndcg@10"), baseline),
+              f"{mean_std(runs, 'fixed/ndcg@10')} / {mean_std(runs, 'fixed/hr@10')}", mean_std(runs, "best_epoch", 0),
+              mean_std(runs, "epochs", 0), mean_std(runs, "train_s_per_epoch", 1), mean_std(runs, "valid_eval_s", 1),
+              f"{mean_of(runs, 'wall_s') / 60:.1f}"] for model, runs in by_model.items()]
+    return markdown_table(f"machine: {machine()}; test metrics at the best validation NDCG@10 epoch; "
+                          "mean ± std over seeds", columns, lines)
 
 
 def stream_table(rows: list) -> str:
     """One-pass runs: stream metrics (windows 2..W) per model, the oracle beside them."""
     keys = ["hr@10", "hr@50", "ndcg@10"]
-    lines = [f"machine: {machine()}; one pass, every event ranked before training on it (windows 2..W); "
-             "mean ± std over seeds", "",
-             "| model | seeds | " + " | ".join(k.upper() for k in keys)
-             + f" | HR@50 vs {rows[0]['model']} | oracle HR@10 / HR@50 (leave-one-out targets) | windows "
-             "| median s/window train | median s/window ranking | wall min/run |",
-             "|---|---:|" + "---:|" * (len(keys) + 6)]
-    baseline = None
-    for model in dict.fromkeys(r["model"] for r in rows):
-        runs = [r for r in rows if r["model"] == model]
-        hr50 = statistics.mean(r["stream/hr@50"] for r in runs)
-        baseline = baseline or hr50
-        lines.append(f"| {model} | {len(runs)} | " + " | ".join(mean_std(runs, f"stream/{k}") for k in keys)
-                     + f" | {100 * (hr50 / baseline - 1):+.1f}% | {mean_std(runs, 'oracle/hr@10')} / "
-                     f"{mean_std(runs, 'oracle/hr@50')} | {mean_std(runs, 'epochs', 0)} | {mean_std(runs, 'train_s_per_epoch', 1)} "
-                     f"| {mean_std(runs, 'valid_eval_s', 1)} | {statistics.mean(r['wall_s'] for r in runs) / 60:.1f} |")
-    return "\n".join(lines) + "\n"
-
+    columns = ["model", "seeds", *(k.upper() for k in keys), f"HR@50 vs {rows[0]['model']}",
+               "oracle HR@10 / HR@50 (leave-one-out targets)", "windows", "median s/window train",
+               "median s/window ranking", "wall min/run"]
+    by_model = groups(rows, "model")
+    baseline = mean_of(next(iter(by_model.values())), "stream/hr@50")
+    lines = [[model, str(len(runs)), *(mean_std(runs, f"stream/{k}") for k in keys),
+              change(mean_of(runs, "stream/hr@50"), baseline),
+              f"{mean_std(runs, 'oracle/hr@10')} / {mean_std(runs, 'oracle/hr@50')}", mean_std(runs, "epochs", 0),
+              mean_std(runs, "train_s_per_epoch", 1), mean_std(runs, "valid_eval_s", 1),
+              f"{mean_of(runs, 'wall_s') / 60:.1f}"] for model, runs in by_model.items()]
+    return markdown_table(f"machine: {machine()}; one pass, every event ranked before training on it (windows 2..W); "
+                          "mean ± std over seeds", columns, lines)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from ray import serve
 
 from genrec.config import RayConfig
 from genrec.runtime import init_ray, run_job
-from genrec.serve.app import load_serve_file, start
+from genrec.serve.deploy import load_serve_file, start
 
 
 def main(args) -> int:

@@ -10,14 +10,17 @@ with the same train.run_name resumes from the last checkpoint.
 import json
 
 from genrec.runtime import init_ray, load_job_config, run_job
+from genrec.train.tracking import check_registered_kind
 from genrec.train.trainer import fit
 
 
 def main(args) -> int:
     cfg = load_job_config(args)
+    check_registered_kind(cfg)  # fit checks it too; here a refusal comes before Ray starts
     init_ray(cfg.ray)
     result = fit(cfg)
-    print(json.dumps({k: result[k] for k in ("run_name", "registered_model", "version", "epochs_run", "best")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("run_name", "registered_model", "version", "epochs_run", "best",
+                                                  "test_epochs")}, indent=1))
     return 0
 
 

@@ -1,9 +1,9 @@
 """One configuration system: typed pydantic models, loaded from YAML, with `--set` overrides.
 
-    cfg = load_config("configs/ml-1m/data.yaml", ["data.max_seq_len=100"])
+    cfg = load_config("configs/ml-1m/hstu.yaml", ["train.epochs=10"])
 
 Every model forbids unknown keys, so a typo is an error that names the key
-(`data.max_seq_lenn: unknown key`), and a wrong type names the key and the value.
+(`train.epochz: unknown key`), and a wrong type names the key and the value.
 Relative paths are resolved against $GENREC_ROOT when it is set (so a job sent
 with `ray job submit --working-dir .` still finds data that lives beside the
 repo), else against the current directory.
@@ -69,6 +69,8 @@ class ActionsConfig(Strict):
 
     `names` is the vocabulary in id order. `mapping` maps raw values found in the
     source (e.g. "pv") to a name; raw values that are names already need no entry.
+    With `prefix`, a raw value v also stands for the name prefix + v, so numeric codes
+    or ratings need no mapping (prefix "rating_": 4 -> rating_4).
     A raw value that maps to nothing is rejected ("unknown action").
     With `merge_same_impression`, several actions on the same (user, item, timestamp)
     become one event whose action is the bitmask OR(1 << id).
@@ -76,6 +78,8 @@ class ActionsConfig(Strict):
 
     names: list[str] = Field(default_factory=lambda: ["interact"], min_length=1, max_length=31)
     mapping: dict[str, str] = Field(default_factory=dict)
+    prefix: str | None = Field(None, min_length=1, description="a raw value v is the action named prefix + v "
+                               "(e.g. rating_: a rating 4 is action rating_4); names without it keep their own")
     merge_same_impression: bool = False
 
     @model_validator(mode="after")
@@ -110,11 +114,38 @@ class MovieLensCsvSource(Strict):
     movies_file: str | None = "movies.csv"
 
 
+class UsersFile(Strict):
+    """A delimited text file of user context: one row per user, a user id column and feature columns."""
+
+    path: str
+    delimiter: str | None = Field(None, min_length=1, max_length=1, description="default: the event log's")
+    header: bool = Field(True, description="false: name the columns with column_names")
+    column_names: list[str] | None = Field(None, description="names of a headerless file's columns, in order")
+    user_id: str = Field("user_id", description="the column holding the user id (as in the event log)")
+    features: list[str] | None = Field(None, description="columns kept as user context; default every other")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_path_alone(cls, value):
+        return {"path": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _names_only_without_header(self):
+        if self.column_names is not None and self.header:
+            raise ValueError("column_names is for headerless files; set header: false")
+        return self
+
+
+TEXT_SUFFIXES = (".csv", ".tsv", ".txt", ".dat")  # the files of a folder a csv source reads by default
+
+
 class CsvSource(Strict):
     """A delimited text event log (one event per line), plain, .gz or .zst, with a column mapping."""
 
     kind: Literal["csv"]
-    path: str = Field(description="a file or a folder of them (.csv/.tsv/.txt, optionally .gz/.zst)")
+    path: str = Field(description="a file (read whatever its name) or a folder of them")
+    file_pattern: str | None = Field(None, description=f"in a folder: the file names read (a glob, e.g. 'u*.data'); "
+                                     f"default {', '.join('*' + s for s in TEXT_SUFFIXES)}, each also .gz or .zst")
     columns: ColumnMapping = Field(default_factory=ColumnMapping)
     delimiter: str = Field(",", min_length=1, max_length=1)
     header: bool = Field(True, description="false: no header line; name columns with column_names, "
@@ -124,6 +155,9 @@ class CsvSource(Strict):
     actions: ActionsConfig = Field(default_factory=ActionsConfig)
     item_features: list[str] = Field(default_factory=list, description="extra columns kept as item features "
                                      "(the value on the item's first event in source order)")
+    users_file: UsersFile | None = Field(None, description="optional user context: a path (a file with a header "
+                                         "line and a user_id column), or {path, delimiter, header, column_names, "
+                                         "user_id, features}")
 
     @model_validator(mode="after")
     def _names_only_without_header(self):
@@ -136,7 +170,8 @@ class ParquetSource(Strict):
     """A Parquet event log (file or folder) with a column mapping."""
 
     kind: Literal["parquet"]
-    path: str
+    path: str = Field(description="a file (read whatever its name) or a folder of them")
+    file_pattern: str | None = Field(None, description="in a folder: the file names read (a glob); default *.parquet")
     columns: ColumnMapping = Field(default_factory=ColumnMapping)
     timestamp_unit: TimestampUnit = "s"
     actions: ActionsConfig = Field(default_factory=ActionsConfig)
@@ -277,6 +312,17 @@ class ModelConfig(Strict):
             for key, default in (("attention", "pointwise"), ("relative_bias", "both")):
                 if getattr(self, key) != default:
                     raise ValueError(f"model.{key}={getattr(self, key)!r} is an HSTU option; model.kind is {self.kind!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _heads_split_the_width(self):
+        # SASRec's heads always split dim; HSTU's (hstu, gr) do unless both head widths are given.
+        # dlrm has no heads, but a config that trains it is often re-run as gr, so it is held to the same rule.
+        own_widths = self.kind in ("hstu", "gr") and self.qk_dim is not None and self.v_dim is not None
+        if self.dim % self.num_heads and not own_widths:
+            hint = " (or set qk_dim and v_dim, the width of each head)" if self.kind in ("hstu", "gr") else ""
+            raise ValueError(f"model.dim={self.dim} is not divisible by model.num_heads={self.num_heads}: each head "
+                             f"gets dim / num_heads; choose a dim that is a multiple of num_heads{hint}")
         return self
 
 
@@ -515,7 +561,7 @@ class ExperimentConfig(Strict):
 
 class ServeModelConfig(Strict):
     """The model served: the Ingress deployment's `user_config` in a Serve config file, so that changing it
-    and `serve deploy`-ing the file rolls the new version out in place (see genrec.serve.app)."""
+    and `serve deploy`-ing the file rolls the new version out in place (see genrec.serve.rollout)."""
 
     uri: str = Field(description="a model folder, or an MLflow URI: models:/name/version, models:/name@alias, "
                      "models:/name/latest, runs:/<id>/model_files (an alias is resolved to one version per load)")
@@ -621,32 +667,98 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {key}: value '{raw}' is not valid YAML ({err})") from None
 
 
-def describe_error(err: ValidationError, origin: str) -> str:
-    """A pydantic error as genrec's config message: one line per bad key, named by its dotted path."""
+def _user_path(loc: tuple, tree: Any) -> tuple:
+    """A pydantic error location as the user writes the key: without the tags pydantic puts in
+    for a union told apart by `kind` (data.source.csv.columns -> data.source.columns)."""
+    path, node = [], tree
+    for part in loc:
+        if isinstance(node, dict) and node.get("kind") == part:
+            continue  # the union's tag: the section's own `kind`, not a key of the file
+        path.append(part)
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return tuple(path)
+
+
+def _origin_of(path: tuple, origins: dict) -> str | None:
+    """The file that set the key at `path` (or its nearest section): the longest known prefix."""
+    for end in range(len(path), 0, -1):
+        if path[:end] in origins:
+            return origins[path[:end]]
+    return None
+
+
+def describe_error(err: ValidationError, origin: str, tree: dict | None = None, origins: dict | None = None) -> str:
+    """A pydantic error as genrec's config message: one line per bad key, named by its dotted path.
+
+    With the validated `tree` the path is the one the user wrote; with `origins` (key path -> file,
+    from `base:` files and --set) a key that came from another file than `origin` names that file."""
     lines = [f"invalid config ({origin}):"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        path = _user_path(e["loc"], tree) if tree is not None else e["loc"]
+        loc = ".".join(str(p) for p in path)
+        source = _origin_of(tuple(path), origins or {})
+        where = f" (set in {source})" if source and source != origin else ""
         if e["type"] == "extra_forbidden":
             moved = MOVED_KEYS.get(loc)
-            lines.append(f"  {loc}: moved to {moved}" if moved else f"  {loc}: unknown key")
+            lines.append(f"  {loc}: moved to {moved}{where}" if moved else f"  {loc}: unknown key{where}")
         elif e["type"] == "missing":
             lines.append(f"  {loc}: required key is missing")
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {loc}: {e['msg']}{shown}" if loc else f"  {e['msg'].removeprefix('Value error, ')}")
+            message = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {loc}: {message}{shown}{where}" if loc else f"  {message}")
     return "\n".join(lines)
 
 
-def _merge(base: dict, child: dict) -> dict:
+# Sections that are a union of models told apart by `kind`: in a file with `base:`, a section of
+# another kind than the base's replaces it (a csv source shares no keys with a movielens one).
+TAGGED_SECTIONS = {("data", "source"), ("data", "split")}
+
+
+def _paths(tree: dict, at: tuple = ()) -> list[tuple]:
+    """Every key path of a YAML tree, sections and leaves."""
+    found = []
+    for key, value in tree.items():
+        found.append(at + (key,))
+        if isinstance(value, dict):
+            found += _paths(value, at + (key,))
+    return found
+
+
+def _set_origin(origins: dict, path: tuple, value: Any, source: str) -> None:
+    """The value at `path` (and every key under it) now comes from `source`; what was there is gone."""
+    for stale in [p for p in origins if p[:len(path)] == path]:
+        del origins[stale]
+    origins[path] = source
+    origins.update({path + sub: source for sub in (_paths(value) if isinstance(value, dict) else [])})
+
+
+def _merge(base: dict, child: dict, origins: dict, source: str, at: tuple = ()) -> dict:
+    """`child` over `base`, sections merged key by key; `origins` (key path -> file) follows what the
+    child sets (from `source`) or replaces."""
     merged = dict(base)
     for key, value in child.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        path, old = at + (key,), merged.get(key)
+        other_kind = path in TAGGED_SECTIONS and isinstance(old, dict) and isinstance(value, dict) \
+            and old.get("kind") != value.get("kind", old.get("kind"))
+        if isinstance(value, dict) and isinstance(old, dict) and not other_kind:
+            origins.setdefault(path, source)
+            merged[key] = _merge(old, value, origins, source, path)
+            continue
+        merged[key] = value
+        _set_origin(origins, path, value, source)
     return merged
 
 
-def _read_yaml(p: Path, seen: tuple = ()) -> dict:
-    """A YAML mapping; a top-level `base: other.yaml` (relative to this file) is read first and overridden."""
+def _read_yaml(p: Path, seen: tuple = ()) -> tuple[dict, dict]:
+    """A YAML mapping and where each key path came from; a top-level `base: other.yaml` (relative
+    to this file) is read first and overridden."""
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     if p.resolve() in seen:
@@ -658,21 +770,25 @@ def _read_yaml(p: Path, seen: tuple = ()) -> dict:
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {p} must hold a mapping at the top, got {type(tree).__name__}")
     base = tree.pop("base", None)
-    if base is not None:
-        tree = _merge(_read_yaml(p.parent / base, seen + (p.resolve(),)), tree)
-    return tree
+    if base is None:
+        return tree, {path: str(p) for path in _paths(tree)}
+    base_tree, origins = _read_yaml(p.parent / base, seen + (p.resolve(),))
+    return _merge(base_tree, tree, origins, str(p)), origins
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), model: type[BaseModel] = ExperimentConfig):
     """Read YAML at `path` (or start empty), apply `key=value` overrides, validate into `model`."""
     tree: dict = {}
+    origins: dict = {}
     origin = "command line"
     if path is not None:
-        tree = _read_yaml(Path(path))
+        tree, origins = _read_yaml(Path(path))
         origin = str(path)
     for text in overrides:
-        set_dotted(tree, *parse_override(text))
+        key, value = parse_override(text)
+        set_dotted(tree, key, value)
+        _set_origin(origins, tuple(key.split(".")), value, f"--set {key}")
     try:
         return model.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(describe_error(err, origin)) from None
+        raise ConfigError(describe_error(err, origin, tree, origins)) from None

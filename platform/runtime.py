@@ -18,8 +18,23 @@ def job_arguments(description: str, argv=None, extra: Callable | None = None) ->
         extra(parser)
     parser.add_argument("--config", required=True, help="YAML file under configs/")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set data.max_seq_len=200 (repeatable)")
+                        help="override a config key, e.g. --set train.epochs=10 (repeatable)")
     return parser.parse_args(argv)
+
+
+def quiet_logs(cfg: RayConfig) -> None:
+    """What a person sees is genrec's summaries and per-epoch lines (printed by the driver, see
+    genrec.train.tracking.follow_progress); Ray's and MLflow's internals stay in Ray's log files, or
+    off the terminal, unless ray.verbose. Set when a job loads its config, before its first MLflow or Ray call."""
+    if not cfg.verbose:  # Ray Data's per-dataset INFO lines and MLflow's download bars stay off the terminal
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Started Serve", "app is ready" ...
+        # "Token authentication is enabled for this Ray cluster": a new local cluster's default, announced
+        # as a warning on every start. (Setting RAY_AUTH_MODE here would not do: Ray read it on import.)
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # "Creating initial MLflow database tables ..." and the like
+    logging.getLogger("mlflow").setLevel(logging.INFO if cfg.verbose else logging.WARNING)
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -31,17 +46,11 @@ def init_ray(cfg: RayConfig) -> None:
 
     if ray.is_initialized():
         return
-    # What a person sees is genrec's summaries and per-epoch lines (printed by the driver,
-    # see genrec.train.tracking.follow_progress); Ray's internals stay in its log files.
+    quiet_logs(cfg)
     quiet = dict(log_to_driver=cfg.verbose, logging_level=logging.INFO if cfg.verbose else logging.WARNING)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = cfg.verbose
-    if not cfg.verbose:  # Ray Data's per-dataset INFO lines and MLflow's download bars stay off the terminal
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Started Serve", "app is ready" ...
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    logging.getLogger("mlflow").setLevel(quiet["logging_level"])
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **quiet)
@@ -63,4 +72,6 @@ def run_job(main: Callable[[argparse.Namespace], int | None], description: str, 
 
 
 def load_job_config(args: argparse.Namespace):
-    return load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    quiet_logs(cfg.ray)
+    return cfg

@@ -9,6 +9,27 @@ REPO = Path(__file__).resolve().parents[1]
 ML1M = Path(os.environ.get("GENREC_ML1M", REPO.parent / "shared" / "data" / "ml-1m"))
 
 
+def tiny_ranking_config(root: Path, name: str, model: dict, tasks: list, num_users: int = 240,
+                        num_items: int = 120, mean_events_per_user: int = 20, **train):
+    """The config of a tiny multi-action synthetic world (prepared under root) and a ranker on it that
+    trains in seconds: the ranking tests' common setup."""
+    from genrec.config import ExperimentConfig
+
+    return ExperimentConfig.model_validate({
+        "name": name,
+        "data": {"source": {"kind": "synthetic", "num_users": num_users, "num_items": num_items,
+                            "mean_events_per_user": mean_events_per_user, "multi_action_rate": 0.3, "num_shards": 2,
+                            "path": str(root / "raw")},
+                 "output_dir": str(root / "data"), "num_partitions": 2},
+        "model": {"dim": 16, "num_blocks": 1, "num_heads": 1, "dropout": 0.0, "max_seq_len": 12, **model},
+        "batching": {"layout": "interleaved"},
+        "ranking": {"tasks": [t if isinstance(t, dict) else {"name": t, "action": t} for t in tasks]},
+        "train": {"batch_size": 48, "num_negatives": 16, "storage_path": str(root / "runs"), "cpus_per_worker": 0.5,
+                  "threads_per_worker": 1, **train},
+        "tracking": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "tests"},
+    })
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     import ray

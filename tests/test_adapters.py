@@ -202,3 +202,100 @@ def test_synthetic_generator_is_deterministic_and_realistic(ray_cluster, tmp_pat
     assert set(events["action"].to_pylist()) == {"click", "like", "add_to_cart", "share", "purchase"}
     ts = events.to_pandas().groupby("user_id")["timestamp"]
     assert ts.apply(lambda s: s.is_monotonic_increasing).all()
+
+
+def test_a_header_that_looks_like_data_suggests_a_headerless_file(tmp_path):
+    from genrec.data.adapters import plan_source
+
+    (tmp_path / "u.data").write_text("196\t242\t3\t881250949\n186\t302\t3\t891717742\n")
+    cfg = DataConfig.model_validate({"source": {"kind": "csv", "path": str(tmp_path / "u.data"), "delimiter": "\t"},
+                                     "output_dir": str(tmp_path / "out")})
+    with pytest.raises(SourceError, match=r"u.data: column 'user_id' .* not in header \['196', '242', '3', "
+                                          r"'881250949'\]; the first line looks like data, not a header \(all "
+                                          r"numbers\): for a headerless file set data.source.header: false"):
+        plan_source(cfg)
+    (tmp_path / "named.csv").write_text("a,b,c\n1,2,3\n")  # a real header: the plain advice
+    cfg = DataConfig.model_validate({"source": {"kind": "csv", "path": str(tmp_path / "named.csv")},
+                                     "output_dir": str(tmp_path / "out")})
+    with pytest.raises(SourceError, match=r"not in header \['a', 'b', 'c'\]; set data.source.columns$"):
+        plan_source(cfg)
+
+
+RATINGS_TSV = "7\t10\t4\t881250949\n7\t11\t1\t881250950\n8\t10\t5\t881250951\n8\t12\t6\t881250952\n"
+RATING_ACTIONS = {"names": ["rating_1", "rating_2", "rating_3", "rating_4", "rating_5"], "prefix": "rating_"}
+
+
+def test_numeric_ratings_name_their_actions_through_a_prefix(ray_cluster, tmp_path):
+    """A headerless TSV of (user, item, rating, timestamp): the rating is both the value and, through
+    actions.prefix, the action (4 -> rating_4) with no mapping written out; a rating without a name is rejected."""
+    (tmp_path / "ratings.tsv").write_text(RATINGS_TSV)
+    source = {"kind": "csv", "path": str(tmp_path / "ratings.tsv"), "delimiter": "\t", "header": False,
+              "column_names": ["user", "item", "rating", "ts"],
+              "columns": {"user_id": "user", "item_id": "item", "timestamp": "ts", "value": "rating", "action": "rating"},
+              "actions": RATING_ACTIONS}
+    summary = run(tmp_path, source)
+    assert summary["actions"] == RATING_ACTIONS["names"]
+    assert (summary["accepted"], summary["rejected"]) == (3, 1)
+    assert read_rejects(tmp_path / "out")["reason"][0].as_py().startswith("unknown action '6'")
+    seqs = {r["user"]: r for r in read_split(tmp_path / "out", "sequences").to_pylist()}
+    assert seqs[1]["actions"] == [3, 0] and seqs[1]["values"] == [4.0, 1.0]  # rating_4, rating_1
+    assert seqs[2]["actions"] == [4]
+    # an integer Parquet column holds values too when a prefix is set (without one it holds action ids)
+    pq.write_table(pa.table({"user_id": [1, 1], "item_id": [5, 6], "timestamp": [1_600_000_000, 1_600_000_001],
+                             "stars": pa.array([5, 2], pa.int64())}), tmp_path / "log.parquet")
+    run(tmp_path, {"kind": "parquet", "path": str(tmp_path / "log.parquet"), "columns": {"action": "stars"},
+                   "actions": RATING_ACTIONS}, overwrite=True)
+    assert read_split(tmp_path / "out", "sequences")["actions"].to_pylist() == [[4, 1]]
+
+
+def test_a_named_file_is_read_whatever_its_name_and_a_folder_by_its_pattern(ray_cluster, tmp_path):
+    folder = tmp_path / "ml-100k"
+    folder.mkdir()
+    (folder / "u.data").write_text(RATINGS_TSV)
+    (folder / "u.item").write_text("10|Toy Story\n")
+    source = {"kind": "csv", "delimiter": "\t", "header": False, "columns": {"user_id": "0", "item_id": "1",
+                                                                            "timestamp": "3", "value": "2"}}
+    assert run(tmp_path, {**source, "path": str(folder / "u.data")})["input_rows"] == 4
+    # a folder reads the usual text files by default, and says how to read others
+    with pytest.raises(SourceError, match=r"no \*.csv/.*\*.dat.* files in folder .*ml-100k; set "
+                                          r"data.source.file_pattern \(e.g. '\*.data'\)"):
+        run(tmp_path, {**source, "path": str(folder)}, overwrite=True)
+    summary = run(tmp_path, {**source, "path": str(folder), "file_pattern": "*.data"}, overwrite=True)
+    assert summary["input_rows"] == 4 and list(summary["source_checksums_sha256"]) == [str(folder / "u.data")]
+
+
+def test_csv_source_attaches_user_features_from_a_users_file(ray_cluster, tmp_path):
+    (tmp_path / "log.csv").write_text("user_id,item_id,timestamp\n1,10,1600000000\n2,10,1600000001\n3,11,1600000002\n")
+    (tmp_path / "users.csv").write_text("user_id,zip,age\n1,01234,30\n2,98765,40\n9,11111,50\n")
+    summary = run(tmp_path, {"kind": "csv", "path": str(tmp_path / "log.csv"), "users_file": str(tmp_path / "users.csv")})
+    assert summary["context_features"] == {"zip": 3, "age": 3}
+    context = json.loads((tmp_path / "out" / "vocab" / "context.json").read_text())
+    assert context["zip"] == ["01234", "11111", "98765"]  # read as text: a zip code keeps its leading 0
+    seqs = {r["user"]: r for r in read_split(tmp_path / "out", "sequences").to_pylist()}
+    assert [seqs[u]["zip"] for u in (1, 2, 3)] == [1, 3, 0]  # user 3 has no row: 0 = unknown
+    # a headerless users file with its own delimiter (MovieLens-100k's u.user), and only some features
+    (tmp_path / "u.user").write_text("1|24|M|technician|85711\n2|53|F|other|94043\n")
+    users = {"path": str(tmp_path / "u.user"), "delimiter": "|", "header": False,
+             "column_names": ["user_id", "age", "gender", "occupation", "zip"], "features": ["gender", "occupation"]}
+    summary = run(tmp_path, {"kind": "csv", "path": str(tmp_path / "log.csv"), "users_file": users}, overwrite=True)
+    assert summary["context_features"] == {"gender": 2, "occupation": 2}
+    (tmp_path / "users.csv").write_text("user_id,zip\n1,01234\nx,98765\n")
+    with pytest.raises(SourceError, match=r"users.csv: line 3: user_id 'x' is not an integer"):
+        run(tmp_path, {"kind": "csv", "path": str(tmp_path / "log.csv"), "users_file": str(tmp_path / "users.csv")},
+            overwrite=True)
+    (tmp_path / "users.csv").write_text("user_id,zip\n1,01234\n1,98765\n")
+    with pytest.raises(SourceError, match=r"users.csv: user_id 1 has more than one row"):
+        run(tmp_path, {"kind": "csv", "path": str(tmp_path / "log.csv"), "users_file": str(tmp_path / "users.csv")},
+            overwrite=True)
+
+
+def test_negative_ids_are_ids(ray_cluster, tmp_path):
+    """An id is a label: -1 is a user like any other (a log that uses it for "unknown" must drop those
+    rows first, or they become one user), and negative item ids map to dense ids in raw-id order."""
+    (tmp_path / "log.csv").write_text("user_id,item_id,timestamp\n-1,-5,1600000000\n-1,3,1600000001\n4,-5,1600000002\n")
+    summary = run(tmp_path, {"kind": "csv", "path": str(tmp_path / "log.csv")})
+    assert (summary["accepted"], summary["users"], summary["num_items"]) == (3, 2, 2)
+    assert pq.read_table(tmp_path / "out" / "vocab" / "users.parquet")["user_id"].to_pylist() == [-1, 4]
+    assert pq.read_table(tmp_path / "out" / "vocab" / "items.parquet")["item_id"].to_pylist() == [-5, 3]
+    seqs = {r["user"]: r["items"] for r in read_split(tmp_path / "out", "sequences").to_pylist()}
+    assert seqs == {1: [1, 2], 2: [1]}

@@ -70,7 +70,7 @@ def assert_parity(fn, args, reference_args, tolerance):
 
 def test_reference_matches_the_model_attention():
     from genrec.model import hstu_attention
-    from genrec.model.hstu import RelativeBucketedTimeAndPositionBias, relative_bias_index
+    from genrec.model.relative_bias import RelativeBucketedTimeAndPositionBias, relative_bias_index
 
     q, k, v, offsets, ts, target_ts, _, _, n, norm, _ = make_inputs([5, 0, 1, 100, 37], dtype=torch.float64)
     bias = RelativeBucketedTimeAndPositionBias(N).double()

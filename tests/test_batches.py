@@ -25,7 +25,7 @@ def table(rows, eval_start=None, context=None):
 
 def test_items_layout_training_rows():
     t = table([(1, [5, 6, 7, 8], [0, 1, 0, 1]), (2, [9, 3], [1, 1]), (3, [4], [0])])
-    b = build_batch(t, "items", max_seq_len=10)
+    b = build_batch(t, "items", keep_items=10)
     assert b["offsets"].tolist() == [0, 3, 4]  # user 3 has nothing to predict
     assert b["users"].tolist() == [1, 2]
     assert b["item_ids"].tolist() == [5, 6, 7, 9]
@@ -36,7 +36,7 @@ def test_items_layout_training_rows():
 
 def test_items_layout_keeps_most_recent_and_marks_eval_targets():
     t = table([(1, [1, 2, 3, 4, 5, 6], [0] * 6)], eval_start=[5])
-    b = build_batch(t, "items", max_seq_len=3)
+    b = build_batch(t, "items", keep_items=3)
     assert b["item_ids"].tolist() == [3, 4, 5]
     assert b["target_ids"].tolist() == [0, 0, 6]  # only the held-out item is a target
     assert b["target_timestamps"].tolist()[-1] == 600  # request time = the target's time
@@ -44,7 +44,7 @@ def test_items_layout_keeps_most_recent_and_marks_eval_targets():
 
 def test_interleaved_layout():
     t = table([(1, [5, 6, 7], [1, 0, 1])], context={"gender": [2], "age": [1]})
-    b = build_batch(t, "interleaved", max_seq_len=10, context_columns=("gender", "age"), context_offsets=(0, 3))
+    b = build_batch(t, "interleaved", keep_items=10, context_columns=("gender", "age"), context_offsets=(0, 3))
     assert b["token_types"].tolist() == [CONTEXT, CONTEXT, ITEM, ACTION, ITEM, ACTION, ITEM]
     assert b["item_ids"].tolist() == [2, 1 + 3, 5, 1, 6, 0, 7]
     # at an item: the action it got (ranking); at an action: the next item (retrieval)
@@ -55,7 +55,7 @@ def test_interleaved_layout():
 
 def test_interleaved_eval_row_targets_only_held_out_item():
     t = table([(1, [5, 6, 7, 8], [1, 0, 1, 0])], eval_start=[3])
-    b = build_batch(t, "interleaved", max_seq_len=2)
+    b = build_batch(t, "interleaved", keep_items=2)
     assert b["item_ids"].tolist() == [6, 0, 7, 1, 8]  # the 2 most recent pairs, then the held-out item
     assert b["target_ids"].tolist() == [0, 0, 0, 8, 0]
     assert b["target_actions"].tolist() == [NO_ACTION, NO_ACTION, NO_ACTION, NO_ACTION, 0]
@@ -64,7 +64,7 @@ def test_interleaved_eval_row_targets_only_held_out_item():
 def test_stochastic_length_rate():
     rng = np.random.default_rng(0)
     n = np.full(20_000, 200)
-    kept = stochastic_length(n, max_seq_len=200, alpha=1.6, rng=rng)
+    kept = stochastic_length(n, keep_items=200, alpha=1.6, rng=rng)
     target = int(200 ** 0.8)
     p_cut = 1 - 200 ** 1.6 / 200 ** 2
     assert set(np.unique(kept)) == {target, 200}

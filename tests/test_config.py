@@ -54,7 +54,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_shipped_configs_are_valid():
     from conftest import REPO
 
-    from genrec.serve.app import load_serve_file
+    from genrec.serve.deploy import load_serve_file
 
     files = sorted((REPO / "configs").rglob("*.yaml"))
     serve_files = [p for p in files if p.parent.name == "serve"]  # Ray Serve config files: their own schema
@@ -88,3 +88,48 @@ def test_batches_cannot_keep_more_than_the_model_was_built_for(tmp_path):
     assert load_config(write(tmp_path, GOOD)).kept_items == 50  # default: the model's N
     with pytest.raises(ConfigError, match=r"batching\.max_seq_len=60 exceeds model\.max_seq_len=50"):
         load_config(write(tmp_path, GOOD), ["batching.max_seq_len=60"])
+
+
+def test_a_base_source_of_another_kind_is_replaced_and_bad_keys_name_their_file(tmp_path):
+    # the base is MovieLens; the child's csv source shares none of its keys (ratings_file, movies_file ...)
+    (tmp_path / "parent.yaml").write_text(GOOD + "train: {epochs: 7}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: parent.yaml\ndata:\n  source: {kind: csv, path: /logs, delimiter: ';'}\n")
+    cfg = load_config(child)
+    assert cfg.data.source.kind == "csv" and cfg.data.source.delimiter == ";" and cfg.train.epochs == 7
+    # the same kind is still merged key by key
+    child.write_text("base: parent.yaml\ndata:\n  source: {ratings_file: r.dat}\n")
+    cfg = load_config(child)
+    assert (cfg.data.source.path, cfg.data.source.ratings_file) == ("/some/where", "r.dat")
+    # a bad key names the file it came from when that is not the file loaded
+    (tmp_path / "parent.yaml").write_text(GOOD + "train: {epochz: 7}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(child, ["model.dimm=3"])
+    message = str(raised.value)
+    assert f"invalid config ({child}):" in message
+    assert f"train.epochz: unknown key (set in {tmp_path / 'parent.yaml'})" in message
+    assert "model.dimm: unknown key (set in --set model.dimm)" in message
+
+
+def test_error_paths_are_the_keys_as_written(tmp_path):
+    # pydantic puts the union's tag in the path (data.source.csv.columns); the message does not
+    config = write(tmp_path, "data:\n  source: {kind: csv, path: /x, columns: {user: u}}\n  split: {kind: time}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(config)
+    message = str(raised.value)
+    assert "data.source.columns.user: unknown key" in message
+    assert "data.split: set exactly one of cutoff or quantile" in message
+    assert ".csv." not in message and "split.time" not in message and "Value error" not in message
+
+
+@pytest.mark.parametrize("kind", ["hstu", "gr", "sasrec", "dlrm"])
+def test_a_width_the_heads_cannot_split_is_refused_for_every_kind(tmp_path, kind):
+    layout = "interleaved" if kind in ("gr", "dlrm") else "items"
+    tasks = "ranking: {tasks: [{name: like, action: rating_5}]}\n" if layout == "interleaved" else ""
+    config = write(tmp_path, GOOD + f"batching: {{layout: {layout}}}\n" + tasks)
+    with pytest.raises(ConfigError, match=r"model\.dim=50 is not divisible by model\.num_heads=3"):
+        load_config(config, [f"model.kind={kind}", "model.num_heads=3"])
+    assert load_config(config, [f"model.kind={kind}", "model.num_heads=2"]).model.num_heads == 2
+    if kind in ("hstu", "gr"):  # HSTU heads with widths of their own need not split dim
+        cfg = load_config(config, [f"model.kind={kind}", "model.num_heads=3", "model.qk_dim=16", "model.v_dim=16"])
+        assert cfg.model.num_heads == 3

@@ -5,9 +5,11 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_ranking_config
 
+from genrec.metrics import metrics_from_ranks
 from genrec.model import EncoderConfig, build_encoder, sampled_softmax_loss
-from genrec.train.evaluation import evaluate, full_ranks, metrics_from_ranks
+from genrec.train.evaluation import evaluate, full_ranks
 
 NO_HISTORY = (torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
 
@@ -77,7 +79,7 @@ def test_tie_policy():
 def test_trained_tiny_model_ranks_equal_float64_reference():
     torch.manual_seed(0)
     num_items, users, length = 800, 64, 30
-    model = build_encoder(EncoderConfig("hstu", num_items, max_seq_len=length, dim=24, num_blocks=1, num_heads=2, dropout=0.0))
+    model = build_encoder(EncoderConfig("hstu", num_items, num_positions=length, dim=24, num_blocks=1, num_heads=2, dropout=0.0))
     g = torch.Generator().manual_seed(1)
     # learnable sequences: each user walks the catalog in steps of its own stride
     stride = torch.randint(1, 5, (users, 1), generator=g)
@@ -119,3 +121,32 @@ def test_trained_tiny_model_ranks_equal_float64_reference():
     metrics = evaluate(model, [batch])
     assert metrics.pop("count") == len(rows)
     assert metrics == pytest.approx(metrics_from_ranks(ranks))
+
+
+def test_evaluate_model_ranks_a_trained_ranker_as_the_training_loop_does(ray_cluster, tmp_path):
+    """A registered gr model is evaluated with the ranking evaluator on its own tasks (per-task AUC / NE,
+    and retrieval at its action positions): the numbers the training loop reported for its test split.
+    An items-layout config cannot evaluate it: the error names the key."""
+    from genrec.config import ConfigError, ExperimentConfig
+    from genrec.data.pipeline import prepare
+    from genrec.train.trainer import evaluate_model, fit
+
+    cfg = tiny_ranking_config(tmp_path, "tiny-ranker", {"kind": "gr"}, ["click", "like"], num_users=160,
+                              num_items=80, mean_events_per_user=16, epochs=1, seed=3)
+    prepare(cfg.data, log=lambda *_: None)
+    result = fit(cfg, log=lambda *_: None)
+    uri = f"models:/tiny-ranker/{result['version']}"
+    metrics = evaluate_model(cfg, uri, "test")
+    for task in ("click", "like"):
+        for key in ("auc", "ne", "log_loss", "calibration"):
+            assert math.isfinite(metrics[f"{task}/{key}"]), (task, key)
+        assert 0 <= metrics[f"{task}/auc"] <= 1 and metrics[f"{task}/ne"] > 0
+    assert math.isfinite(metrics["ne_gain"]) and 0 < metrics["hr@200"] <= 1
+    # the loop counts the targets it scored under its own name
+    loop = {k.removeprefix("test/"): v for k, v in result["best"].items() if k.startswith("test/") and k != "test/targets"}
+    assert "click/ne" in loop and "like/auc" in loop and "ndcg@10" in loop
+    assert {k: metrics[k] for k in loop} == pytest.approx(loop, rel=1e-5)
+    retrieval_config = ExperimentConfig.model_validate(
+        {**cfg.model_dump(), "model": {**cfg.model.model_dump(), "kind": "hstu"}, "batching": {"layout": "items"}})
+    with pytest.raises(ConfigError, match=r"batching.layout='items' does not fit model .*model.kind='gr'"):
+        evaluate_model(retrieval_config, uri, "test")

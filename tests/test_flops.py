@@ -52,7 +52,7 @@ def test_hstu_matrix_products_match_torch_flop_counter(heads, dims):
     lengths = [5, 3]
     D, blocks = 8, 2
     cfg = experiment(kind="hstu", dim=D, num_blocks=blocks, num_heads=heads, max_seq_len=8, dropout=0.0)
-    encoder = HSTU(EncoderConfig(kind="hstu", num_items=10, max_seq_len=8, dim=D, num_blocks=blocks,
+    encoder = HSTU(EncoderConfig(kind="hstu", num_items=10, num_positions=8, dim=D, num_blocks=blocks,
                                  num_heads=heads, dropout=0.0, attention_impl="pytorch"))
     x = torch.randn(sum(lengths), D, requires_grad=True)
     counts = counted(encoder, x, torch.tensor([0, 5, 8]), torch.arange(8))
@@ -68,7 +68,7 @@ def test_sasrec_projections_match_torch_flop_counter():
     # On CPU, scaled_dot_product_attention is not counted by torch's counter: only the linear layers compare.
     lengths = [5, 3]
     cfg = experiment(kind="sasrec", dim=8, num_blocks=2, num_heads=2, ffn_dim=16, max_seq_len=8, dropout=0.0)
-    encoder = SASRec(EncoderConfig(kind="sasrec", num_items=10, max_seq_len=8, dim=8, num_blocks=2, num_heads=2,
+    encoder = SASRec(EncoderConfig(kind="sasrec", num_items=10, num_positions=8, dim=8, num_blocks=2, num_heads=2,
                                    ffn_dim=16, dropout=0.0))
     counts = counted(encoder, torch.randn(8, 8, requires_grad=True), torch.tensor([0, 5, 8]), torch.arange(8))
     assert counts["mm"] + counts["addmm"] == 3 * FlopModel.from_config(cfg).forward(lengths, 0)["projections"]

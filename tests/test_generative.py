@@ -10,13 +10,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from conftest import tiny_ranking_config
 
-from genrec.data import batches as data_batches
 from genrec.data.batches import build_batch
 from genrec.data.loader import to_torch
 from genrec.model.dlrm import DLRMRanker
 from genrec.model.encoder_config import EncoderConfig
-from genrec.model.generative import ACTION, CONTEXT, ITEM, GenerativeConfig, GenerativeRecommender
+from genrec.data.layout import ACTION, ITEM, TOKEN_TYPES
+from genrec.model.generative import GenerativeConfig, GenerativeRecommender, TokenTypes
 from genrec.model.ranking_losses import multitask_loss
 
 torch.set_num_threads(1)
@@ -26,10 +27,11 @@ CONTEXT_COLUMNS, CONTEXT_SHIFTS = ("gender", "age"), (0, 3)
 
 def config(multi_hot=True, dropout=0.0):
     tokens = len(CONTEXT_COLUMNS) + 2 * MAX_ITEMS + 1
-    encoder = EncoderConfig(num_items=NUM_ITEMS, max_seq_len=tokens, dim=16, num_blocks=2, num_heads=2,
+    encoder = EncoderConfig(num_items=NUM_ITEMS, num_positions=tokens, dim=16, num_blocks=2, num_heads=2,
                             dropout=dropout, attention_impl="pytorch")
     return GenerativeConfig(encoder, NUM_ACTIONS, multi_hot, num_context=10,
-                            tasks=(("click", "binary"), ("like", "binary"), ("rating", "regression")))
+                            tasks=(("click", "binary"), ("like", "binary"), ("rating", "regression")),
+                            token_types=TokenTypes(*TOKEN_TYPES))
 
 
 def model_of(cls=GenerativeRecommender, seed=0, **kw):
@@ -61,10 +63,6 @@ def interleaved(rows):
 
 def run(model, b):
     return model(b["item_ids"], b["token_types"], b["timestamps"], b["target_timestamps"], b["offsets"])
-
-
-def test_token_types_match_the_data_layer():
-    assert (CONTEXT, ITEM, ACTION) == (data_batches.CONTEXT, data_batches.ITEM, data_batches.ACTION)
 
 
 @pytest.mark.parametrize("cls", [GenerativeRecommender, DLRMRanker])
@@ -222,23 +220,12 @@ def test_pointwise_examples_cut_each_user_at_sampled_impressions():
 @pytest.fixture(scope="module")
 def ranked_tiny(ray_cluster, tmp_path_factory):
     """A prepared multi-action synthetic world and a tiny GR config that trains in seconds."""
-    from genrec.config import ExperimentConfig
     from genrec.data.pipeline import prepare
 
     root = tmp_path_factory.mktemp("ranking")
-    cfg = ExperimentConfig.model_validate({
-        "name": "tiny-gr",
-        "data": {"source": {"kind": "synthetic", "num_users": 240, "num_items": 120, "mean_events_per_user": 20,
-                            "multi_action_rate": 0.3, "num_shards": 2, "path": str(root / "raw")},
-                 "output_dir": str(root / "data"), "num_partitions": 2},
-        "model": {"kind": "gr", "dim": 16, "num_blocks": 1, "num_heads": 1, "dropout": 0.0, "max_seq_len": 12},
-        "batching": {"layout": "interleaved"},
-        "ranking": {"tasks": [{"name": "click", "action": "click"}, {"name": "like", "action": "like"},
-                              {"name": "purchase", "action": "purchase", "weight": 2.0}]},
-        "train": {"epochs": 2, "batch_size": 48, "num_negatives": 16, "storage_path": str(root / "runs"),
-                  "cpus_per_worker": 0.5, "threads_per_worker": 1, "seed": 3},
-        "tracking": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "tests"},
-    })
+    cfg = tiny_ranking_config(root, "tiny-gr", {"kind": "gr"},
+                              ["click", "like", {"name": "purchase", "action": "purchase", "weight": 2.0}],
+                              epochs=2, seed=3)
     prepare(cfg.data, log=lambda *_: None)
     return cfg, root
 
@@ -248,6 +235,8 @@ def ranking_variant(cfg, run_name, model=None, ranking=None, **train):
     out.train = out.train.model_copy(update={"run_name": run_name, **train})
     if model:
         out.model = out.model.model_copy(update=model)
+        # a registered name holds one model.kind (genrec.train.tracking.check_registered_kind)
+        out.tracking = out.tracking.model_copy(update={"registered_model": f"{cfg.name}-{out.model.kind}"})
     if ranking:
         out.ranking = out.ranking.model_copy(update=ranking)
     return out
@@ -256,7 +245,7 @@ def ranking_variant(cfg, run_name, model=None, ranking=None, **train):
 def test_generative_training_under_ray_train_two_workers_match_one(ranked_tiny):
     from mlflow.tracking import MlflowClient
 
-    from genrec.train.artifact import load_model
+    from genrec.artifact import load_model
     from genrec.train.trainer import fit
 
     cfg, _ = ranked_tiny

@@ -16,18 +16,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from genrec.model import EncoderConfig, build_encoder
-from genrec.model.generative import ACTION, CONTEXT, ITEM, GenerativeConfig, GenerativeRecommender
+from genrec.data.layout import ACTION, CONTEXT, ITEM, TOKEN_TYPES
+from genrec.model.generative import GenerativeConfig, GenerativeRecommender, TokenTypes
 from genrec.model.hstu import HSTU, LAYER_NORM_EPS
 from genrec.model.mfalcon import (
     QUERY_TILE,
     HistoryCache,
-    UserCache,
     candidate_hidden,
     encode_history,
     extend_history,
     last_hidden,
 )
 from genrec.model.ops.hstu_attention_reference import hstu_attention_reference
+from genrec.serve.cache import UserCache
 
 torch.set_num_threads(1)
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)
@@ -36,11 +37,11 @@ TOLERANCE = dict(atol=1e-5, rtol=1e-5)
 class TinyRanker(nn.Module):
     """A ranking model in miniature: item table, position table, an HSTU stack, task heads."""
 
-    def __init__(self, num_items=40, max_seq_len=48, dim=16, heads=2, blocks=3, tasks=3):
+    def __init__(self, num_items=40, num_positions=48, dim=16, heads=2, blocks=3, tasks=3):
         super().__init__()
-        config = EncoderConfig(max_seq_len=max_seq_len, dim=dim, num_heads=heads, num_blocks=blocks, dropout=0.0)
+        config = EncoderConfig(num_positions=num_positions, dim=dim, num_heads=heads, num_blocks=blocks, dropout=0.0)
         self.items = nn.Embedding(num_items + 1, dim)
-        self.positions = nn.Embedding(max_seq_len, dim)
+        self.positions = nn.Embedding(num_positions, dim)
         self.blocks = HSTU(config)
         self.heads = nn.Linear(dim, tasks)
 
@@ -72,7 +73,7 @@ def reference_target_mask(blocks, x, timestamps, candidates, request_time):
         u, v, q, k = F.silu(layer.uvqk(normed)).split([H * dv, H * dv, H * dqk, H * dqk], dim=-1)
         attended = hstu_attention_reference(
             q.view(-1, H, dqk), k.view(-1, H, dqk), v.view(-1, H, dv), offsets, ts, target_ts,
-            layer.rab.position_weights, layer.rab.time_weights, layer.max_seq_len, layer.normalizer, num_targets,
+            layer.rab.position_weights, layer.rab.time_weights, layer.num_positions, layer.normalizer, num_targets,
         ).reshape(n + m, H * dv)
         tokens = tokens + layer.out(u * F.layer_norm(attended, attended.shape[-1:], eps=LAYER_NORM_EPS))
     return tokens[n:]
@@ -119,7 +120,7 @@ def test_scores_equal_the_plain_contract(ranker, reference, n):
 def test_history_longer_than_a_tile_equals_the_plain_contract():
     torch.manual_seed(1)
     n = QUERY_TILE + 37  # encoding runs in tiles of QUERY_TILE rows: cross the boundary
-    blocks = HSTU(EncoderConfig(max_seq_len=n + 1, dim=8, num_heads=1, num_blocks=2, dropout=0.0)).eval()
+    blocks = HSTU(EncoderConfig(num_positions=n + 1, dim=8, num_heads=1, num_blocks=2, dropout=0.0)).eval()
     g = torch.Generator().manual_seed(2)
     x, candidates = torch.randn(n, 8, generator=g), torch.randn(5, 8, generator=g)
     timestamps = torch.randint(0, 10**8, (n,), generator=g).sort().values
@@ -168,9 +169,10 @@ def test_generative_ranking_through_mfalcon_equals_its_rank_contract():
     """Serving's composition (issue 10's model): task_logits(candidate_hidden(...)) = model.rank, before
     and after appending an (item, action) pair to the cached history."""
     torch.manual_seed(3)
-    encoder = EncoderConfig(num_items=30, max_seq_len=32, dim=16, num_blocks=2, num_heads=2, dropout=0.0)
+    encoder = EncoderConfig(num_items=30, num_positions=32, dim=16, num_blocks=2, num_heads=2, dropout=0.0)
     model = GenerativeRecommender(GenerativeConfig(encoder, num_actions=3, multi_hot_actions=True, num_context=5,
-                                                   tasks=(("click", "binary"), ("rating", "regression")))).eval()
+                                                   tasks=(("click", "binary"), ("rating", "regression")),
+                                                   token_types=TokenTypes(*TOKEN_TYPES))).eval()
     g = torch.Generator().manual_seed(8)
     pairs = 9  # context token, then (item, action) pairs
     items, actions = torch.randint(1, 31, (pairs,), generator=g), torch.randint(1, 8, (pairs,), generator=g)
@@ -194,7 +196,7 @@ def test_generative_ranking_through_mfalcon_equals_its_rank_contract():
 
 def test_retrieval_user_vector_is_the_encoders_last_position():
     torch.manual_seed(2)
-    encoder = build_encoder(EncoderConfig(kind="hstu", num_items=60, max_seq_len=40, dim=16, dropout=0.0)).eval()
+    encoder = build_encoder(EncoderConfig(kind="hstu", num_items=60, num_positions=40, dim=16, dropout=0.0)).eval()
     ids, timestamps, request_time = user(31, num_items=60, seed=6)
     target_ts = torch.cat([timestamps[1:], timestamps.new_tensor([request_time])])
     with torch.no_grad():
@@ -216,10 +218,10 @@ def test_bad_input_is_refused_with_a_clear_message(ranker):
     x = ranker.embed(ids, 0).detach()
     with pytest.raises(ValueError, match="empty"):
         encode_history(ranker.blocks, x[:0], timestamps[:0])
-    with pytest.raises(ValueError, match="max_seq_len 48"):
+    with pytest.raises(ValueError, match="the 48 positions"):
         encode_history(ranker.blocks, torch.zeros(49, 16), torch.arange(49))
     cache = encode_history(ranker.blocks, x, timestamps)
-    with pytest.raises(ValueError, match="max_seq_len 48"):
+    with pytest.raises(ValueError, match="the 48 positions"):
         extend_history(ranker.blocks, cache, torch.zeros(39, 16), torch.arange(39))
     with pytest.raises(ValueError, match=r"x_candidates must be \[m, 16\]"):
         candidate_hidden(ranker.blocks, cache, torch.zeros(3, 15), request_time)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from genrec.model.jagged import concat_ranges
-from genrec.model.ops.hstu_attention import resolve_attention_impl
+from genrec.model.hstu import PaddedAttention, TiledCPUAttention
 from genrec.model import (
     EncoderConfig,
     HSTULayer,
@@ -162,13 +162,13 @@ def test_hstu_layer_gradcheck_inputs_and_weights():
     torch.manual_seed(0)
     N, lengths = 5, [3, 2]
     offsets, T = offsets_of(lengths), sum(lengths)
-    layer = HSTULayer(EncoderConfig(dim=4, num_heads=2, qk_dim=3, v_dim=2, max_seq_len=N, dropout=0.0)).double()
+    layer = HSTULayer(EncoderConfig(dim=4, num_heads=2, qk_dim=3, v_dim=2, num_positions=N, dropout=0.0)).double()
     ts = torch.tensor([0, 100, 5000, 7, 70000])
-    index = relative_bias_index(ts, ts + 3000, offsets, max(lengths), N)
+    batch = PaddedAttention(offsets, ts, ts + 3000, N)
     names = [name for name, _ in layer.named_parameters()]
 
     def run(x, *weights):
-        return torch.func.functional_call(layer, dict(zip(names, weights)), (x, offsets, index))
+        return torch.func.functional_call(layer, dict(zip(names, weights)), (x, batch))
 
     x = torch.randn(T, 4, dtype=torch.float64, requires_grad=True)
     weights = [p.detach().clone().requires_grad_() for p in layer.parameters()]
@@ -181,7 +181,7 @@ def test_hstu_layer_gradcheck_inputs_and_weights():
 def naive_hstu_encoder(model, ids, ts, target_ts):
     """One user, padded to the fixed N as the paper's code does, every formula
     spelled out; returns the L2-normalised outputs of the n real positions."""
-    emb, N = model.embedding, model.blocks.max_seq_len
+    emb, N = model.embedding, model.blocks.num_positions
     n, D = ids.numel(), emb.dim
     x = torch.zeros(N, D)
     x[:n] = emb.items.weight[ids] * math.sqrt(D) + emb.positions.weight[:n]
@@ -206,7 +206,7 @@ def naive_hstu_encoder(model, ids, ts, target_ts):
 def test_padding_invariance(kind):
     torch.manual_seed(0)
     lengths = [5, 1, 3, 6]
-    model = build_encoder(EncoderConfig(kind, num_items=30, max_seq_len=8, dim=8, num_heads=2)).eval()
+    model = build_encoder(EncoderConfig(kind, num_items=30, num_positions=8, dim=8, num_heads=2)).eval()
     batch = random_batch(lengths, 30)
     with torch.no_grad():
         together = model(*batch)
@@ -222,7 +222,7 @@ def test_padding_invariance(kind):
 @pytest.mark.parametrize("kind", ["hstu", "sasrec"])
 def test_causality(kind):
     torch.manual_seed(0)
-    model = build_encoder(EncoderConfig(kind, num_items=30, max_seq_len=8, dim=8, num_heads=2)).eval()
+    model = build_encoder(EncoderConfig(kind, num_items=30, num_positions=8, dim=8, num_heads=2)).eval()
     ids, ts, target_ts, offsets = random_batch([4, 6, 3], 30)
     start, cut = 4, 3  # user 1, its positions >= 3 change
     changed_ids, changed_ts, changed_target_ts = ids.clone(), ts.clone(), target_ts.clone()
@@ -240,7 +240,7 @@ def test_causality(kind):
 
 def test_hstu_position_sees_its_target_time():
     """Position i is biased by |target_ts[i] - ts[j]|: the request time matters."""
-    model = build_encoder(EncoderConfig("hstu", num_items=30, max_seq_len=8, dim=8)).eval()
+    model = build_encoder(EncoderConfig("hstu", num_items=30, num_positions=8, dim=8)).eval()
     ids, ts, target_ts, offsets = random_batch([4], 30)
     later_request = target_ts.clone()
     later_request[-1] += 10**8
@@ -252,7 +252,7 @@ def test_sasrec_block_matches_reference_multihead_attention():
     """The reference block: Q = LN(x); MHA(Q, x, x) with a causal mask; h = LN(Q + mha); h + FFN(h)."""
     torch.manual_seed(0)
     D, H, lengths = 8, 2, [4, 2]
-    model = build_encoder(EncoderConfig("sasrec", num_items=30, max_seq_len=8, dim=D, num_heads=H)).eval()
+    model = build_encoder(EncoderConfig("sasrec", num_items=30, num_positions=8, dim=D, num_heads=H)).eval()
     block = model.blocks.layers[0]
     mha = torch.nn.MultiheadAttention(D, H, batch_first=True).eval()
     mha.in_proj_weight.data.copy_(block.in_proj.weight)
@@ -276,7 +276,7 @@ def test_same_seed_same_outputs_and_loss(kind):
     results = []
     for _ in range(2):
         torch.manual_seed(0)
-        model = build_encoder(EncoderConfig(kind, num_items=40, max_seq_len=8, dim=8))  # train mode: dropout active
+        model = build_encoder(EncoderConfig(kind, num_items=40, num_positions=8, dim=8))  # train mode: dropout active
         torch.manual_seed(1)
         out = model(*batch)
         loss = sampled_softmax_loss(
@@ -288,7 +288,7 @@ def test_same_seed_same_outputs_and_loss(kind):
 
 
 def test_encoder_output_and_item_vectors_are_unit_length():
-    model = build_encoder(EncoderConfig("hstu", num_items=30, max_seq_len=8, dim=8))
+    model = build_encoder(EncoderConfig("hstu", num_items=30, num_positions=8, dim=8))
     out = model(*random_batch([3, 2], 30))
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(5))
     table = model.all_item_embeddings()
@@ -312,7 +312,7 @@ def hstu_layer_params(D, H, dqk, dv, N):
 def test_movielens_recipes_build_and_train(kind, blocks, heads, per_block):
     V, N, D = 3883, 200, 50
     torch.manual_seed(0)
-    model = build_encoder(EncoderConfig(kind, num_items=V, max_seq_len=N, dim=D, num_blocks=blocks, num_heads=heads))
+    model = build_encoder(EncoderConfig(kind, num_items=V, num_positions=N, dim=D, num_blocks=blocks, num_heads=heads))
     assert sum(p.numel() for p in model.parameters()) == (V + 1) * D + N * D + blocks * per_block
     if kind == "hstu":
         assert model.blocks.layers[0].uvqk.weight.shape == (2 * heads * 2 * (D // heads), D)
@@ -395,10 +395,10 @@ def test_in_batch_loss_trains_and_masks_hits():
 
 def test_attention_normalizer_option_sets_hstu_one_over_n():
     torch.manual_seed(0)
-    default = build_encoder(EncoderConfig("hstu", num_items=30, max_seq_len=8, dim=8, dropout=0.0)).eval()
-    paper = build_encoder(EncoderConfig("hstu", num_items=30, max_seq_len=8, dim=8, dropout=0.0,
+    default = build_encoder(EncoderConfig("hstu", num_items=30, num_positions=8, dim=8, dropout=0.0)).eval()
+    paper = build_encoder(EncoderConfig("hstu", num_items=30, num_positions=8, dim=8, dropout=0.0,
                                         attention_normalizer=11)).eval()
-    paper.load_state_dict(default.state_dict())  # same weights, tables still sized by max_seq_len
+    paper.load_state_dict(default.state_dict())  # same weights, tables still sized by num_positions
     assert [layer.normalizer for layer in paper.blocks.layers] == [11, 11]
     assert [layer.normalizer for layer in default.blocks.layers] == [8, 8]
     batch = random_batch([3, 2], 30)
@@ -410,14 +410,14 @@ def test_attention_normalizer_option_sets_hstu_one_over_n():
     u, v, q, k = F.silu(layer.uvqk(F.layer_norm(x, (8,), eps=1e-6))).split([8, 8, 8, 8], dim=-1)
     attended = hstu_attention(q.view(5, 1, 8), k.view(5, 1, 8), v.view(5, 1, 8), layer.rab(index), offsets, 11)
     expected = x + layer.out(u * F.layer_norm(attended.reshape(5, 8), (8,), eps=1e-6))
-    torch.testing.assert_close(layer(x, offsets, index), expected)
+    torch.testing.assert_close(layer(x, PaddedAttention(offsets, batch[1], batch[2], 8)), expected)
 
 
 def test_fused_attention_dispatch_matches_the_plain_path():
     torch.manual_seed(0)
-    plain = build_encoder(EncoderConfig("hstu", num_items=30, max_seq_len=8, dim=8, num_heads=2, dropout=0.0,
+    plain = build_encoder(EncoderConfig("hstu", num_items=30, num_positions=8, dim=8, num_heads=2, dropout=0.0,
                                         attention_impl="pytorch"))
-    tiled = build_encoder(EncoderConfig("hstu", num_items=30, max_seq_len=8, dim=8, num_heads=2, dropout=0.0,
+    tiled = build_encoder(EncoderConfig("hstu", num_items=30, num_positions=8, dim=8, num_heads=2, dropout=0.0,
                                         attention_impl="cpu"))
     tiled.load_state_dict(plain.state_dict())
     batch = random_batch([5, 1, 8], 30)
@@ -428,6 +428,7 @@ def test_fused_attention_dispatch_matches_the_plain_path():
     for (name, a), (_, b) in zip(plain.named_parameters(), tiled.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
     with pytest.raises(ValueError, match="attention_impl"):
-        build_encoder(EncoderConfig("hstu", num_items=30, max_seq_len=8, dim=8, attention_impl="fast"))(*batch)
-    # auto: the tiled path on CPU tensors (Triton on CUDA ones, tested where there is a GPU)
-    assert resolve_attention_impl("auto", batch[0]) == "cpu"
+        build_encoder(EncoderConfig("hstu", num_items=30, num_positions=8, dim=8, attention_impl="fast"))(*batch)
+    # auto: the tiled path while the weights are on the CPU (Triton once on a GPU, tested where there is one)
+    auto = build_encoder(EncoderConfig("hstu", num_items=30, num_positions=8, dim=8))
+    assert isinstance(auto.blocks.batch_attention(*batch[3:], *batch[1:3]), TiledCPUAttention)

@@ -233,3 +233,30 @@ def test_user_partition_is_pandas_hash_for_integer_ids():
     assert np.array_equal(user_partition(pa.array(users), 7), expected)
     strings = pa.array([str(u) for u in users[:100]])
     assert np.array_equal(user_partition(strings, 7), (pd.util.hash_array(np.array(strings.to_pylist(), dtype=object)) % np.uint64(7)).astype(np.int32))
+
+
+def test_an_empty_valid_or_test_split_is_explained(ray_cluster, tmp_path):
+    """Prepare warns (and the manifest keeps the warning) when a split has no valid or no test users, saying why."""
+    t0 = 1_600_000_000
+    write_events(tmp_path / "log.parquet", [(u, i, t0 + 10 * i + u, "view") for u in (1, 2, 3) for i in (1, 2)])
+    source = {"kind": "parquet", "path": str(tmp_path / "log.parquet"), **PARQUET}
+    said = []
+
+    def prepared(**data):
+        said.clear()
+        return prepare(config(source, tmp_path / "out", item_universe="observed", overwrite=True, **data), log=said.append)
+
+    summary = prepared()  # leave-one-out: every user has 2 events
+    expected = ("no valid and no test users: leave_one_out evaluates users with at least 3 events (the last two are "
+                "held out) and every one of the 3 users has fewer")
+    assert summary["warnings"] == [expected] and f"[prepare] warning: {expected}" in said
+    assert read_manifest(tmp_path / "out")["warnings"] == [expected]
+    summary = prepared(split={"kind": "time", "cutoff": t0 + 100})
+    assert summary["warnings"] == [f"no valid and no test users: the time split evaluates users with events both at or "
+                                   f"before the cutoff {t0 + 100} and after it; every event is at or before it (the "
+                                   f"last at {t0 + 23}): choose an earlier cutoff or a quantile"]
+    summary = prepared(split={"kind": "time", "cutoff": t0 + 15, "valid_fraction": 0.0})
+    assert summary["test_users"] == 3 and summary["warnings"] == [
+        "no valid users: valid_fraction 0.0 sends every evaluated user to test"]
+    write_events(tmp_path / "log.parquet", [(u, i, t0 + 10 * i + u, "view") for u in (1, 2, 3) for i in (1, 2, 3)])
+    assert prepared()["warnings"] == [] and not any("warning" in line for line in said)

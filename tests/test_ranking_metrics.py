@@ -1,11 +1,11 @@
-"""Ranking metrics (genrec.train.ranking_metrics) by hand."""
+"""Ranking metrics (genrec.metrics) by hand."""
 
 import math
 
 import numpy as np
 import pytest
 
-from genrec.train.ranking_metrics import binary_metrics, log_loss, regression_metrics
+from genrec.metrics import binary_metrics, log_loss, regression_metrics
 
 
 def test_binary_metrics_by_hand():

@@ -5,6 +5,7 @@ persisted events, M-FALCON's user cache extended by events."""
 
 import asyncio
 import collections
+import dataclasses
 import json
 import socket
 from pathlib import Path
@@ -22,12 +23,12 @@ from mlflow.tracking import MlflowClient
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
+from genrec.artifact import load_model
 from genrec.config import ConfigError
 from genrec.data.prepared import read_split
 from genrec.serve import schemas
-from genrec.serve.app import load_serve_file, start
+from genrec.serve.deploy import load_serve_file, start
 from genrec.serve.store import EmbeddedHistoryStore
-from genrec.train.artifact import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "serve-test-token-0123456789"
@@ -312,10 +313,10 @@ def test_generative_model_scores_by_the_plain_contract_and_extends_its_cache(tin
     Ranking and Retrieval deployments use: M-FALCON's per-task scores equal GenerativeRecommender.rank
     (each candidate alone after the history; tolerance 1e-5), the user vector equals the model's own
     output at the last action token, and appending events extends the cached history."""
+    from genrec.artifact import build_model, save_model_folder
     from genrec.data.batches import build_batch, context_offsets
     from genrec.data.prepared import read_manifest
-    from genrec.serve.model import Scorer
-    from genrec.train.artifact import build_model, save_model_folder
+    from genrec.serve.model import ModelCall, Scorer
 
     base = tiny_registered_model["cfg"]
     cfg = base.model_copy(update={
@@ -342,9 +343,9 @@ def test_generative_model_scores_by_the_plain_contract_and_extends_its_cache(tin
     candidates = torch.arange(1, 41)
     t = int(stamps[-1])
     expected = model.rank(tokens, candidates, t)
-    request = {"items": items[:-1], "actions": actions[:-1], "timestamps": stamps[:-1], "request_time": t,
-               "context": tuple(user[c][0].as_py() for c in columns), "user": "u", "version": len(items) - 1,
-               "candidates": candidates.numpy()}
+    request = ModelCall(items=items[:-1], actions=actions[:-1], timestamps=stamps[:-1], request_time=t,
+                        context=tuple(user[c][0].as_py() for c in columns), user="u", version=len(items) - 1,
+                        seen=np.unique(items[:-1]), candidates=candidates.numpy())
     got = scorer.rank([request])[0]
     assert got["cache"] == "miss"
     assert torch.tensor(got["scores"]) == pytest.approx(expected, abs=1e-5)
@@ -355,9 +356,9 @@ def test_generative_model_scores_by_the_plain_contract_and_extends_its_cache(tin
     served, states, _ = scorer.user_vectors([request])
     assert states == ["hit"] and served[0] == pytest.approx(vectors[-2], abs=1e-5)
     # the held-out event appended: the cache is extended, and scores as a fresh encoding does
-    later = {**request, "items": items, "actions": actions, "timestamps": stamps, "version": len(items),
-             "request_time": t + 60}
+    later = dataclasses.replace(request, items=items, actions=actions, timestamps=stamps, version=len(items),
+                                request_time=t + 60)
     extended = scorer.rank([later])[0]
-    fresh = scorer.rank([{**later, "user": None}])[0]
+    fresh = scorer.rank([dataclasses.replace(later, user=None)])[0]
     assert extended["cache"] == "extended" and fresh["cache"] == "none"
     assert torch.tensor(extended["scores"]) == pytest.approx(torch.tensor(fresh["scores"]), abs=1e-5)

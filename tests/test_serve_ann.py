@@ -9,7 +9,7 @@ import torch
 from genrec.config import ConfigError, ServeRetrievalConfig
 from genrec.data.prepared import read_split
 from genrec.serve.index import ExactIndex, FaissIndex
-from genrec.serve.model import Scorer, fetched, resolve_model
+from genrec.serve.model import ModelCall, Scorer, fetched, resolve_model
 
 NOW = 1_700_000_000
 K = 10
@@ -35,14 +35,14 @@ def test_ann_retrieval_on_the_trained_model_matches_exact(tiny_registered_model,
     requests = []
     for items, stamps in zip(table["items"].to_pylist(), table["timestamps"].to_pylist()):
         n = min(len(items), exact.max_seq_len)
-        requests.append({"user": None, "items": np.asarray(items[-n:]), "timestamps": np.asarray(stamps[-n:]),
-                         "actions": None, "context": (), "request_time": NOW, "k": K, "exclude_history": True,
-                         "seen": np.unique(items)})
+        requests.append(ModelCall(user=None, version=len(items), items=np.asarray(items[-n:]),
+                                  timestamps=np.asarray(stamps[-n:]), actions=None, context=(), request_time=NOW,
+                                  k=K, exclude_history=True, seen=np.unique(items)))
     want, got = exact.retrieve(requests), ann.retrieve(requests)
     assert recall([g["items"] for g in got], [w["items"] for w in want]) >= MIN_RECALL[kind]
     for r, g, w in zip(requests, got, want):
         assert len(g["items"]) == len(w["items"]) == K
-        assert not set(g["items"]) & set(r["seen"].tolist())  # the history is excluded
+        assert not set(g["items"]) & set(r.seen.tolist())  # the history is excluded
         assert g["scores"] == sorted(g["scores"], reverse=True)
         # the same item gets the same score either way (faiss float32 inner product vs torch)
         shared = {i: s for i, s in zip(w["items"], w["scores"])}
@@ -77,7 +77,7 @@ def test_ann_recall_and_exclusion_on_a_larger_catalog(kind):
 def test_the_index_key_is_checked():
     from pathlib import Path
 
-    from genrec.serve.app import load_serve_file
+    from genrec.serve.deploy import load_serve_file
 
     demo = Path(__file__).resolve().parents[1] / "configs" / "serve" / "demo.yaml"
     with pytest.raises(ConfigError, match="retrieval.index"):

@@ -11,7 +11,7 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from genrec.serve.app import load_serve_file, start
+from genrec.serve.deploy import load_serve_file, start
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "browser-test-token-0123456789"

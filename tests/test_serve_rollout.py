@@ -25,8 +25,8 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from genrec.serve.app import load_serve_file, start
-from genrec.train.artifact import build_model, load_model, save_model_folder
+from genrec.artifact import build_model, load_model, save_model_folder
+from genrec.serve.deploy import load_serve_file, start
 from genrec.train.tracking import MODEL_FILES
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,12 +9,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from genrec.artifact import build_model
 from genrec.config import ConfigError, ExperimentConfig, load_config
 from genrec.data.batches import build_batch
 from genrec.data.pipeline import prepare
 from genrec.data.prepared import read_split
 from genrec.model import EncoderConfig, HSTULayer, build_encoder
-from genrec.train.artifact import build_model
 from genrec.train.batching import batch_spec
 from genrec.train.streaming import StreamWindows, add_to_stream, evaluate_window, sampled_users
 from genrec.train.trainer import fit
@@ -42,7 +42,7 @@ def test_window_rows_hold_the_past_and_mark_the_window_as_targets():
     second, second_targets = windows.window(1)
     assert second["user"].to_pylist() == [1, 3] and second["items"].to_pylist() == [[1, 2, 3, 4], [7]]
     assert second["eval_start"].to_pylist() == [2, 0] and second_targets == 2
-    batch = build_batch(second, "items", max_seq_len=10)
+    batch = build_batch(second, "items", keep_items=10)
     assert batch["target_ids"].tolist() == [0, 3, 4]  # user 1 predicts 3 and 4 from its past; user 3 has no input
 
 
@@ -148,7 +148,7 @@ ABLATIONS = [(a, r) for a in ("pointwise", "softmax") for r in ("both", "positio
 
 def tiny_encoder(attention, relative_bias, seed=0):
     torch.manual_seed(seed)
-    config = EncoderConfig("hstu", num_items=30, max_seq_len=8, dim=8, num_heads=2, dropout=0.0,
+    config = EncoderConfig("hstu", num_items=30, num_positions=8, dim=8, num_heads=2, dropout=0.0,
                            attention=attention, relative_bias=relative_bias)
     return build_encoder(config).double().eval()
 
@@ -179,7 +179,7 @@ def test_every_ablation_is_causal_and_uses_only_its_bias_terms(attention, relati
 
 def test_softmax_ablation_is_a_causal_softmax_with_the_bias():
     torch.manual_seed(1)
-    layer = HSTULayer(EncoderConfig(dim=4, num_heads=1, max_seq_len=6, dropout=0.0, attention="softmax")).double()
+    layer = HSTULayer(EncoderConfig(dim=4, num_heads=1, num_positions=6, dropout=0.0, attention="softmax")).double()
     L, d = 5, 4
     q, k, v = (torch.randn(L, 1, d, dtype=torch.double) for _ in range(3))
     bias_index = torch.randint(0, 10, (1, L, L))

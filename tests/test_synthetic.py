@@ -10,7 +10,8 @@ import torch
 
 from genrec.config import DataConfig, SyntheticSource
 from genrec.data import synthetic as S
-from genrec.train.evaluation import full_ranks, metrics_from_ranks
+from genrec.metrics import metrics_from_ranks
+from genrec.train.evaluation import full_ranks
 
 WORLD = dict(kind="synthetic", num_users=500, num_items=400, mean_events_per_user=20, min_events_per_user=3,
              num_topics=16, block_users=64, seed=3)

@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 
 from genrec.config import ConfigError, ExperimentConfig
 from genrec.data.pipeline import prepare
-from genrec.train.evaluation import full_ranks, metrics_from_ranks
+from genrec.metrics import metrics_from_ranks
+from genrec.train.evaluation import full_ranks
 from genrec.train.trainer import evaluate_model, fit
 
 
@@ -164,7 +165,7 @@ def test_in_batch_negatives_option_changes_training(tiny):
 
 def test_model_artifact_round_trip_through_folder_and_registry(tiny, tmp_path):
     from genrec.config import ConfigError
-    from genrec.train.artifact import load_model, save_model_folder
+    from genrec.artifact import load_model, save_model_folder
 
     cfg, _ = tiny
     result = fit(variant(cfg, "artifact", epochs=1), log=lambda *_: None)

@@ -109,6 +109,13 @@ def test_text_rows_a_reader_cannot_parse_are_kept_with_row_numbers(tmp_path):
     (tmp_path / "mac.csv").write_bytes(b"\r".join(lines[:2] + lines[8:]) + b"\r")
     events, rejects = read_all(plan(tmp_path / "mac.csv", "csv"))
     assert events.num_rows == 2 and rejects.num_rows == 0
+    # a stray CR inside a line of an LF file: the reader would end a row there, so the line is rejected
+    # whole (not split into two misnumbered rows, nor lost)
+    (tmp_path / "stray.csv").write_bytes(b"\n".join([lines[0], b"1,10,1600000000,pv,a\r5,6", lines[8]]) + b"\n")
+    events, rejects = read_all(plan(tmp_path / "stray.csv", "csv"))
+    assert rejects["row_number"].to_pylist() == [2]
+    assert rejects["reason"].to_pylist() == ["bad line end: a carriage return inside the line"]
+    assert events["timestamp"].to_pylist() == [1_600_000_006]
 
 
 def test_headerless_compressed_iso_sources_with_item_features(ray_cluster, tmp_path):

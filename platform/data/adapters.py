@@ -12,6 +12,7 @@ Every input row ends up in exactly one of the two outputs: input = accepted + re
 from __future__ import annotations
 
 import csv
+import fnmatch
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -24,6 +25,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ..config import (
+    TEXT_SUFFIXES,
     ActionsConfig,
     ColumnMapping,
     CsvSource,
@@ -32,6 +34,7 @@ from ..config import (
     MovieLensSource,
     ParquetSource,
     SyntheticSource,
+    UsersFile,
     resolve_path,
 )
 from ..errors import GenrecError
@@ -45,6 +48,7 @@ class SourceError(GenrecError, ValueError):
 
 MOVIELENS_ACTIONS = ["rating_1", "rating_2", "rating_3", "rating_4", "rating_5"]
 INTEGER = re.compile(r"-?\d+\Z")
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\Z")
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,6 @@ class SourcePlan:
 # ----------------------------------------------------------------------------- helpers
 
 COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
-TEXT_SUFFIXES = (".csv", ".tsv", ".txt", ".dat")
 
 
 def _require_file(path: Path, what: str) -> Path:
@@ -103,14 +106,18 @@ def _require_file(path: Path, what: str) -> Path:
     return path
 
 
-def _files_in(path: Path, suffixes: tuple, what: str) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                       and any(p.name.endswith(s) for s in suffixes))
-        if not files:
-            raise SourceError(f"{what}: no {'/'.join('*' + s for s in suffixes)} files in folder {path}")
-        return [_require_file(p, what) for p in files]
-    return [_require_file(path, what)]
+def _files_in(path: Path, pattern: str | None, suffixes: tuple, what: str) -> list[Path]:
+    """A file named explicitly, whatever its name; in a folder (and its subfolders), the files whose
+    name matches `pattern` (a glob), by default those ending in one of `suffixes`."""
+    if not path.is_dir():
+        return [_require_file(path, what)]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                   and (fnmatch.fnmatch(p.name, pattern) if pattern else p.name.endswith(suffixes)))
+    if not files:
+        wanted = repr(pattern) if pattern else "/".join("*" + s for s in suffixes)
+        raise SourceError(f"{what}: no {wanted} files in folder {path}; set data.source.file_pattern "
+                          f"(e.g. '*.data') or name the file in data.source.path")
+    return [_require_file(p, what) for p in files]
 
 
 def file_checksum(path: Path) -> str:
@@ -205,11 +212,16 @@ def _csv_header(path: Path, delimiter: str, compression: str | None) -> tuple[li
     return header, newline
 
 
-def _positions(header: list[str], wanted: dict, path: Path) -> dict:
+def _positions(header: list[str], wanted: dict, path: Path, read_header: bool = False) -> dict:
+    """Column index of each wanted column; read_header: `header` is the file's first line."""
     missing = {k: v for k, v in wanted.items() if v not in header}
     if missing:
         names = ", ".join(f"{v!r} (for {k})" for k, v in missing.items())
-        raise SourceError(f"{path}: column {names} not in header {header}; set data.source.columns")
+        hint = "set data.source.columns"
+        if read_header and all(NUMBER.match(h.strip()) for h in header):
+            hint = ("the first line looks like data, not a header (all numbers): for a headerless file set "
+                    "data.source.header: false (and name the columns with column_names, or by position \"0\", \"1\", ...)")
+        raise SourceError(f"{path}: column {names} not in header {header}; {hint}")
     return {k: header.index(v) for k, v in wanted.items()}
 
 
@@ -228,7 +240,11 @@ def _wanted(columns: ColumnMapping, features: list[str]) -> dict:
 
 
 def action_ids(actions: ActionsConfig) -> dict:
+    """Raw action value -> id: the names, the values a prefix stands for, then the mapping."""
     ids = {name: i for i, name in enumerate(actions.names)}
+    if actions.prefix:
+        ids.update({name.removeprefix(actions.prefix): i for i, name in enumerate(actions.names)
+                    if name.startswith(actions.prefix) and name != actions.prefix})
     ids.update({raw: ids[name] for raw, name in actions.mapping.items()})
     return ids
 
@@ -241,7 +257,9 @@ def _action_rules(source) -> dict:
     if not source.columns.action:
         return {}
     ids = action_ids(source.actions)
-    return {"actions": tuple(ids.items()), "num_action_ids": len(source.actions.names)}
+    # with a prefix an integer column holds values (4 -> rating_4), not ids
+    return {"actions": tuple(ids.items()), "num_action_ids": len(source.actions.names),
+            "integer_actions_are_ids": source.actions.prefix is None}
 
 
 # ----------------------------------------------------------------------------- planning
@@ -289,8 +307,8 @@ def _plan_movielens_csv(source: MovieLensCsvSource, cfg: DataConfig) -> SourcePl
 
 
 def _plan_csv(source: CsvSource, cfg: DataConfig) -> SourcePlan:
-    files = _files_in(resolve_path(source.path), tuple(t + c for t in TEXT_SUFFIXES for c in ("", *COMPRESSION)),
-                      "CSV event log")
+    files = _files_in(resolve_path(source.path), source.file_pattern,
+                      tuple(t + c for t in TEXT_SUFFIXES for c in ("", *COMPRESSION)), "CSV event log")
     wanted = _wanted(source.columns, source.item_features)
     chunks = []
     for index, path in enumerate(files):
@@ -301,21 +319,24 @@ def _plan_csv(source: CsvSource, cfg: DataConfig) -> SourcePlan:
             first, newline = _first_line(path, compression)
             count = len(first.split(source.delimiter.encode()))
             names = source.column_names or [str(i) for i in range(count)]
-        fmt = TextFormat(tuple(names), _positions(names, wanted, path), source.delimiter, newline=newline,
-                         compression=compression)
+        fmt = TextFormat(tuple(names), _positions(names, wanted, path, read_header=source.header), source.delimiter,
+                         newline=newline, compression=compression)
         chunks += _text_chunks(index, path, fmt, cfg.chunk_bytes, skip_header=source.header)
+    users = read_users_text(source.users_file, source.delimiter, source.columns.id_type) if source.users_file else None
     return SourcePlan(
         chunks=chunks,
         actions=source.actions.names,
         merge_actions=source.actions.merge_same_impression,
         checksums={str(p): file_checksum(p) for p in files},
         rules=_rules(cfg, id_kind=source.columns.id_type, timestamp_unit=source.timestamp_unit, **_action_rules(source)),
+        users=users,
+        context_columns=users.column_names[1:] if users is not None else [],
         item_features=list(source.item_features),
     )
 
 
 def _plan_parquet(source: ParquetSource, cfg: DataConfig) -> SourcePlan:
-    files = _files_in(resolve_path(source.path), (".parquet",), "Parquet event log")
+    files = _files_in(resolve_path(source.path), source.file_pattern, (".parquet",), "Parquet event log")
     wanted = _wanted(source.columns, source.item_features)
     chunks = []
     for index, path in enumerate(files):
@@ -424,6 +445,40 @@ def read_users_dat(path: Path) -> pa.Table:
             "zip": [r[4] for r in rows],
         }
     )
+
+
+def read_users_text(spec: UsersFile, delimiter: str, id_type: str) -> pa.Table:
+    """A delimited users file -> user_id (typed as the event log's ids) + context features (text)."""
+    path = _require_file(resolve_path(spec.path), "users file")
+    delimiter = spec.delimiter or delimiter
+    if spec.header:
+        names, _ = _csv_header(path, delimiter, _compression(path))
+    else:
+        first, _ = _first_line(path, _compression(path))
+        names = spec.column_names or [str(i) for i in range(len(first.split(delimiter.encode())))]
+    try:  # every column as text: ids are typed below, features are categories ("01234" stays a zip code)
+        table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(column_names=names, skip_rows=int(spec.header)),
+                               parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                               convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                                                    strings_can_be_null=False))
+    except pa.ArrowInvalid as err:
+        raise SourceError(f"{path}: not a readable users file ({err})") from None
+    names = table.column_names
+    features = spec.features if spec.features is not None else [n for n in names if n != spec.user_id]
+    missing = [n for n in [spec.user_id, *features] if n not in names]
+    if missing:
+        raise SourceError(f"{path}: column {missing} not in {names}; set data.source.users_file.user_id / features")
+    ids = pc.ascii_trim_whitespace(table[spec.user_id])
+    if id_type == "int":
+        bad = [i for i, v in enumerate(ids.to_pylist()) if not INTEGER.match(v)]
+        if bad:
+            raise SourceError(f"{path}: line {bad[0] + 1 + spec.header}: user_id {ids[bad[0]].as_py()!r} is not an "
+                              "integer (data.source.columns.id_type is int)")
+        ids = pc.cast(ids, pa.int64())
+    repeated = [c["values"] for c in pc.value_counts(ids).to_pylist() if c["counts"] > 1]
+    if repeated:
+        raise SourceError(f"{path}: user_id {repeated[0]!r} has more than one row (one row per user)")
+    return pa.table({"user_id": ids, **{n: table[n] for n in features}})
 
 
 def read_movies_csv(path: Path) -> pa.Table:

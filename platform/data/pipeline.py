@@ -37,12 +37,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..config import ConfigError, DataConfig, TimeSplit, resolve_path
+from ..config import ConfigError, DataConfig, SyntheticSource, TimeSplit, resolve_path
 from ..errors import GenrecError
 from .adapters import SourceError, SourcePlan, plan_source, read_chunk
 from .prepared import MANIFEST, REJECTS, SEQUENCES, SPLITS, VOCAB
 from .schema import SCHEMA_VERSION, sequence_schema
-from .sequences import build_sequences, make_splits
+from .sequences import build_sequences, make_splits, split_warnings
 from .tasks import run_tasks
 
 
@@ -289,12 +289,21 @@ def _replace(staging: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
-def prepare(cfg: DataConfig, log=print) -> dict:
-    """Run the pipeline on the connected Ray cluster; returns the summary (also in the manifest)."""
+def plan_before_ray(cfg: DataConfig) -> SourcePlan | None:
+    """The checks that need no Ray, for a job to run before it starts Ray (seconds): an existing output,
+    and the source's plan (a missing, empty or malformed file); None for a synthetic source, whose
+    generator runs as Ray tasks. Pass the plan to `prepare`."""
+    _check_output(resolve_path(cfg.output_dir), cfg.overwrite)
+    return None if isinstance(cfg.source, SyntheticSource) else plan_source(cfg)
+
+
+def prepare(cfg: DataConfig, log=print, plan: SourcePlan | None = None) -> dict:
+    """Run the pipeline on the connected Ray cluster; returns the summary (also in the manifest).
+    plan: from `plan_before_ray` on the same config, else made here."""
     started = time.time()
     out = resolve_path(cfg.output_dir)
     _check_output(out, cfg.overwrite)
-    plan = plan_source(cfg)
+    plan = plan or plan_source(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     universe = item_universe(cfg, plan)
     staging = out.with_name(f".{out.name}.incomplete-{uuid.uuid4().hex[:8]}")
@@ -319,6 +328,8 @@ def prepare(cfg: DataConfig, log=print) -> dict:
         for scratch in ("_events", "_item_features"):
             shutil.rmtree(staging / scratch, ignore_errors=True)
         summary = _summary(cfg, plan, chunks, seq_stats, vocab, cutoff, staging, universe)
+        for warning in summary["warnings"]:
+            log(f"[prepare] warning: {warning}")
         summary["seconds"] = round(time.time() - started, 2)
         (staging / MANIFEST).write_text(json.dumps(_manifest(summary), indent=1, sort_keys=True))
         _check_output(out, cfg.overwrite)
@@ -390,9 +401,9 @@ def _summary(cfg, plan, chunks, seq_stats, vocab, cutoff, staging: Path, univers
     }
     for key in ("train_users", "valid_users", "test_users", "train_events", "valid_events", "test_events", "users_not_evaluated"):
         summary[key] = total(seq_stats, key)
+    summary["warnings"] = split_warnings(cfg.split, summary["users"], summary["valid_users"], summary["test_users"],
+                                         cutoff, summary["timestamps"])
     summary["source_checksums_sha256"] = plan.checksums
-    from ..config import SyntheticSource
-
     if isinstance(cfg.source, SyntheticSource):  # the generator's exact oracle and popularity baseline
         from .synthetic import read_oracle
 

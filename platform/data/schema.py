@@ -1,4 +1,4 @@
-"""Arrow schemas of the data contracts (ARCHITECTURE.md, "Data contracts")."""
+"""Arrow schemas of the data contracts (docs/ARCHITECTURE.md, "Data contracts")."""
 
 import pyarrow as pa
 

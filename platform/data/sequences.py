@@ -117,17 +117,19 @@ def list_lengths(table: pa.Table) -> np.ndarray:
     return np.diff(offsets)
 
 
-def slice_lists(table: pa.Table, rows: np.ndarray, stops: np.ndarray) -> pa.Table:
-    """Keep `rows` of the table, each list column cut to its first `stops[i]` elements."""
+def slice_lists(table: pa.Table, rows: np.ndarray, stops: np.ndarray, starts: np.ndarray | None = None) -> pa.Table:
+    """Keep `rows` of the table (a row may repeat), each list column cut to its elements
+    [starts[i], stops[i]) (from its first element when `starts` is None)."""
     rows = pa.array(rows, pa.int64())
-    lengths = np.asarray(stops, dtype=np.int64)
+    starts = np.zeros(len(rows), np.int64) if starts is None else np.asarray(starts, dtype=np.int64)
+    lengths = np.asarray(stops, dtype=np.int64) - starts
     new_offsets = pa.array(offsets_from_lengths(lengths).astype(np.int32))
     columns = []
     for name in table.column_names:
         column = table[name].combine_chunks()
         if name in LIST_COLUMNS:  # one gather of the kept elements, straight from the full lists
             # .offsets index into .values (the whole child array, even for a sliced list)
-            flat = concat_ranges(column.offsets.to_numpy()[:-1][rows.to_numpy()], lengths)
+            flat = concat_ranges(column.offsets.to_numpy()[:-1][rows.to_numpy()] + starts, lengths)
             column = pa.ListArray.from_arrays(new_offsets, column.values.take(pa.array(flat)))
         else:
             column = column.take(rows)
@@ -185,3 +187,29 @@ def make_splits(sequences: pa.Table, split, cutoff: int | None = None) -> tuple[
     counts.update({f"{k}_events": int(list_lengths(v).sum()) if v.num_rows else 0 for k, v in splits.items()})
     counts["users_not_evaluated"] = short
     return splits, counts
+
+
+def split_warnings(split, users: int, valid_users: int, test_users: int, cutoff: int | None,
+                   first_last: list) -> list[str]:
+    """Why the valid or the test split came out empty (nothing to select or score a model on), or []."""
+    if valid_users and test_users:
+        return []
+    empty = "no valid and no test users" if not (valid_users or test_users) else \
+        f"no {'valid' if not valid_users else 'test'} users"
+    if isinstance(split, LeaveOneOutSplit):
+        why = (f"leave_one_out evaluates users with at least 3 events (the last two are held out) and every one "
+               f"of the {users:,} users has fewer")
+    elif valid_users or test_users:
+        evaluated = valid_users + test_users
+        why = (f"valid_fraction {split.valid_fraction} sends every evaluated user to "
+               f"{'test' if test_users else 'valid'}" if split.valid_fraction in (0, 1) else
+               f"only {evaluated:,} users have events on both sides of the cutoff, and the user hash sent all of "
+               f"them to {'test' if test_users else 'valid'} (valid_fraction {split.valid_fraction})")
+    else:
+        first, last = first_last
+        why = (f"the time split evaluates users with events both at or before the cutoff {cutoff} and after it; "
+               + (f"every event is at or before it (the last at {last}): choose an earlier cutoff or a quantile"
+                  if last is not None and last <= cutoff else
+                  f"every event is after it (the first at {first}): no user has history to train on"
+                  if first is not None and first > cutoff else "no user has both"))
+    return [f"{empty}: {why}"]

@@ -61,6 +61,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import SyntheticSource, resolve_path
+from ..metrics import auc, metrics_from_ranks, normalized_entropy
 
 GENERATOR_VERSION = 2
 CONTEXT_CARDINALITY = {"gender": 2, "age_bucket": 7, "region": 50}
@@ -76,8 +77,6 @@ ITEM_NOISE = 0.6  # item vector = normalise(topic vector + ITEM_NOISE * N(0, I/d
 WITHIN_SESSION_GAP = (math.log(60.0), 1.0)  # log-normal (mu, sigma) seconds: median 1 min
 BETWEEN_SESSION_GAP = (math.log(12 * 3600.0), 1.5)  # median 12 h
 MAX_REDRAWS = 32  # then draw the few left from the exact conditional
-HIT_KS = (10, 50, 200)
-NDCG_KS = (10, 200)
 SPLIT_NAMES = ("valid", "test")
 
 
@@ -168,18 +167,20 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def build_world(source: SyntheticSource) -> World:
-    """The latent world: deterministic for the seed (and the world-shaping options)."""
-    rng = np.random.default_rng([source.seed, 0x5EED, 1])
-    V, d, P = source.num_items, source.latent_dim, _num_periods(source)
-    T = min(source.num_topics, V)  # every topic holds at least one item from the start
+def _topics(rng, source: SyntheticSource, T: int, d: int):
+    """(global topic popularity `base`, transition matrix M, unit topic vectors)."""
     base = 1.0 / np.arange(1, T + 1) ** 0.6
     base = rng.permutation(base / base.sum())
     transition = rng.dirichlet(np.full(T, source.transition_concentration), size=T) if T > 1 else np.ones((1, 1))
     transition = np.nan_to_num(transition)
     transition /= transition.sum(1, keepdims=True)
     topic_vec = _normalise(rng.standard_normal((T, d)))
+    return base, transition, topic_vec
 
+
+def _items(rng, source: SyntheticSource, topic_vec: np.ndarray, P: int):
+    """Per item (0-based): (topic, Zipf weight, birth day, birth period, latent vector)."""
+    V, (T, d) = source.num_items, topic_vec.shape
     order = rng.permutation(V)  # item order[k] (0-based) gets topic k % T: equal sizes
     topic = np.empty(V, np.int64)
     topic[order] = np.arange(V) % T
@@ -192,20 +193,33 @@ def build_world(source: SyntheticSource) -> World:
         birth_day[new] = rng.uniform(0.0, source.duration_days, size=len(new))
     birth = np.minimum((birth_day / source.period_days).astype(np.int64), P - 1)
     vec = _normalise(topic_vec[topic] + ITEM_NOISE * rng.standard_normal((V, d)) / math.sqrt(d))
+    return topic, weight, birth_day, birth, vec
 
+
+def _decay(source: SyntheticSource, P: int) -> np.ndarray:
+    """[P, P]: decay[p, b] = 2^(-(p-b)/h) for b <= p (1 without a half-life), else 0."""
     ages = np.arange(P)[:, None] - np.arange(P)[None, :]
     if source.item_half_life_days is None:
-        decay = (ages >= 0).astype(np.float64)
-    else:
-        half_life = source.item_half_life_days / source.period_days
-        decay = np.where(ages >= 0, np.exp2(-np.maximum(ages, 0) / half_life), 0.0)
+        return (ages >= 0).astype(np.float64)
+    half_life = source.item_half_life_days / source.period_days
+    return np.where(ages >= 0, np.exp2(-np.maximum(ages, 0) / half_life), 0.0)
+
+
+def _birth_cdf(decay: np.ndarray, topic: np.ndarray, birth: np.ndarray, weight: np.ndarray, T: int):
+    """(W[p, z] the live weight of topic z at period p, [P, T, P] cdf over the birth period of a draw)."""
+    P = len(decay)
     mass = np.zeros((T, P))
     np.add.at(mass, (topic, birth), weight)
     by_birth = decay[:, None, :] * mass[None, :, :]  # [P, T, P]
     norm = by_birth.sum(2)
     birth_cdf = np.cumsum(by_birth, 2) / norm[:, :, None]
     birth_cdf[:, :, -1] = 1.0
+    return norm, birth_cdf
 
+
+def _item_groups(topic: np.ndarray, birth: np.ndarray, weight: np.ndarray, P: int):
+    """Items sorted by (topic, birth period) group: (group id + within-group weight cdf, 0-based item)."""
+    V = len(topic)
     group = topic * P + birth
     entries = np.lexsort((np.arange(V), group))
     g = group[entries]
@@ -216,21 +230,39 @@ def build_world(source: SyntheticSource) -> World:
     totals = np.repeat(cum[np.r_[starts[1:], V] - 1], sizes) - before
     within = (cum - before) / totals
     within[np.r_[starts[1:], V] - 1] = 1.0
+    return g + within, entries
 
+
+def _action_params(source: SyntheticSource):
+    """(action names, log base rates, beta, gamma) of the action softmax."""
     names = list(source.action_rates)
     K = len(names)
     rates = np.array([source.action_rates[a] for a in names], dtype=np.float64)
     # the weakest action falls with affinity (-0.5), the others rise (0.5 .. 1.0, strongest last)
     strength = np.r_[-0.5, np.linspace(0.5, 1.0, K - 1)] if K > 1 else np.zeros(1)
+    return (names, np.log(rates / rates.sum()), source.action_affinity * strength,
+            source.action_session_slope * strength)
+
+
+def build_world(source: SyntheticSource) -> World:
+    """The latent world: deterministic for the seed (and the world-shaping options)."""
+    rng = np.random.default_rng([source.seed, 0x5EED, 1])
+    V, d, P = source.num_items, source.latent_dim, _num_periods(source)
+    T = min(source.num_topics, V)  # every topic holds at least one item from the start
+    base, transition, topic_vec = _topics(rng, source, T, d)
+    topic, weight, birth_day, birth, vec = _items(rng, source, topic_vec, P)
+    decay = _decay(source, P)
+    norm, birth_cdf = _birth_cdf(decay, topic, birth, weight, T)
+    group_upper, entries = _item_groups(topic, birth, weight, P)
+    names, log_rates, beta, gamma = _action_params(source)
     pad = lambda a, fill: np.r_[fill, a]  # noqa: E731  row 0 = padding
     return World(
         num_items=V, num_topics=T, num_periods=P, period_seconds=source.period_days * 86_400.0,
         start_time=source.start_time, topic_base=base, transition=transition, topic_vec=topic_vec,
         item_topic=pad(topic, -1), item_birth_day=pad(birth_day, 0.0), item_birth=pad(birth, 0),
         item_weight=pad(weight, 0.0), item_vec=np.vstack([np.zeros((1, d)), vec]),
-        decay=decay, norm=norm, birth_cdf=birth_cdf, group_upper=g + within, group_items=entries + 1,
-        action_names=names, log_rates=np.log(rates / rates.sum()),
-        beta=source.action_affinity * strength, gamma=source.action_session_slope * strength,
+        decay=decay, norm=norm, birth_cdf=birth_cdf, group_upper=group_upper, group_items=entries + 1,
+        action_names=names, log_rates=log_rates, beta=beta, gamma=gamma,
     )
 
 
@@ -282,110 +314,158 @@ def _ranks(probs: np.ndarray, target_prob: np.ndarray, seen_rows: np.ndarray) ->
     return (probs >= target_prob[:, None]).sum(1)
 
 
-def simulate_block(world: World, source: SyntheticSource, block: int) -> dict:
-    """Events of one block of users (own RNG stream), plus the truth of their eval targets."""
-    first = block * block_users(source)
-    n = max(0, min(source.num_users, first + block_users(source)) - first)
-    rng = np.random.default_rng([source.seed, 0x5EED, 2, block])
-    T, d, V = world.num_topics, world.item_vec.shape[1], world.num_items
-    user_ids = np.arange(first + 1, first + n + 1, dtype=np.int64)
-    lengths = _user_lengths(rng, n, source)
-    alpha = source.interest_concentration * T * world.topic_base
+class _Block:
+    """One block of users being simulated: their draws (one RNG stream), running state and output rows.
 
-    def interests(k):
-        g = rng.standard_gamma(alpha, size=(k, T))
+    The draws happen in a fixed order (users, then per step: sessions, items, actions) that the
+    events depend on: a change of order changes every event of the seed."""
+
+    def __init__(self, world: World, source: SyntheticSource, block: int):
+        self.world, self.source = world, source
+        first = block * block_users(source)
+        n = max(0, min(source.num_users, first + block_users(source)) - first)
+        self.rng = np.random.default_rng([source.seed, 0x5EED, 2, block])
+        self.alpha = source.interest_concentration * world.num_topics * world.topic_base
+        self.user_ids = np.arange(first + 1, first + n + 1, dtype=np.int64)
+        self.lengths = _user_lengths(self.rng, n, source)
+        self.theta = self._interests(n)
+        d = world.item_vec.shape[1]
+        self.taste_noise = source.taste_noise * self.rng.standard_normal((n, d)) / math.sqrt(d)
+        start = np.floor(self.rng.uniform(0, source.duration_days * 86_400, size=n)).astype(np.int64)
+        self.clock = source.start_time + start
+        self.oracle_user = ((self.user_ids - 1) % oracle_stride(source) == 0) & (self.lengths >= 3)
+
+        self.offsets = np.r_[0, np.cumsum(self.lengths)]
+        total = int(self.offsets[-1])
+        self.items = np.zeros(total, np.int64)
+        self.stamps = np.zeros(total, np.int64)
+        self.first_action = np.zeros(total, np.int64)
+        self.second_action = np.full(total, -1, np.int64)
+        self.seen = np.zeros((n, world.num_items + 1), dtype=bool)
+        self.prev_topic = np.zeros(n, np.int64)
+        self.position = np.zeros(n, np.int64)
+        self.truth = []
+
+    def _interests(self, k: int) -> np.ndarray:
+        """k fresh Dirichlet(alpha) interest vectors (the topic base where every gamma draw is 0)."""
+        g = self.rng.standard_gamma(self.alpha, size=(k, self.world.num_topics))
         s = g.sum(1, keepdims=True)
-        return np.where(s > 0, g / np.where(s > 0, s, 1.0), world.topic_base)
+        return np.where(s > 0, g / np.where(s > 0, s, 1.0), self.world.topic_base)
 
-    theta = interests(n)
-    taste_noise = source.taste_noise * rng.standard_normal((n, d)) / math.sqrt(d)
-    clock = source.start_time + np.floor(rng.uniform(0, source.duration_days * 86_400, size=n)).astype(np.int64)
-    oracle_user = ((user_ids - 1) % oracle_stride(source) == 0) & (lengths >= 3)
+    def active_rows(self):
+        """Per step, the users still active: a prefix of the users ordered by length, longest first."""
+        by_length = np.argsort(-self.lengths, kind="stable")
+        active_counts = np.searchsorted(-self.lengths[by_length], -np.arange(int(self.lengths.max(initial=0))),
+                                        side="left")
+        for step, k in enumerate(active_counts):
+            yield step, by_length[:k]
 
-    offsets = np.r_[0, np.cumsum(lengths)]
-    total = int(offsets[-1])
-    items = np.zeros(total, np.int64)
-    stamps = np.zeros(total, np.int64)
-    first_action = np.zeros(total, np.int64)
-    second_action = np.full(total, -1, np.int64)
-    seen = np.zeros((n, V + 1), dtype=bool)
-    prev_topic = np.zeros(n, np.int64)
-    position = np.zeros(n, np.int64)
-    by_length = np.argsort(-lengths, kind="stable")  # active users at step s are a prefix
-    active_counts = np.searchsorted(-lengths[by_length], -np.arange(int(lengths.max(initial=0))), side="left")
-    truth = []
-    eps, lam = source.exploration, source.topic_transition
-    for step, k in enumerate(active_counts):
-        rows = by_length[:k]
+    def step(self, step: int, rows: np.ndarray) -> None:
+        """Every active user's next impression: time, topic, item, actions (and its truth if a target)."""
+        new_session = self._advance_clock(step, rows)
+        pz = self._topic_probs(rows, new_session)
+        period = self.world.period_of(self.clock[rows])
+        item = _draw_items(self.world, self.rng, pz, period, self.seen, rows)
+        affinity, bits, act, second = self._draw_actions(rows, item)
+        self._record_truth(step, rows, dict(
+            item=item, pz=pz, period=period, new_session=new_session, affinity=affinity, bits=bits, act=act,
+            second=second))
+        self.seen[rows, item] = True
+        self.prev_topic[rows] = self.world.item_topic[item]
+        at = self.offsets[rows] + step
+        self.items[at], self.stamps[at], self.first_action[at], self.second_action[at] = (
+            item, self.clock[rows], act, second)
+
+    def _advance_clock(self, step: int, rows: np.ndarray) -> np.ndarray:
+        """Session ends, time gaps and interest drift; returns which rows start a new session."""
+        source, k = self.source, len(rows)
         if step == 0:
             new_session = np.ones(k, dtype=bool)
             gaps = np.zeros(k, np.int64)
         else:
-            new_session = rng.random(k) < source.session_end_prob
+            new_session = self.rng.random(k) < source.session_end_prob
             mu = np.where(new_session, BETWEEN_SESSION_GAP[0], WITHIN_SESSION_GAP[0])
             sigma = np.where(new_session, BETWEEN_SESSION_GAP[1], WITHIN_SESSION_GAP[1])
-            gaps = np.maximum(1, np.rint(np.exp(mu + sigma * rng.standard_normal(k)))).astype(np.int64)
+            gaps = np.maximum(1, np.rint(np.exp(mu + sigma * self.rng.standard_normal(k)))).astype(np.int64)
             drifting = rows[new_session]
             if len(drifting) and source.interest_drift > 0:
-                theta[drifting] = (1 - source.interest_drift) * theta[drifting] + source.interest_drift * interests(len(drifting))
-        clock[rows] += gaps
-        position[rows] = np.where(new_session, 0, position[rows] + 1)
-        mix = theta[rows]
-        cont = ~new_session
-        mix[cont] = lam * world.transition[prev_topic[rows[cont]]] + (1 - lam) * mix[cont]
-        pz = (1 - eps) * mix + eps * world.topic_base
-        period = world.period_of(clock[rows])
-        item = _draw_items(world, rng, pz, period, seen, rows)
+                self.theta[drifting] = ((1 - source.interest_drift) * self.theta[drifting]
+                                        + source.interest_drift * self._interests(len(drifting)))
+        self.clock[rows] += gaps
+        self.position[rows] = np.where(new_session, 0, self.position[rows] + 1)
+        return new_session
 
-        taste = _normalise(theta[rows] @ world.topic_vec + taste_noise[rows])
-        affinity = np.einsum("nd,nd->n", taste, world.item_vec[item])
-        q, m, bits = world.action_probs(affinity, position[rows], source.multi_action_rate)
-        act = _categorical(rng, q)
-        second = np.full(k, -1, np.int64)
+    def _topic_probs(self, rows: np.ndarray, new_session: np.ndarray) -> np.ndarray:
+        """pz: interests (and, within a session, the previous item's topic transition), plus exploration."""
+        eps, lam = self.source.exploration, self.source.topic_transition
+        mix = self.theta[rows]
+        cont = ~new_session
+        mix[cont] = lam * self.world.transition[self.prev_topic[rows[cont]]] + (1 - lam) * mix[cont]
+        return (1 - eps) * mix + eps * self.world.topic_base
+
+    def _draw_actions(self, rows: np.ndarray, item: np.ndarray):
+        """(affinity, P(bit k), first action, second action or -1) of each row's impression of `item`."""
+        taste = _normalise(self.theta[rows] @ self.world.topic_vec + self.taste_noise[rows])
+        affinity = np.einsum("nd,nd->n", taste, self.world.item_vec[item])
+        q, m, bits = self.world.action_probs(affinity, self.position[rows], self.source.multi_action_rate)
+        act = _categorical(self.rng, q)
+        second = np.full(len(rows), -1, np.int64)
         if q.shape[1] > 1:
-            multi = np.flatnonzero(rng.random(k) < m)
+            multi = np.flatnonzero(self.rng.random(len(rows)) < m)
             rest = q[multi].copy()
             rest[np.arange(len(multi)), act[multi]] = 0.0
-            second[multi] = _categorical(rng, rest)
+            second[multi] = _categorical(self.rng, rest)
+        return affinity, bits, act, second
 
-        # the truth for leave-one-out targets: second-to-last (valid) and last (test) events
-        remaining = lengths[rows] - step
-        target = oracle_user[rows] & (remaining <= 2)
-        if target.any():
-            t = np.flatnonzero(target)
-            probs = world.next_item_probs(pz[t], period[t])
-            p_target = probs[np.arange(len(t)), item[t]]
-            ranks = _ranks(probs, p_target, seen[rows[t]])
-            mask = (np.int64(1) << act[t]) | np.where(second[t] >= 0, np.int64(1) << np.maximum(second[t], 0), 0)
-            truth.append({
-                "user_id": user_ids[rows[t]], "split": np.where(remaining[t] == 2, 0, 1).astype(np.int8),
-                "item_id": item[t], "timestamp": clock[rows[t]], "period": period[t],
-                "session_start": new_session[t], "position": position[rows[t]], "topic_probs": pz[t],
-                "true_prob": p_target / np.where(seen[rows[t]], 0.0, probs).sum(1),
-                "affinity": affinity[t], "action_probs": bits[t], "action_mask": mask, "oracle_rank": ranks,
-            })
+    def _record_truth(self, step: int, rows: np.ndarray, drawn: dict) -> None:
+        """The truth for leave-one-out targets: second-to-last (valid) and last (test) events."""
+        remaining = self.lengths[rows] - step
+        target = self.oracle_user[rows] & (remaining <= 2)
+        if not target.any():
+            return
+        t = np.flatnonzero(target)
+        item, act, second = drawn["item"][t], drawn["act"][t], drawn["second"][t]
+        seen = self.seen[rows[t]]
+        probs = self.world.next_item_probs(drawn["pz"][t], drawn["period"][t])
+        p_target = probs[np.arange(len(t)), item]
+        mask = (np.int64(1) << act) | np.where(second >= 0, np.int64(1) << np.maximum(second, 0), 0)
+        self.truth.append({
+            "user_id": self.user_ids[rows[t]], "split": np.where(remaining[t] == 2, 0, 1).astype(np.int8),
+            "item_id": item, "timestamp": self.clock[rows[t]], "period": drawn["period"][t],
+            "session_start": drawn["new_session"][t], "position": self.position[rows[t]],
+            "topic_probs": drawn["pz"][t], "true_prob": p_target / np.where(seen, 0.0, probs).sum(1),
+            "affinity": drawn["affinity"][t], "action_probs": drawn["bits"][t], "action_mask": mask,
+            "oracle_rank": _ranks(probs, p_target, seen),
+        })
 
-        seen[rows, item] = True
-        prev_topic[rows] = world.item_topic[item]
-        at = offsets[rows] + step
-        items[at], stamps[at], first_action[at], second_action[at] = item, clock[rows], act, second
+    def result(self) -> dict:
+        """The block's events, popularity counts, truth rows (by user, split) and oracle users' histories."""
+        lengths, offsets, items = self.lengths, self.offsets, self.items
+        # popularity baseline counts: the training events (all but the last two of users with >= 3)
+        train = np.arange(len(items)) < np.repeat(np.where(lengths >= 3, offsets[1:] - 2, offsets[1:]), lengths)
+        counts = np.bincount(items[train], minlength=self.world.num_items + 1).astype(np.int64)
+        truth = self.truth
+        truth_cols = ({key: np.concatenate([t[key] for t in truth]) for key in truth[0]} if truth else None)
+        if truth_cols is not None:  # order by (user, split) whatever the step order
+            order = np.lexsort((truth_cols["split"], truth_cols["user_id"]))
+            truth_cols = {key: v[order] for key, v in truth_cols.items()}
+        ou = np.flatnonzero(self.oracle_user)
+        histories = [items[offsets[u]:offsets[u + 1]] for u in ou]
+        return {
+            "user_id": np.repeat(self.user_ids, lengths), "item_id": items, "timestamp": self.stamps,
+            "action": self.first_action, "second_action": self.second_action, "counts": counts,
+            "truth": truth_cols,
+            "oracle_sequences": (np.concatenate(histories) if histories else np.zeros(0, np.int64),
+                                 lengths[ou]),
+        }
 
-    user_of_event = np.repeat(user_ids, lengths)
-    # popularity baseline counts: the training events (all but the last two of users with >= 3)
-    train = np.arange(total) < np.repeat(np.where(lengths >= 3, offsets[1:] - 2, offsets[1:]), lengths)
-    counts = np.bincount(items[train], minlength=V + 1).astype(np.int64)
-    truth_cols = ({key: np.concatenate([t[key] for t in truth]) for key in truth[0]} if truth else None)
-    if truth_cols is not None:  # order by (user, split) whatever the step order
-        order = np.lexsort((truth_cols["split"], truth_cols["user_id"]))
-        truth_cols = {key: v[order] for key, v in truth_cols.items()}
-    ou = np.flatnonzero(oracle_user)
-    histories = [items[offsets[u]:offsets[u + 1]] for u in ou]
-    return {
-        "user_id": user_of_event, "item_id": items, "timestamp": stamps, "action": first_action,
-        "second_action": second_action, "counts": counts, "truth": truth_cols,
-        "oracle_sequences": (np.concatenate(histories) if histories else np.zeros(0, np.int64),
-                             lengths[ou]),
-    }
+
+def simulate_block(world: World, source: SyntheticSource, block: int) -> dict:
+    """Events of one block of users (own RNG stream), plus the truth of their eval targets."""
+    block_sim = _Block(world, source, block)
+    for step, rows in block_sim.active_rows():
+        block_sim.step(step, rows)
+    return block_sim.result()
 
 
 def _events_table(world: World, sim: dict) -> pa.Table:
@@ -476,17 +556,6 @@ def generate_shard(source: SyntheticSource, shard: int, out_dir: str, world: Wor
 
 # ----------------------------------------------------------------------------- oracle metrics
 
-def metrics_from_ranks(ranks: np.ndarray) -> dict:
-    """HR@{10,50,200}, NDCG@{10,200}, MRR as genrec.train.evaluation reports them."""
-    ranks = np.asarray(ranks, dtype=np.float64)
-    if not len(ranks):
-        return {}
-    out = {f"hr@{k}": float((ranks <= k).mean()) for k in HIT_KS}
-    out.update({f"ndcg@{k}": float(np.where(ranks <= k, 1.0 / np.log2(ranks + 1), 0.0).mean()) for k in NDCG_KS})
-    out["mrr"] = float((1.0 / ranks).mean())
-    return out
-
-
 def popularity_ranks(counts: np.ndarray, targets: np.ndarray, histories: list) -> np.ndarray:
     """Pessimistic rank of each target when items are ranked by count, history removed."""
     ordered = np.sort(counts[1:])
@@ -498,31 +567,6 @@ def popularity_ranks(counts: np.ndarray, targets: np.ndarray, histories: list) -
                              weights=(counts[flat] >= np.repeat(c_t, sizes)).astype(np.float64),
                              minlength=len(targets))
     return at_least - in_history.astype(np.int64)
-
-
-def auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
-    """Exact ROC AUC (ties count one half)."""
-    labels = np.asarray(labels, bool)
-    pos, neg = int(labels.sum()), int((~labels).sum())
-    if not pos or not neg:
-        return None
-    order = np.argsort(scores, kind="stable")
-    s = np.asarray(scores)[order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    ends = np.r_[starts[1:], len(s)]
-    avg_rank = np.repeat((starts + ends + 1) / 2.0, ends - starts)  # 1-based average ranks
-    return float((avg_rank[labels[order]].sum() - pos * (pos + 1) / 2) / (pos * neg))
-
-
-def normalized_entropy(labels: np.ndarray, probs: np.ndarray) -> float | None:
-    """Log loss divided by the entropy of the labels' base rate (1.0 = predicting the base rate)."""
-    y = np.asarray(labels, np.float64)
-    p = np.clip(np.asarray(probs, np.float64), 1e-12, 1 - 1e-12)
-    rate = y.mean() if len(y) else 0.0
-    if rate <= 0 or rate >= 1:
-        return None
-    loss = -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()
-    return float(loss / -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate)))
 
 
 def oracle_summary(source: SyntheticSource, world: World, parts: list[dict]) -> dict:

@@ -45,6 +45,7 @@ class Rules:
     timestamp_max: int = 2**62
     actions: tuple = ()  # raw action value -> id pairs; empty: no action column
     num_action_ids: int = 0
+    integer_actions_are_ids: bool = True  # an integer action column holds ids, else values looked up in `actions`
     rating: str | None = None  # "stars" (1..5) or "half_stars" (0.5..5): the action is the rating
 
 
@@ -75,6 +76,84 @@ def _clip_raw(text: str) -> str:
     return text if len(text) <= MAX_RAW_CHARS else f"{text[:MAX_RAW_CHARS]}... ({len(text)} characters)"
 
 
+def _unify_line_ends(data: bytes, newline: bytes) -> bytes:
+    # old Mac files end lines with CR alone; Windows ones with CRLF
+    if b"\r" in data:
+        return data.replace(b"\r", b"\n") if newline == b"\r" else data.replace(b"\r\n", b"\n")
+    return data
+
+
+def _unreadable_lines(data: bytes, starts: np.ndarray, ends: np.ndarray, num_fields: int, quoting: bool) -> dict:
+    """Line index -> reason, for lines that would make a CSV reader lose its place: empty lines,
+    a carriage return left inside a line (the reader would end a row there, and its rows would no
+    longer match the lines), invalid UTF-8 and an odd number of quotes (which would run into the
+    next lines)."""
+    pre = {}
+    for i in np.flatnonzero(ends - starts == 0):
+        pre[int(i)] = f"wrong number of fields: 0, expected {num_fields}"
+    if b"\r" in data:
+        buf = np.frombuffer(data, dtype=np.uint8)
+        returns = np.concatenate([[0], np.cumsum(buf == ord("\r"))])
+        for i in np.flatnonzero(returns[ends] > returns[starts]):
+            pre.setdefault(int(i), "bad line end: a carriage return inside the line")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        for i in range(len(starts)):
+            try:
+                data[starts[i]:ends[i]].decode("utf-8")
+            except UnicodeDecodeError as err:
+                pre.setdefault(i, f"bad encoding: not UTF-8 at byte {err.start}")
+    if quoting and b'"' in data:
+        buf = np.frombuffer(data, dtype=np.uint8)
+        quotes = np.concatenate([[0], np.cumsum(buf == ord('"'))])
+        odd = np.flatnonzero((quotes[ends] - quotes[starts]) % 2 == 1)
+        for i in odd:
+            pre.setdefault(int(i), "bad quoting: unbalanced quote")
+    return pre
+
+
+def _parse_csv(body: bytes, names: list[str], wanted: list[int], delimiter: str, quoting: bool):
+    """pyarrow's CSV reader over the kept lines -> (binary columns `wanted`, [(index among the lines
+    it saw, reason)] of the rows with the wrong number of fields, which it skipped)."""
+    if delimiter == "::":  # MovieLens .dat; the reader wants one byte (the unit separator never occurs there)
+        body, delimiter = body.replace(b"::", b"\x1f"), "\x1f"
+    wrong: list[tuple[int, str]] = []
+
+    def handler(row) -> str:
+        # row.number counts the rows the reader saw, 1-based (no header: we pass names)
+        wrong.append((row.number - 1, f"wrong number of fields: {row.actual_columns}, expected {row.expected_columns}"))
+        return "skip"
+
+    if not body:
+        return pa.table({names[i]: pa.array([], pa.binary()) for i in wanted}), wrong
+    table = pacsv.read_csv(
+        pa.BufferReader(body),
+        read_options=pacsv.ReadOptions(column_names=names, use_threads=False, block_size=len(body) + 1),
+        parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoting else False,
+                                          invalid_row_handler=handler, ignore_empty_lines=False),
+        convert_options=pacsv.ConvertOptions(
+            include_columns=[names[i] for i in wanted],
+            column_types={names[i]: pa.binary() for i in wanted},
+            strings_can_be_null=False, quoted_strings_can_be_null=False),
+    )
+    return table, wrong
+
+
+def _drop_long_fields(table: pa.Table, rows_of_table: np.ndarray, pre: dict) -> tuple[pa.Table, np.ndarray]:
+    """Rows with a field longer than the limit go to `pre` (an id or a time that long is garbage)."""
+    too_long = np.zeros(table.num_rows, dtype=bool)
+    for name in table.column_names:
+        length = pc.binary_length(table[name]).to_numpy()
+        long_here = (length > MAX_FIELD_BYTES) & ~too_long
+        for r in np.flatnonzero(long_here):
+            pre[int(rows_of_table[r])] = f"field too long: {name} has {int(length[r])} bytes (limit {MAX_FIELD_BYTES})"
+        too_long |= long_here
+    if too_long.any():
+        return table.filter(pa.array(~too_long)), rows_of_table[~too_long]
+    return table, rows_of_table
+
+
 def read_text(data: bytes, first_row: int, names: list[str], positions: dict, delimiter: str,
               quoting: bool = True, newline: bytes = b"\n") -> TextTable:
     """Lines of one chunk (no header) -> mapped string columns + rejected lines with reasons.
@@ -85,83 +164,31 @@ def read_text(data: bytes, first_row: int, names: list[str], positions: dict, de
     next lines, an empty line); the rest is parsed by pyarrow's CSV reader, which
     reports rows with the wrong number of fields to a handler that keeps them.
     """
-    # old Mac files end lines with CR alone; Windows ones with CRLF
-    if b"\r" in data:
-        data = data.replace(b"\r", b"\n") if newline == b"\r" else data.replace(b"\r\n", b"\n")
+    data = _unify_line_ends(data, newline)
     starts, ends = _line_bounds(data)
     n = len(starts)
-    buf = np.frombuffer(data, dtype=np.uint8)
-
-    def raw_line(i: int) -> str:
-        return data[starts[i]:ends[i]].decode("utf-8", "backslashreplace")
-
-    pre = {}  # line index -> reason, for lines the reader must not see
-    lengths = ends - starts
-    for i in np.flatnonzero(lengths == 0):
-        pre[int(i)] = f"wrong number of fields: 0, expected {len(names)}"
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        for i in range(n):
-            try:
-                data[starts[i]:ends[i]].decode("utf-8")
-            except UnicodeDecodeError as err:
-                pre.setdefault(i, f"bad encoding: not UTF-8 at byte {err.start}")
-    if quoting and b'"' in data:
-        quotes = np.concatenate([[0], np.cumsum(buf == ord('"'))])
-        odd = np.flatnonzero((quotes[ends] - quotes[starts]) % 2 == 1)
-        for i in odd:
-            pre.setdefault(int(i), "bad quoting: unbalanced quote")
+    pre = _unreadable_lines(data, starts, ends, len(names), quoting)  # line index -> reason
     kept = np.ones(n, dtype=bool)
     kept[list(pre)] = False
     parse_lines = np.flatnonzero(kept)
     body = data if kept.all() else b"".join(data[starts[i]:ends[i]] + b"\n" for i in parse_lines)
-    if delimiter == "::":  # MovieLens .dat; the reader wants one byte (the unit separator never occurs there)
-        body, delimiter = body.replace(b"::", b"\x1f"), "\x1f"
-
-    wrong: list[tuple[int, str]] = []
-
-    def handler(row) -> str:
-        # row.number counts the rows the reader saw, 1-based (no header: we pass names)
-        wrong.append((row.number - 1, f"wrong number of fields: {row.actual_columns}, expected {row.expected_columns}"))
-        return "skip"
-
-    wanted = sorted(set(positions.values()))
-    if len(parse_lines) and body:
-        table = pacsv.read_csv(
-            pa.BufferReader(body),
-            read_options=pacsv.ReadOptions(column_names=names, use_threads=False, block_size=len(body) + 1),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoting else False,
-                                              invalid_row_handler=handler, ignore_empty_lines=False),
-            convert_options=pacsv.ConvertOptions(
-                include_columns=[names[i] for i in wanted],
-                column_types={names[i]: pa.binary() for i in wanted},
-                strings_can_be_null=False, quoted_strings_can_be_null=False),
-        )
-    else:
-        table = pa.table({names[i]: pa.array([], pa.binary()) for i in wanted})
+    table, wrong = _parse_csv(body, names, sorted(set(positions.values())), delimiter, quoting)
     good_seen = np.ones(len(parse_lines), dtype=bool)
     for seen, reason in wrong:
         good_seen[seen] = False
         pre[int(parse_lines[seen])] = reason
-    rows_of_table = parse_lines[good_seen]
-    # fields longer than the limit: rejected here (an id or a time that long is garbage)
-    too_long = np.zeros(table.num_rows, dtype=bool)
-    for name in table.column_names:
-        length = pc.binary_length(table[name]).to_numpy()
-        long_here = (length > MAX_FIELD_BYTES) & ~too_long
-        for r in np.flatnonzero(long_here):
-            pre[int(rows_of_table[r])] = f"field too long: {name} has {int(length[r])} bytes (limit {MAX_FIELD_BYTES})"
-        too_long |= long_here
-    if too_long.any():
-        table = table.filter(pa.array(~too_long))
-        rows_of_table = rows_of_table[~too_long]
+    table, rows_of_table = _drop_long_fields(table, parse_lines[good_seen], pre)
     columns = {field: pc.cast(table[names[index]], pa.string()) for field, index in positions.items()}
     rejected = sorted(pre)
+
+    def raw(rows) -> list[str]:
+        return [_clip_raw(data[starts[i]:ends[i]].decode("utf-8", "backslashreplace"))
+                for i in (int(r) - first_row for r in rows)]
+
     return TextTable(
         columns=columns,
         rows=rows_of_table.astype(np.int64) + first_row,
-        raw=lambda rows: [_clip_raw(raw_line(int(r) - first_row)) for r in rows],
+        raw=raw,
         rejected_rows=np.array(rejected, dtype=np.int64) + first_row,
         rejected_reasons=[pre[i] for i in rejected],
         input_rows=n,
@@ -300,7 +327,7 @@ def _actions(col: pa.Array | None, value: pa.Array, value_text: pa.Array | None,
     if col is None:
         return pa.array(np.zeros(n, dtype=np.int32))
     known = dict(rules.actions)
-    if pa.types.is_integer(col.type):
+    if pa.types.is_integer(col.type) and rules.integer_actions_are_ids:
         reasons.flag(pc.is_null(col), "missing field action")
         ids = pc.cast(col.fill_null(0), pa.int64())
         bad = pc.or_(pc.less(ids, 0), pc.greater_equal(ids, rules.num_action_ids))

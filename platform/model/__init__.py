@@ -4,7 +4,7 @@ their retrieval loss. Depends on torch only; fast ops live in `ops/`."""
 from .embeddings import SequenceEmbedding
 from .encoder import SequentialEncoder, build_encoder
 from .encoder_config import EncoderConfig
-from .hstu import HSTU, HSTULayer, RelativeBucketedTimeAndPositionBias, relative_bias_index
+from .hstu import HSTU, HSTULayer
 from .jagged import (
     jagged_to_padded,
     lengths_from_offsets,
@@ -17,6 +17,7 @@ from .jagged import (
 from .losses import sample_negatives, sampled_softmax_loss
 from .ops.gathered_dot import gathered_dot
 from .ops.hstu_attention import hstu_attention
+from .relative_bias import RelativeBucketedTimeAndPositionBias, relative_bias_index
 from .sasrec import SASRec, SASRecBlock, causal_softmax_attention
 
 __all__ = [

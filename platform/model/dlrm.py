@@ -1,44 +1,78 @@
 """A DLRM-style pointwise ranker, the baseline generative ranking is measured against.
 
-For a candidate item e (an item token of the interleaved batch) and the user's earlier
-impressions h_j = item(Phi_j) + action(a_j):
+It sees what GR sees (genrec.model.generative), as features rather than through HSTU: for a
+candidate item e (an item token of the interleaved batch, at its target time t) and the user's
+earlier impressions j (item Phi_j, action a_j, time t_j),
 
-    interest = sum_j softmax_j(<W_q e, W_k h_j> / sqrt(D)) h_j      (DIN-like target attention)
-    logits   = MLP([e, interest, e * interest, context])             (one output per task)
+    h_j      = item(Phi_j) + action(a_j) + age(bucket(t - t_j))   (HSTU's log-time buckets)
+    interest = sum_j DIN(e, h_j) h_j                               (DIN's attention unit, no softmax)
+    logits   = MLP([e, interest, e * interest, context, age(bucket(t - t_last)), age(bucket(t - t_first))])
 
-context = mean of the user's context-token embeddings. Every item token is one pointwise
-example that sees only impressions strictly before it (never its own action), so a whole
-sequence trains in one pass without changing what each example sees.
+context = mean of the user's context-token embeddings; t_last / t_first are the times of the most
+recent and the first earlier impression (GR's relative time bias sees the same gaps; neither model
+sees clock or calendar time). Every item token is one pointwise example that sees only impressions
+strictly before it (never its own action), so a whole sequence trains in one pass without changing
+what each example sees.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
-from .generative import ACTION, CONTEXT, ITEM, GenerativeConfig
+from .generative import GenerativeConfig, TokenTypes
 from .jagged import jagged_to_padded, max_length, padded_index, padded_to_jagged
+from .relative_bias import NUM_TIME_BUCKETS, time_buckets
+
+MLP_HIDDEN = 200
+ATTENTION_HIDDEN = 32  # the DIN unit's one hidden layer
+
+
+class DINAttention(nn.Module):
+    """DIN's activation unit (Zhou et al., KDD 2018, Sec. 4.3): the weight of history item h for target
+    t is w(t, h) = MLP([t, h, t - h, t * h]) (one PReLU hidden layer), and the user's interest in t is
+    sum_j w(t, h_j) h_j, without a softmax (the paper keeps the intensity of the interest).
+
+    Each target i has its own history h_ij (an item's age depends on the target's time). The first
+    layer is linear in h for a fixed target,
+        W [t, h, t - h, t * h] = (W_t + W_d) t + (W_h - W_d + W_p diag(t)) h,
+    so it is one [hidden, D] x [D, L] product per target, never a [B, L, L, 4D] input."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(4 * dim, hidden)
+        self.activation = nn.PReLU()
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, targets: torch.Tensor, history: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """targets [B, L, D], history [B, L, L, D] (item j as target i sees it), visible (bool,
+        broadcastable to [B, L, L]) -> interest [B, L, D]."""
+        w_t, w_h, w_d, w_p = self.hidden.weight.split(targets.size(-1), dim=1)  # [hidden, D] each
+        per_target = targets @ (w_t + w_d).T + self.hidden.bias  # [B, L, hidden]
+        slope = (w_h - w_d) + w_p * targets.unsqueeze(-2)  # [B, L, hidden, D]
+        z = per_target.unsqueeze(-1) + slope @ history.transpose(-1, -2)  # [B, L, hidden, L]
+        weights = (self.out.weight @ self.activation(z)).squeeze(-2) + self.out.bias  # [B, L, L]
+        return ((weights * visible).unsqueeze(-2) @ history).squeeze(-2)
 
 
 class DLRMRanker(nn.Module):
     retrieval = False
 
-    def __init__(self, config: GenerativeConfig, hidden: int = 200) -> None:
+    def __init__(self, config: GenerativeConfig, hidden: int = MLP_HIDDEN,
+                 attention_hidden: int = ATTENTION_HIDDEN) -> None:
         super().__init__()
         D = config.encoder.dim
-        self.config = config
+        self.config, self.types = config, TokenTypes(*config.token_types)
         self.task_names = [name for name, _ in config.tasks]
         self.binary = torch.tensor([kind == "binary" for _, kind in config.tasks])
         self.items = nn.Embedding(config.encoder.num_items + 1, D, padding_idx=0)
         self.actions = nn.Embedding(config.num_actions, D)
         self.context = nn.Embedding(config.num_context + 1, D)
-        self.query = nn.Linear(D, D, bias=False)
-        self.key = nn.Linear(D, D, bias=False)
-        self.mlp = nn.Sequential(nn.Linear(4 * D, hidden), nn.ReLU(), nn.Dropout(config.encoder.dropout),
+        self.ages = nn.Embedding(NUM_TIME_BUCKETS + 1, D)
+        self.attention = DINAttention(D, attention_hidden)
+        self.mlp = nn.Sequential(nn.Linear(6 * D, hidden), nn.ReLU(), nn.Dropout(config.encoder.dropout),
                                  nn.Linear(hidden, hidden // 2), nn.ReLU(), nn.Linear(hidden // 2, len(config.tasks)))
-        for table in (self.items, self.actions, self.context):
+        for table in (self.items, self.actions, self.context, self.ages):
             nn.init.trunc_normal_(table.weight, std=0.02, a=-0.04, b=0.04)
 
     def action_embeddings(self, actions: torch.Tensor) -> torch.Tensor:
@@ -53,23 +87,32 @@ class DLRMRanker(nn.Module):
     def forward(self, ids: torch.Tensor, token_types: torch.Tensor, timestamps: torch.Tensor,
                 target_timestamps: torch.Tensor, offsets: torch.Tensor) -> tuple[None, torch.Tensor]:
         """The GR batch signature -> (no retrieval output, task logits [T, num_tasks], meaningful at item tokens)."""
-        L = max_length(offsets)
-        index = padded_index(offsets, ids.size(0), L)
-        kind = jagged_to_padded(token_types.long(), offsets, L, -1, index)  # [B, L], -1 = padding
-        tok = jagged_to_padded(ids, offsets, L, 0, index)
-        is_item = kind == ITEM
-        item = self.items(torch.where(is_item, tok, 0))  # [B, L, D]
-        next_tok = torch.cat([tok[:, 1:], torch.zeros_like(tok[:, :1])], 1)  # the action after each item
-        has_action = torch.cat([kind[:, 1:] == ACTION, torch.zeros_like(is_item[:, :1])], 1)
-        history = item + torch.where((is_item & has_action).unsqueeze(-1),
-                                     self.action_embeddings(torch.where(has_action, next_tok, 0)), 0.0)
-        is_context = kind == CONTEXT
-        context = (self.context(torch.where(is_context, tok, 0)) * is_context.unsqueeze(-1)).sum(1)
-        context = context / is_context.sum(1, keepdim=True).clamp(min=1)
-        scores = self.query(item) @ self.key(history).transpose(1, 2) / math.sqrt(item.size(-1))  # [B, L, L]
-        earlier = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril(-1)
-        visible = earlier & (is_item & has_action).unsqueeze(1)
-        weights = torch.softmax(scores.masked_fill(~visible, -math.inf), -1).nan_to_num(0.0)  # no history: zero
-        interest = weights @ history
-        features = torch.cat([item, interest, item * interest, context.unsqueeze(1).expand_as(item)], -1)
-        return None, padded_to_jagged(self.mlp(features), offsets, index)
+        kind, num_tokens, num_users = token_types.long(), ids.size(0), offsets.numel() - 1
+        user = torch.arange(num_users, device=ids.device).repeat_interleave(offsets.diff(), output_size=num_tokens)
+        is_context = kind == self.types.context
+        context = self.context.weight.new_zeros(num_users, self.context.embedding_dim).index_add_(
+            0, user[is_context], self.context(ids[is_context]))
+        context = context / torch.bincount(user[is_context], minlength=num_users).clamp(min=1).unsqueeze(1)
+        # the items alone, padded [B, L]; an item's action is the token right after it (none for the last;
+        # a sequence never starts with an action, so the next user's first token is never taken for one)
+        at = torch.nonzero(kind == self.types.item).squeeze(1)
+        after = (at + 1).clamp(max=num_tokens - 1)
+        has_action = (at + 1 < num_tokens) & (kind[after] == self.types.action)
+        item_offsets = torch.cat([offsets[:1], torch.bincount(user[at], minlength=num_users).cumsum(0)])
+        L = max_length(item_offsets)
+        index = padded_index(item_offsets, at.numel(), L)
+        item = jagged_to_padded(self.items(ids[at]), item_offsets, L, 0.0, index)  # [B, L, D]
+        impression = item + jagged_to_padded(torch.where(has_action.unsqueeze(1), self.action_embeddings(
+            torch.where(has_action, ids[after], 0)), 0.0), item_offsets, L, 0.0, index)
+        ts = jagged_to_padded(timestamps[at], item_offsets, L, 0, index)
+        target_ts = jagged_to_padded(target_timestamps[at], item_offsets, L, 0, index)
+        ages = time_buckets(target_ts.unsqueeze(2), ts.unsqueeze(1), NUM_TIME_BUCKETS)  # [B, L, L]
+        earlier = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril(-1)  # j < i: never padding for a real i
+        interest = self.attention(item, impression.unsqueeze(1) + self.ages(ages), earlier)  # h_ij: j aged at i
+        # the target's own time features: its gaps to the most recent and to the first earlier impression
+        since_last = torch.cat([torch.zeros_like(item[:, :1]), self.ages(ages.diagonal(-1, 1, 2))], 1)
+        since_first = self.ages(ages[:, :, 0]) * (torch.arange(L, device=ids.device) > 0).unsqueeze(-1)
+        features = torch.cat([item, interest, item * interest, context.unsqueeze(1).expand_as(item),
+                              since_last, since_first], -1)
+        logits = padded_to_jagged(self.mlp(features), item_offsets, index)
+        return None, logits.new_zeros(num_tokens, logits.size(1)).index_copy(0, at, logits)

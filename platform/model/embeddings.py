@@ -17,7 +17,7 @@ class SequenceEmbedding(nn.Module):
     def __init__(
         self,
         num_items: int,
-        max_seq_len: int,
+        num_positions: int,
         dim: int,
         dropout: float = 0.0,
         position_init: str = "xavier_normal",
@@ -29,7 +29,7 @@ class SequenceEmbedding(nn.Module):
         super().__init__()
         self.dim = dim
         self.items = nn.Embedding(num_items + 1, dim, padding_idx=0)
-        self.positions = nn.Embedding(max_seq_len, dim)
+        self.positions = nn.Embedding(num_positions, dim)
         self.dropout = nn.Dropout(dropout)
         nn.init.trunc_normal_(self.items.weight, std=0.02, a=-0.04, b=0.04)
         with torch.no_grad():

@@ -63,5 +63,5 @@ def build_encoder(config: EncoderConfig) -> SequentialEncoder:
         blocks, position_init = SASRec(config), "truncated_normal"
     else:
         raise ValueError(f"unknown encoder kind {config.kind!r}; expected 'hstu' or 'sasrec'")
-    embedding = SequenceEmbedding(config.num_items, config.max_seq_len, config.dim, config.dropout, position_init)
+    embedding = SequenceEmbedding(config.num_items, config.num_positions, config.dim, config.dropout, position_init)
     return SequentialEncoder(embedding, blocks, config)

@@ -9,8 +9,10 @@ class EncoderConfig:
     (D=50, 2 blocks, 1 head, dqk = dv = D / heads); HSTU-large is num_blocks=8,
     num_heads=2; SASRec has an FFN of width `ffn_dim` (default D).
 
-    max_seq_len N sizes the position tables; `attention_normalizer` is the N of
-    HSTU's 1/N (default max_seq_len; the paper's ML-1M code uses 211).
+    num_positions sizes the position tables: the model's N (model.max_seq_len of the
+    experiment config) for the items-only encoders, the token count (contexts + 2N + 1)
+    for the generative recommender. `attention_normalizer` is the N of HSTU's 1/N
+    (default num_positions; the paper's ML-1M code uses 211).
 
     The paper's ablations (its Table 2) are named options of HSTU: `attention`
     "softmax" replaces SiLU(.)/N by a causal softmax over the keys, and
@@ -18,7 +20,7 @@ class EncoderConfig:
 
     kind: str = "hstu"
     num_items: int = 0
-    max_seq_len: int = 200
+    num_positions: int = 200
     dim: int = 50
     num_blocks: int = 2
     num_heads: int = 1
@@ -41,7 +43,7 @@ class EncoderConfig:
 
     @property
     def normalizer(self) -> int:
-        return self.attention_normalizer or self.max_seq_len
+        return self.attention_normalizer or self.num_positions
 
     @property
     def is_paper_hstu(self) -> bool:

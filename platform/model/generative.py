@@ -10,13 +10,15 @@ Phi_i, so causal attention keeps an item's own action out of its own score.
 
 A token embeds as  content * sqrt(D) + position + token type,  content being the
 item table (shared with the retrieval output), the action table (a bitmask of
-several actions embeds as the sum of their rows) or the context table.
+several actions embeds as the sum of their rows) or the context table. Which token_types
+id is which kind is the data layer's (genrec.data.layout), passed in as `TokenTypes`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -26,14 +28,23 @@ from .encoder_config import EncoderConfig
 from .hstu import HSTU, LAYER_NORM_EPS
 from .jagged import positions_in_sequence
 
-CONTEXT, ITEM, ACTION = 0, 1, 2  # token types, as genrec.data.batches builds them
 BINARY, REGRESSION = "binary", "regression"
 L2_NORM_EPS = 1e-6
 
 
+class TokenTypes(NamedTuple):
+    """The token_types id of each kind of token (0, 1, 2 in some order: rows of the type table).
+    The layout is defined on the data side (genrec.data.layout.TOKEN_TYPES); the model imports
+    nothing of the data layer, so it is told."""
+
+    context: int
+    item: int
+    action: int
+
+
 @dataclass(frozen=True)
 class GenerativeConfig:
-    """encoder.max_seq_len counts tokens (context + 2 per history item + the candidate);
+    """encoder.num_positions counts tokens (context + 2 per history item + the candidate);
     tasks are (name, kind) pairs, kind "binary" (a logit, BCE) or "regression" (a value, MSE)."""
 
     encoder: EncoderConfig
@@ -41,6 +52,7 @@ class GenerativeConfig:
     multi_hot_actions: bool  # action ids are bitmasks OR(1 << k) rather than indices
     num_context: int  # context ids are 1..num_context, 0 = unknown
     tasks: tuple[tuple[str, str], ...]
+    token_types: TokenTypes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,8 +70,9 @@ class GenerativeRecommender(nn.Module):
         self.items = nn.Embedding(enc.num_items + 1, D, padding_idx=0)
         self.actions = nn.Embedding(config.num_actions, D)
         self.context = nn.Embedding(config.num_context + 1, D)
-        self.token_types = nn.Embedding(3, D)
-        self.positions = nn.Embedding(enc.max_seq_len, D)
+        self.types = TokenTypes(*config.token_types)
+        self.token_types = nn.Embedding(len(self.types), D)
+        self.positions = nn.Embedding(enc.num_positions, D)
         self.dropout = nn.Dropout(enc.dropout)
         self.blocks = HSTU(enc)
         self.heads = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, len(config.tasks)))
@@ -89,13 +102,14 @@ class GenerativeRecommender(nn.Module):
     def token_embeddings(self, ids: torch.Tensor, token_types: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Jagged tokens -> x [T, D]. ids [T] hold each token's id in its own vocabulary
         (item 1..V, action id or bitmask, context 1..C), token_types [T] say which."""
-        kind = token_types.long()
+        kind, types = token_types.long(), self.types
         zero = torch.zeros_like(ids)
-        content = (torch.where((kind == ITEM).unsqueeze(1), self.items(torch.where(kind == ITEM, ids, zero)), 0.0)
-                   + torch.where((kind == ACTION).unsqueeze(1),
-                                 self.action_embeddings(torch.where(kind == ACTION, ids, zero)), 0.0)
-                   + torch.where((kind == CONTEXT).unsqueeze(1),
-                                 self.context(torch.where(kind == CONTEXT, ids, zero)), 0.0))
+        content = (torch.where((kind == types.item).unsqueeze(1),
+                               self.items(torch.where(kind == types.item, ids, zero)), 0.0)
+                   + torch.where((kind == types.action).unsqueeze(1),
+                                 self.action_embeddings(torch.where(kind == types.action, ids, zero)), 0.0)
+                   + torch.where((kind == types.context).unsqueeze(1),
+                                 self.context(torch.where(kind == types.context, ids, zero)), 0.0))
         return self._embed(content, positions_in_sequence(offsets, ids.size(0)), kind)
 
     def candidate_embeddings(self, item_ids: torch.Tensor, position: int) -> torch.Tensor:
@@ -104,7 +118,7 @@ class GenerativeRecommender(nn.Module):
             raise ValueError(f"position {position} is beyond the {self.positions.num_embeddings} tokens the model "
                              "was built for")
         at = torch.full_like(item_ids, position)
-        return self._embed(self.items(item_ids), at, torch.full_like(item_ids, ITEM))
+        return self._embed(self.items(item_ids), at, torch.full_like(item_ids, self.types.item))
 
     def history_inputs(self, history: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """One user's interleaved tokens (item_ids, token_types, timestamps) -> (x [n, D], timestamps [n])."""
@@ -150,6 +164,6 @@ class GenerativeRecommender(nn.Module):
         target_ts = torch.cat([ts[1:], now, now])  # each token's target time: the next token's, then the request
         offsets = torch.arange(m + 1, device=ids.device) * (n + 1)
         _, logits = self(torch.cat([ids.expand(m, n), candidate_ids.unsqueeze(1)], 1).flatten(),
-                         torch.cat([types.expand(m, n), types.new_full((m, 1), ITEM)], 1).flatten(),
+                         torch.cat([types.expand(m, n), types.new_full((m, 1), self.types.item)], 1).flatten(),
                          seq_ts.repeat(m), target_ts.repeat(m), offsets)
         return self.predictions(logits[offsets[1:] - 1])

@@ -8,6 +8,8 @@ public code (the version behind its MovieLens/Books tables). One layer is
 
 with phi1 = phi2 = SiLU, X pre-normalised, a residual connection around the
 layer and no feed-forward block. Everything runs on jagged [T, D] tensors.
+rab^{p,t} is genrec.model.relative_bias; how Eq. (2) runs (plain, tiled CPU,
+Triton) is chosen once, when the stack is built, and is at the end of this file.
 """
 
 import torch
@@ -15,15 +17,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .encoder_config import EncoderConfig
-from .jagged import jagged_to_padded, max_length, padded_index
-from .ops.hstu_attention import fused_attention, hstu_attention, resolve_attention_impl
+from .jagged import max_length
+from .ops.hstu_attention import ATTENTION_IMPLS, hstu_attention
 from .ops.hstu_attention_cpu import AttentionPlan, hstu_attention_cpu
-from .ops.hstu_attention_reference import time_buckets
-from .ops.table_lookup import table_lookup
+from .relative_bias import RelativeBucketedTimeAndPositionBias, relative_bias_index
 from .sasrec import causal_softmax_attention
 
 LAYER_NORM_EPS = 1e-6
-NUM_TIME_BUCKETS = 128
 
 
 class HSTULayer(nn.Module):
@@ -34,35 +34,21 @@ class HSTULayer(nn.Module):
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         H, dqk, dv, D = config.num_heads, config.head_qk_dim, config.head_v_dim, config.dim
-        self.num_heads, self.qk_dim, self.v_dim, self.normalizer = H, dqk, dv, config.normalizer
-        self.max_seq_len, self.attention_impl = config.max_seq_len, config.attention_impl
-        self.attention, self.is_paper_hstu = config.attention, config.is_paper_hstu
+        self.num_heads, self.qk_dim, self.v_dim = H, dqk, dv
+        self.num_positions, self.normalizer, self.attention = config.num_positions, config.normalizer, config.attention
         self.uvqk = nn.Linear(D, 2 * H * (dv + dqk), bias=False)  # f1
         self.rab = None if config.relative_bias == "none" else \
-            RelativeBucketedTimeAndPositionBias(config.max_seq_len, terms=config.relative_bias)
+            RelativeBucketedTimeAndPositionBias(config.num_positions, terms=config.relative_bias)
         self.dropout = nn.Dropout(config.dropout)
         self.out = nn.Linear(H * dv, D)  # f2
         nn.init.normal_(self.uvqk.weight, mean=0.0, std=0.02)
         nn.init.xavier_uniform_(self.out.weight)
 
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor, bias_index: torch.Tensor | AttentionPlan | None,
-                timestamps: torch.Tensor | None = None, target_timestamps: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, D] jagged -> [T, D]. bias_index is what `HSTU.attention_inputs` built for the
-        batch: the plain attention's [B, L, L] index (`relative_bias_index`; None without rab),
-        the tiled CPU path's `AttentionPlan`, or None for Triton, which computes the bias
-        from the timestamps."""
-        u, q, k, v = self.project(x)
-        # Eq. (2): pointwise causal attention with the relative bias, scaled by 1/N.
-        if isinstance(bias_index, AttentionPlan):
-            attended = hstu_attention_cpu(q, k, v, offsets, timestamps, target_timestamps, self.rab.position_weights,
-                                          self.rab.time_weights, self.max_seq_len, self.normalizer, plan=bias_index)
-        elif not self.is_paper_hstu or bias_index is not None:
-            attended = self.plain_attention(q, k, v, offsets, bias_index)
-        else:
-            fused = fused_attention(resolve_attention_impl(self.attention_impl, x))
-            attended = fused(q, k, v, offsets, timestamps, target_timestamps, self.rab.position_weights,
-                             self.rab.time_weights, self.max_seq_len, self.normalizer)
-        return self.output(x, u, attended)
+    def forward(self, x: torch.Tensor, batch: "PaddedAttention | TiledCPUAttention | TritonAttention") -> torch.Tensor:
+        """x [T, D] jagged -> [T, D]. batch: the batch's attention inputs (`HSTU.batch_attention`)."""
+        u, q, k, v = self.project(x)  # Eq. (1)
+        attended = batch.attend(self, q, k, v)  # Eq. (2): pointwise causal attention with rab, scaled by 1/N
+        return self.output(x, u, attended)  # Eq. (3)
 
     def project(self, x: torch.Tensor):
         """Eq. (1) on the pre-normalised x [T, D] (LayerNorm without affine): one projection,
@@ -81,7 +67,7 @@ class HSTULayer(nn.Module):
 
     def plain_attention(self, q, k, v, offsets, bias_index) -> torch.Tensor:
         """Eq. (2) on the materialised bias, or its ablations: softmax instead of
-        SiLU(.)/N, and rab with one term or none."""
+        SiLU(.)/N, and rab with one term or none (bias_index None)."""
         rab = None if self.rab is None else self.rab(bias_index)
         if self.attention == "softmax":
             return causal_softmax_attention(q, k, v, offsets, bias=rab)
@@ -92,85 +78,79 @@ class HSTULayer(nn.Module):
 
 
 class HSTU(nn.Module):
-    """A stack of HSTU layers over a jagged batch."""
+    """A stack of HSTU layers over a jagged batch. Its attention implementation is
+    chosen here, once (config.attention_impl): the fused ops implement the full model
+    only, so every ablation runs the plain path."""
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
-        self.max_seq_len, self.attention_impl = config.max_seq_len, config.attention_impl
-        # The fused kernels implement the full model; the ablations run on the plain path.
-        self.is_paper_hstu, self.uses_bias = config.is_paper_hstu, config.relative_bias != "none"
+        if config.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {config.attention_impl!r}")
+        self.num_positions, self.is_paper_hstu = config.num_positions, config.is_paper_hstu
+        self.attention_impl = config.attention_impl if config.is_paper_hstu else "pytorch"
         self.layers = nn.ModuleList(HSTULayer(config) for _ in range(config.num_blocks))
 
     def forward(
         self, x: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor, target_timestamps: torch.Tensor
     ) -> torch.Tensor:
         """x [T, D], offsets [B+1], timestamps and target_timestamps [T] -> [T, D]."""
-        bias_index = self.attention_inputs(x, offsets, timestamps, target_timestamps)
+        batch = self.batch_attention(offsets, timestamps, target_timestamps)
         for layer in self.layers:
-            x = layer(x, offsets, bias_index, timestamps, target_timestamps)
+            x = layer(x, batch)
         return x
 
-    def attention_inputs(self, x, offsets, timestamps, target_timestamps) -> torch.Tensor | AttentionPlan | None:
-        """What the attention needs of the batch besides q, k, v. It depends on the batch only
-        (offsets, timestamps), so it is computed once here and shared by every layer."""
-        impl = resolve_attention_impl(self.attention_impl, x) if self.is_paper_hstu else "pytorch"
+    def batch_attention(self, offsets: torch.Tensor, timestamps: torch.Tensor, target_timestamps: torch.Tensor):
+        """What Eq. (2) needs of the batch besides q, k, v, for the implementation chosen at
+        construction. It depends on the batch only, so it is computed once and shared by every
+        layer. "auto" follows the weights: a model is built on the CPU and may move to a GPU after."""
+        impl = self.attention_impl
+        if impl == "auto":
+            impl = "triton" if self.layers[0].uvqk.weight.is_cuda else "cpu"
+        if impl == "pytorch":
+            return PaddedAttention(offsets, timestamps, target_timestamps, self.num_positions,
+                                   uses_bias=self.layers[0].rab is not None)
         if impl == "cpu":
-            return AttentionPlan(offsets, timestamps, target_timestamps, self.max_seq_len,
-                                 self.layers[0].rab.time_weights.numel() - 1)
-        if impl == "pytorch" and self.uses_bias:
-            return relative_bias_index(timestamps, target_timestamps, offsets, max_length(offsets), self.max_seq_len)
-        return None
+            return TiledCPUAttention(offsets, timestamps, target_timestamps, self.num_positions,
+                                     self.layers[0].rab.num_time_buckets)
+        return TritonAttention(offsets, timestamps, target_timestamps)
 
 
-class RelativeBucketedTimeAndPositionBias(nn.Module):
-    """rab^{p,t} of Eq. (2): a learned scalar per relative position (2N - 1 of
-    them) plus one per log-bucketed time gap (129), shared by all heads.
-    terms "position" or "time" keeps one of the two (the paper's ablations)."""
-
-    def __init__(self, max_seq_len: int, num_time_buckets: int = NUM_TIME_BUCKETS, terms: str = "both") -> None:
-        super().__init__()
-        if terms not in ("both", "position", "time"):
-            raise ValueError(f"relative bias terms must be 'both', 'position' or 'time', got {terms!r}")
-        self.shape = (num_time_buckets + 1, 2 * max_seq_len - 1)
-        self.position_weights = nn.Parameter(torch.empty(self.shape[1]).normal_(0, 0.02)) \
-            if terms != "time" else None
-        self.time_weights = nn.Parameter(torch.empty(self.shape[0]).normal_(0, 0.02)) \
-            if terms != "position" else None
-
-    def forward(self, bias_index: torch.Tensor) -> torch.Tensor:
-        """bias_index [B, L, L] from `relative_bias_index` -> rab [B, L, L]."""
-        # Every (time bucket, relative position) sum in one small table, so the
-        # [B, L, L] bias is a single gather (and its backward a single scatter).
-        table = torch.zeros(self.shape, device=bias_index.device)
-        if self.time_weights is not None:
-            table = table + self.time_weights.unsqueeze(1)
-        if self.position_weights is not None:
-            table = table + self.position_weights.unsqueeze(0)
-        return table_lookup(table.reshape(-1), bias_index)
+# ----------------------------------------------------------------------------- Eq. (2), per implementation
+# Each holds one batch's inputs and runs a layer's attention on them: attend(layer, q, k, v) -> [T, H, dv].
 
 
-def relative_bias_index(
-    timestamps: torch.Tensor,
-    target_timestamps: torch.Tensor,
-    offsets: torch.Tensor,
-    padded_length: int,
-    max_seq_len: int,
-    num_time_buckets: int = NUM_TIME_BUCKETS,
-) -> torch.Tensor:
-    """[B, L, L] index of each (query i, key j) into the flattened
-    [num_time_buckets + 1, 2N - 1] table of `RelativeBucketedTimeAndPositionBias`:
+class PaddedAttention:
+    """The plain path (and every ablation): the batch's [B, L, L] bias index, gathered per layer."""
 
-        position(i, j) = N - 1 + j - i
-        bucket(i, j)   = clamp(floor(ln(max(|target_ts[i] - ts[j]|, 1)) / 0.301), 0, 128)
+    def __init__(self, offsets, timestamps, target_timestamps, num_positions: int, uses_bias: bool = True) -> None:
+        self.offsets = offsets
+        self.bias_index = relative_bias_index(timestamps, target_timestamps, offsets, max_length(offsets),
+                                              num_positions) if uses_bias else None
 
-    target_ts[i] is the time of what position i predicts (ts[i+1], or the request
-    time at the last position), so the bias sees how long before the prediction
-    each key happened.
-    """
-    index = padded_index(offsets, timestamps.size(0), padded_length)
-    ts = jagged_to_padded(timestamps, offsets, padded_length, index=index)
-    target_ts = jagged_to_padded(target_timestamps, offsets, padded_length, index=index)
-    time_bucket = time_buckets(target_ts.unsqueeze(2), ts.unsqueeze(1), num_time_buckets)
-    position = torch.arange(padded_length, device=offsets.device)
-    relative_position = max_seq_len - 1 + position.unsqueeze(0) - position.unsqueeze(1)
-    return time_bucket.mul_(2 * max_seq_len - 1).add_(relative_position)
+    def attend(self, layer: HSTULayer, q, k, v) -> torch.Tensor:
+        return layer.plain_attention(q, k, v, self.offsets, self.bias_index)
+
+
+class TiledCPUAttention:
+    """The tiled CPU op (ops/hstu_attention_cpu.py) with the batch's `AttentionPlan`."""
+
+    def __init__(self, offsets, timestamps, target_timestamps, num_positions: int, num_time_buckets: int) -> None:
+        self.inputs = (offsets, timestamps, target_timestamps)
+        self.plan = AttentionPlan(offsets, timestamps, target_timestamps, num_positions, num_time_buckets)
+
+    def attend(self, layer: HSTULayer, q, k, v) -> torch.Tensor:
+        return hstu_attention_cpu(q, k, v, *self.inputs, layer.rab.position_weights, layer.rab.time_weights,
+                                  layer.num_positions, layer.normalizer, plan=self.plan)
+
+
+class TritonAttention:
+    """The Triton kernels, which compute the bias from the timestamps themselves."""
+
+    def __init__(self, offsets, timestamps, target_timestamps) -> None:
+        from .ops.hstu_attention_triton import hstu_attention_triton  # imports triton: only where it runs
+
+        self.kernel, self.inputs = hstu_attention_triton, (offsets, timestamps, target_timestamps)
+
+    def attend(self, layer: HSTULayer, q, k, v) -> torch.Tensor:
+        return self.kernel(q, k, v, *self.inputs, layer.rab.position_weights, layer.rab.time_weights,
+                           layer.num_positions, layer.normalizer)

@@ -21,21 +21,18 @@ the last token's layer-0 input; the last token is run per request (one row again
 the cache, O(n d) per layer), and settled when the next event arrives.
 
 Everything here is inference: the stack must be in eval mode, no gradients.
-`UserCache` is the bounded LRU of `HistoryCache`s that serving keeps per user.
+Serving keeps a bounded LRU of `HistoryCache`s per user (genrec.serve.cache.UserCache).
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Hashable
 
 import torch
 import torch.nn.functional as F
 
 from .hstu import HSTU
-from .ops.hstu_attention_reference import time_buckets
+from .relative_bias import bias_table_index
 
 DEFAULT_MICROBATCH = 128  # b_m: candidates per pass; bounds the [H, b_m, n] scores, not the results
 QUERY_TILE = 512  # history rows encoded per pass: bounds the [H, tile, n] scores of a long history
@@ -75,9 +72,9 @@ def encode_history(blocks: HSTU, x: torch.Tensor, timestamps: torch.Tensor) -> H
     n = x.size(0)
     if n == 0:
         raise ValueError("history is empty: M-FALCON needs at least one event (cold start is served elsewhere)")
-    if n > blocks.max_seq_len:
-        raise ValueError(f"history of {n} tokens is longer than the model's max_seq_len {blocks.max_seq_len}: "
-                         "keep the most recent max_seq_len")
+    if n > blocks.num_positions:
+        raise ValueError(f"history of {n} tokens is longer than the {blocks.num_positions} positions the model "
+                         "was built for: keep the most recent ones")
     empty = [(x.new_zeros(0, layer.num_heads, layer.qk_dim), x.new_zeros(0, layer.num_heads, layer.v_dim))
              for layer in blocks.layers]
     with torch.no_grad():
@@ -99,9 +96,9 @@ def extend_history(blocks: HSTU, cache: HistoryCache, x_new: torch.Tensor,
                          f"got {tuple(x_new.shape)} and {tuple(timestamps_new.shape)}")
     if k == 0:
         return cache
-    if cache.length + k > blocks.max_seq_len:
-        raise ValueError(f"history of {cache.length + k} tokens is longer than the model's max_seq_len "
-                         f"{blocks.max_seq_len}: encode the most recent max_seq_len instead")
+    if cache.length + k > blocks.num_positions:
+        raise ValueError(f"history of {cache.length + k} tokens is longer than the {blocks.num_positions} positions "
+                         "the model was built for: encode the most recent ones instead")
     timestamps = torch.cat([cache.timestamps, timestamps_new])
     settling = torch.cat([cache.last_input.unsqueeze(0), x_new[:-1]])
     with torch.no_grad():
@@ -131,22 +128,21 @@ def candidate_hidden(blocks: HSTU, cache: HistoryCache, x_candidates: torch.Tens
         raise ValueError(f"x_candidates must be [m, {D}], got {tuple(x_candidates.shape)}")
     if microbatch < 1:
         raise ValueError(f"microbatch must be >= 1, got {microbatch}")
-    if n >= blocks.max_seq_len:
-        raise ValueError(f"candidates sit at position {n} (the history's length), past the model's "
-                         f"max_seq_len {blocks.max_seq_len}: keep the most recent max_seq_len - 1 tokens")
+    if n >= blocks.num_positions:
+        raise ValueError(f"candidates sit at position {n} (the history's length), past the {blocks.num_positions} "
+                         f"positions the model was built for: keep the most recent {blocks.num_positions - 1} tokens")
     with torch.no_grad():
         _, keys, values = _run_last(blocks, cache, request_time)
-        N = blocks.max_seq_len
-        # Every candidate has the same position and target time: one bias row over the
+        # Every candidate has the same position (n) and target time: one bias row over the
         # history (and one self-bias) per layer, shared by all candidates.
-        request = cache.timestamps.new_tensor(request_time)
-        relative = N - 1 + torch.arange(n, device=request.device) - n
-        bucket = time_buckets(request, cache.timestamps, blocks.layers[0].rab.time_weights.numel() - 1)
-        self_bucket = time_buckets(request, request, blocks.layers[0].rab.time_weights.numel() - 1)
+        request, position = cache.timestamps.new_tensor(request_time), cache.timestamps.new_tensor(n)
+        history_positions = torch.arange(n, device=request.device)
+        N, num_buckets = blocks.num_positions, blocks.layers[0].rab.num_time_buckets
+        row_index = bias_table_index(position, history_positions, request, cache.timestamps, N, num_buckets)
+        self_index = bias_table_index(position, position, request, request, N, num_buckets)
         per_layer = []
         for layer, k, v in zip(blocks.layers, keys, values):
-            row = layer.rab.position_weights[relative] + layer.rab.time_weights[bucket]
-            self_bias = layer.rab.position_weights[N - 1] + layer.rab.time_weights[self_bucket]
+            row, self_bias = layer.rab(row_index), layer.rab(self_index)
             # [H, dqk, n] and [H, n, dv]: laid out once for the microbatches' matmuls.
             per_layer.append((k.permute(1, 2, 0).contiguous(), v.transpose(0, 1).contiguous(),
                               row.to(k.dtype), self_bias.to(k.dtype)))
@@ -159,69 +155,6 @@ def candidate_hidden(blocks: HSTU, cache: HistoryCache, x_candidates: torch.Tens
                 x = layer.output(x, u, (history.transpose(0, 1) + own) / layer.normalizer)
             outputs.append(x)
         return torch.cat(outputs) if outputs else x_candidates.new_zeros(0, D)
-
-
-class UserCache:
-    """Bounded LRU of `HistoryCache`s keyed by (user, history version): at most
-    `max_bytes` of tensors in all. One entry per user, its newest version: storing a
-    version drops the user's older one, and an older version never replaces a newer
-    one (two requests racing). Safe to share between threads.
-
-    Key it by model as well (one UserCache per loaded model): a cache is only valid
-    for the weights that built it."""
-
-    def __init__(self, max_bytes: int) -> None:
-        if max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-        self.hits = self.misses = self.evictions = 0
-        self._entries: OrderedDict[Hashable, tuple[int, HistoryCache]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, user: Hashable, version: int) -> HistoryCache | None:
-        """The user's cache at exactly this version, or None (a miss)."""
-        with self._lock:
-            entry = self._entries.get(user)
-            if entry is None or entry[0] != version:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(user)
-            self.hits += 1
-            return entry[1]
-
-    def latest(self, user: Hashable) -> tuple[int, HistoryCache] | None:
-        """(version, cache) of the newest version held for the user: what
-        `extend_history` starts from when events were appended since."""
-        with self._lock:
-            entry = self._entries.get(user)
-            if entry is not None:
-                self._entries.move_to_end(user)
-            return entry
-
-    def put(self, user: Hashable, version: int, cache: HistoryCache) -> bool:
-        """Store (evicting least recently used users to fit); False when not stored:
-        a newer version is already held, or the entry alone exceeds max_bytes."""
-        size = cache.nbytes
-        with self._lock:
-            held = self._entries.get(user)
-            if held is not None and held[0] > version:
-                return False
-            if held is not None:
-                self.nbytes -= held[1].nbytes
-                del self._entries[user]
-            if size > self.max_bytes:
-                return False
-            while self.nbytes + size > self.max_bytes:
-                _, (_, evicted) = self._entries.popitem(last=False)
-                self.nbytes -= evicted.nbytes
-                self.evictions += 1
-            self._entries[user] = (version, cache)
-            self.nbytes += size
-            return True
 
 
 def _check_stack(blocks: HSTU) -> None:
@@ -253,7 +186,7 @@ def _run_tokens(blocks: HSTU, cached: list, timestamps: torch.Tensor, x: torch.T
     queries only need keys up to its own end, which the tiles before it and itself
     have produced. So memory stays at [H, tile, s + k] whatever the length."""
     s, k = cached[0][0].size(0), x.size(0)
-    N, num_buckets = blocks.max_seq_len, blocks.layers[0].rab.time_weights.numel() - 1
+    N, num_buckets = blocks.num_positions, blocks.layers[0].rab.num_time_buckets
     keys = [torch.cat([ck, ck.new_empty(k, *ck.shape[1:])]) for ck, _ in cached]
     values = [torch.cat([cv, cv.new_empty(k, *cv.shape[1:])]) for _, cv in cached]
     outputs = []
@@ -261,14 +194,14 @@ def _run_tokens(blocks: HSTU, cached: list, timestamps: torch.Tensor, x: torch.T
         end = min(start + QUERY_TILE, k)
         xt, t, e = x[start:end], end - start, s + end  # t queries at positions s+start.., keys [0, e)
         query_pos = torch.arange(s + start, e, device=x.device).unsqueeze(1)
-        relative = N - 1 + torch.arange(e, device=x.device).unsqueeze(0) - query_pos
-        bucket = time_buckets(target_timestamps[start:end].unsqueeze(1), timestamps[:e].unsqueeze(0), num_buckets)
+        key_pos = torch.arange(e, device=x.device).unsqueeze(0)
+        index = bias_table_index(query_pos, key_pos, target_timestamps[start:end].unsqueeze(1),
+                                 timestamps[:e].unsqueeze(0), N, num_buckets)
         future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu_(1)  # keys after the query
         for layer, lk, lv in zip(blocks.layers, keys, values):
             u, q, kk, vv = layer.project(xt)
             lk[s + start:e], lv[s + start:e] = kk, vv
-            bias = layer.rab.position_weights[relative] + layer.rab.time_weights[bucket]
-            scores = torch.matmul(q.transpose(0, 1), lk[:e].permute(1, 2, 0)).add_(bias.to(q.dtype))
+            scores = torch.matmul(q.transpose(0, 1), lk[:e].permute(1, 2, 0)).add_(layer.rab(index).to(q.dtype))
             weights = F.silu(scores)
             weights[..., e - t:].masked_fill_(future, 0)
             attended = (weights @ lv[:e].transpose(0, 1)).transpose(0, 1) / layer.normalizer

@@ -34,12 +34,14 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from ..artifact import CONFIG, load_model_folder
 from ..config import ExperimentConfig, ServeRetrievalConfig, resolve_path
 from ..data.batches import context_offsets
+from ..data.layout import interleave
 from ..data.prepared import MANIFEST, VOCAB
 from ..model import HSTU, SequentialEncoder, mfalcon
-from ..model.generative import ACTION, CONTEXT, ITEM, GenerativeRecommender
-from ..train.artifact import CONFIG, load_model_folder
+from ..model.generative import GenerativeRecommender
+from .cache import UserCache
 from .index import build_index
 
 RETRIEVAL_TASK = "retrieval"
@@ -48,7 +50,7 @@ RETRIEVAL_TASK = "retrieval"
 class ModelLoadError(RuntimeError):
     """A model replica could not load the version a request names (artifact missing or unreadable, weights
     that do not fit, ...). Its own class so that the ingress can tell it from a scoring error and answer with
-    the version served before (genrec.serve.app)."""
+    the version served before (genrec.serve.rollout)."""
 
 
 @dataclass
@@ -96,6 +98,28 @@ def resolve_model(uri: str, tracking_uri: str | None = None) -> ModelSource:
     if source.run_id:
         source.metrics = {k: float(v) for k, v in client.get_run(source.run_id).data.metrics.items()}
     return source
+
+
+@dataclass
+class ModelCall:
+    """What the ingress asks a model replica for one request: the user's last N events (dense ids, oldest
+    first), the version that must score them, and what the deployment needs besides (Retrieval: k and the
+    items to exclude; Ranking: the candidates)."""
+
+    user: str | None  # the store's key of a stored user (the replica caches its encoded history); None for a
+    # history given in the request, which is encoded afresh
+    version: int  # events the user ever had: (user, version) names the history exactly
+    request_time: int
+    items: np.ndarray
+    actions: np.ndarray
+    timestamps: np.ndarray
+    context: tuple[int, ...]
+    seen: np.ndarray  # every item of the history, not only the last N: what retrieval excludes
+    k: int = 0
+    exclude_history: bool = False
+    candidates: np.ndarray | None = None
+    model: ModelSource | None = None  # the pinned version the ingress names (without its run's metrics: this
+    # travels with every request); None for a Scorer called directly
 
 
 def absolute_tracking_uri(uri: str | None) -> str:
@@ -164,8 +188,7 @@ class Catalog:
 
 class Scorer:
     """Scores with a loaded model (see the module doc). Not thread-safe by itself: a replica
-    calls it from one thread at a time. Requests are dicts: items, actions, timestamps (the
-    last N events), context, request_time, and for a stored user `user` and `version`."""
+    calls it from one thread at a time. Requests are ModelCalls."""
 
     def __init__(self, folder: Path, cache_bytes: int, microbatch: int,
                  retrieval: ServeRetrievalConfig | None = None) -> None:
@@ -189,7 +212,7 @@ class Scorer:
             self.items = self.model.all_item_embeddings()
         self.index = build_index(self.items, retrieval or ServeRetrievalConfig())
         blocks = self.model.blocks
-        self.cache = (mfalcon.UserCache(cache_bytes)
+        self.cache = (UserCache(cache_bytes)
                       if isinstance(blocks, HSTU) and getattr(blocks, "is_paper_hstu", True) else None)
         if self.generative and self.cache is None:
             raise ValueError("serving a gr model needs the paper's HSTU (M-FALCON): model.attention 'pointwise' "
@@ -197,26 +220,24 @@ class Scorer:
 
     # ------------------------------------------------------------------ histories
 
-    def _inputs(self, r: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inputs(self, r: ModelCall) -> tuple[torch.Tensor, torch.Tensor]:
         """The stack's layer-0 inputs for the request's history: x [L, D], timestamps [L]."""
-        items, stamps = torch.tensor(r["items"]), torch.tensor(r["timestamps"])
+        items, stamps = torch.tensor(r.items), torch.tensor(r.timestamps)
         if not self.generative:
             return self.model.embedding(items, torch.tensor([0, len(items)])), stamps
-        # the interleaved layout as genrec.data.batches builds it: context tokens (at the first event's
-        # time), then item, action, item, action, ...; the candidates come after the last action
-        context = np.asarray(r.get("context") or [0] * len(self.context_shifts), dtype=np.int64)
-        n, c = len(items), len(self.context_shifts)
-        ids = torch.cat([torch.from_numpy(context + self.context_shifts),
-                         torch.stack([items, torch.tensor(r["actions"])], 1).flatten()])
-        types = torch.tensor([CONTEXT] * c + [ITEM, ACTION] * n)
-        ts = torch.cat([stamps[:1].expand(c), stamps.repeat_interleave(2)])
-        return self.model.history_inputs({"item_ids": ids, "token_types": types, "timestamps": ts})
+        # the interleaved layout (genrec.data.layout) without a trailing item: the candidates come after it
+        context = np.asarray(r.context or [0] * len(self.context_shifts), dtype=np.int64)
+        tokens = interleave((context + self.context_shifts)[None], items.numpy(), np.asarray(r.actions),
+                            stamps.numpy(), np.array([len(items)]))
+        return self.model.history_inputs({"item_ids": torch.from_numpy(tokens.ids),
+                                          "token_types": torch.from_numpy(tokens.token_types),
+                                          "timestamps": torch.from_numpy(tokens.timestamps)})
 
-    def _history_cache(self, r: dict) -> tuple[mfalcon.HistoryCache, str]:
+    def _history_cache(self, r: ModelCall) -> tuple[mfalcon.HistoryCache, str]:
         """The user's cached history: a hit, the newest cached version extended by the
         events since, or encoded afresh. A history longer than N slides its window (all
         positions move): only histories that still start at event 0 can be extended."""
-        user, version = r.get("user"), r.get("version")
+        user, version = r.user, r.version
         if user is None:
             return mfalcon.encode_history(self.model.blocks, *self._inputs(r)), "none"
         hit = self.cache.get(user, version)
@@ -236,48 +257,48 @@ class Scorer:
     # ------------------------------------------------------------------ scoring
 
     @torch.no_grad()
-    def user_vectors(self, requests: list[dict]) -> tuple[torch.Tensor, list[str], list]:
+    def user_vectors(self, requests: list[ModelCall]) -> tuple[torch.Tensor, list[str], list]:
         """[B, D] L2-normalised user vectors, what the cache did, and the caches (None without M-FALCON)."""
         if self.cache is None:
             return self._forward(requests), ["none"] * len(requests), [None] * len(requests)
         vectors, states, caches = [], [], []
         for r in requests:
             cache, state = self._history_cache(r)
-            vectors.append(mfalcon.last_hidden(self.model.blocks, cache, r["request_time"]))
+            vectors.append(mfalcon.last_hidden(self.model.blocks, cache, r.request_time))
             states.append(state)
             caches.append(cache)
         return F.normalize(torch.stack(vectors), dim=-1, eps=1e-6), states, caches
 
-    def _forward(self, requests: list[dict]) -> torch.Tensor:
+    def _forward(self, requests: list[ModelCall]) -> torch.Tensor:
         """One jagged pass for the whole batch (items-only encoders without M-FALCON, e.g. SASRec)."""
-        lengths = [len(r["items"]) for r in requests]
+        lengths = [len(r.items) for r in requests]
         offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.long)
-        items = torch.tensor(np.concatenate([r["items"] for r in requests]))
-        stamps = [r["timestamps"] for r in requests]
+        items = torch.tensor(np.concatenate([r.items for r in requests]))
+        stamps = [r.timestamps for r in requests]
         ts = torch.tensor(np.concatenate(stamps))
-        target = torch.tensor(np.concatenate([np.append(s[1:], r["request_time"]) for s, r in zip(stamps, requests)]))
+        target = torch.tensor(np.concatenate([np.append(s[1:], r.request_time) for s, r in zip(stamps, requests)]))
         return self.model(items, ts, target, offsets)[offsets[1:] - 1]
 
     @torch.no_grad()
-    def retrieve(self, requests: list[dict]) -> list[dict]:
+    def retrieve(self, requests: list[ModelCall]) -> list[dict]:
         """+ seen (all history items), k, exclude_history -> top k by inner product over the item table."""
         users, states, _ = self.user_vectors(requests)
-        found = self.index.search(users, max(r["k"] for r in requests),
-                                  [r["seen"] if r["exclude_history"] else None for r in requests])
-        return [{"items": items[:r["k"]], "scores": scores[:r["k"]], "cache": state}
+        found = self.index.search(users, max(r.k for r in requests),
+                                  [r.seen if r.exclude_history else None for r in requests])
+        return [{"items": items[:r.k], "scores": scores[:r.k], "cache": state}
                 for (items, scores), r, state in zip(found, requests, states)]
 
     @torch.no_grad()
-    def rank(self, requests: list[dict]) -> list[dict]:
+    def rank(self, requests: list[ModelCall]) -> list[dict]:
         """+ candidates [m] -> scores [m, tasks]: items-only, the user vector . the candidate's;
         gr, each task's prediction by M-FALCON (each candidate sees the history and itself)."""
         users, states, caches = self.user_vectors(requests)
         out = []
         for u, r, state, cache in zip(users, requests, states, caches):
-            candidates = torch.tensor(r["candidates"])
+            candidates = torch.tensor(r.candidates)
             if self.generative:
                 x = self.model.candidate_embeddings(candidates, cache.length)
-                hidden = mfalcon.candidate_hidden(self.model.blocks, cache, x, r["request_time"], self.microbatch)
+                hidden = mfalcon.candidate_hidden(self.model.blocks, cache, x, r.request_time, self.microbatch)
                 scores = self.model.predictions(self.model.task_logits(hidden))
             else:
                 scores = (self.items[candidates] @ u).unsqueeze(1)

@@ -1,4 +1,4 @@
-"""What each training worker feeds the model, and the one place seeds are derived.
+"""What each training worker feeds the model (and evaluation scores), and the one place seeds are derived.
 
 Determinism is by construction, so a restart from a checkpoint replays exactly
 what an uninterrupted run would have done:
@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from ..config import ExperimentConfig
-from ..data.batches import build_batch
+from ..data.batches import build_batch, target_windows
 from ..data.jagged import select_sequences
 from ..data.loader import BatchSpec, iter_torch_batches, to_torch
 from ..model import sample_negatives
@@ -31,6 +31,12 @@ def batch_spec(cfg: ExperimentConfig, training: bool = False) -> BatchSpec:
     b = cfg.batching
     alpha = b.stochastic_length_alpha if training else None
     return BatchSpec.from_prepared(cfg.data.output_dir, b.layout, cfg.kept_items, alpha)
+
+
+def evaluation_batches(table: pa.Table, spec: BatchSpec, batch_size: int) -> Iterator[Batch]:
+    """Batches that score every target of an evaluation table (rows with eval_start), each from its
+    user's most recent spec.max_seq_len events (genrec.data.batches.target_windows); in order."""
+    return iter_torch_batches(target_windows(table, spec.max_seq_len), spec, batch_size, shuffle=False)
 
 
 def epoch_rng(seed: int, epoch: int, rank: int | None = None) -> np.random.Generator:

@@ -2,11 +2,8 @@
 
 No sampled candidates: rank = 1 + the number of items scoring higher than the
 target, after removing padding (id 0) and the items already in the user's history
-(the target itself is never removed).
-
-    HR@k   = 1[rank <= k]
-    NDCG@k = 1[rank <= k] / log2(rank + 1)
-    MRR    = 1 / rank
+(the target itself is never removed). HR@k, NDCG@k and MRR of the ranks come from
+genrec.metrics, the same code that scores the synthetic world's oracle.
 
 One computation scores everything: the target's score is read from the same
 GEMM block that scores the rest of the catalog. (Scoring the target apart, e.g.
@@ -30,11 +27,9 @@ from typing import Literal
 
 import torch
 
+from ..metrics import metrics_from_ranks
 from ..model.jagged import concat_ranges, positions_in_sequence
 
-HIT_KS = (10, 50, 200)
-NDCG_KS = (10, 200)
-METRICS = tuple(f"hr@{k}" for k in HIT_KS) + tuple(f"ndcg@{k}" for k in NDCG_KS) + ("mrr",)
 TiePolicy = Literal["pessimistic", "optimistic"]
 
 
@@ -77,14 +72,6 @@ def full_ranks(queries: torch.Tensor, targets: torch.Tensor, items: torch.Tensor
     return torch.where(torch.isfinite(target_scores), ranks, items.size(0) - 1)
 
 
-def metrics_from_ranks(ranks: torch.Tensor) -> dict[str, float]:
-    ranks = ranks.double()
-    out = {f"hr@{k}": (ranks <= k).double().mean().item() for k in HIT_KS}
-    out.update({f"ndcg@{k}": torch.where(ranks <= k, 1 / torch.log2(ranks + 1), 0.0).mean().item() for k in NDCG_KS})
-    out["mrr"] = (1 / ranks).mean().item()
-    return out
-
-
 @torch.no_grad()
 def evaluate(model, batches, item_block: int = 65_536, ties: TiePolicy = "pessimistic") -> dict[str, float]:
     """Metrics over every target position of `batches` (jagged torch batches, see genrec.data.loader)."""
@@ -100,12 +87,12 @@ def evaluate(model, batches, item_block: int = 65_536, ties: TiePolicy = "pessim
         # history of a target at flat position p: its user's input tokens up to p
         seen = positions_in_sequence(batch["offsets"], len(batch["item_ids"]))[position] + 1
         history = batch["item_ids"][concat_ranges(position + 1 - seen, seen)]
-        history_rows = torch.arange(len(position)).repeat_interleave(seen)
+        history_rows = torch.arange(len(position), device=position.device).repeat_interleave(seen)
         ranks.append(full_ranks(users[position], batch["target_ids"][position], items, history, history_rows,
                                 item_block, ties))
     model.train(was_training)
     if not ranks:
         raise ValueError("no evaluation targets in the split")
-    result = metrics_from_ranks(torch.cat(ranks))
+    result = metrics_from_ranks(torch.cat(ranks).cpu())
     result["count"] = float(sum(len(r) for r in ranks))
     return result

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import ExperimentConfig
+from ..model import dlrm
 
 BACKWARD_FACTOR = 2  # backward = 2 x forward (input and weight gradients)
 
@@ -70,9 +71,10 @@ class FlopModel:
             projections = L * 2 * T * D * (3 * D + D + 2 * self.ffn_dim)
             attention = L * 4 * S * D
             bias = 0.0
-        elif self.kind == "dlrm":  # genrec.model.dlrm: W_q, W_k, the target attention, the MLP (hidden 200)
-            projections = 2 * T * D * 2 * D + 2 * T * (4 * D * 200 + 200 * 100)
-            attention = 4 * S * D
+        elif self.kind == "dlrm":  # genrec.model.dlrm on its items (about T / 2 tokens, S / 4 pairs)
+            items, pairs, Ha, Hm = T / 2, S / 4, dlrm.ATTENTION_HIDDEN, dlrm.MLP_HIDDEN
+            projections = items * (2 * D * Ha + 2 * (6 * D * Hm + Hm * Hm // 2))  # the DIN unit's target term, the MLP
+            attention = pairs * (2 * Ha * D + 2 * Ha + 2 * D)  # per (item, earlier item): z, its weight, the sum
             bias = 0.0
         else:
             raise ValueError(f"no FLOP count for model.kind {self.kind!r} (add its terms to FlopModel.forward)")

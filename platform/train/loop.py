@@ -22,17 +22,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..artifact import build_model, is_ranking
 from ..config import ExperimentConfig
-from ..data.loader import BatchSpec, iter_torch_batches
+from ..data.batches import count_targets
+from ..data.loader import BatchSpec
 from ..data.prepared import SEQUENCES, read_split
 from ..errors import GenrecError
 from ..model import sampled_softmax_loss
-from .artifact import build_model
-from .batching import batch_spec, replicated_batches, streaming_batches
+from .batching import batch_spec, evaluation_batches, replicated_batches, streaming_batches
 from .checkpoint import Progress, restore, save_checkpoint
 from .evaluation import evaluate
 from .flops import FlopModel
-from .ranking import RankingStep, is_ranking, ranking_evaluator
+from .ranking import RankingStep, ranking_evaluator
 from .ranking import SELECTION_METRIC as RANKING_SELECTION_METRIC
 from .streaming import StreamWindows, add_to_stream, evaluate_window
 from .tracking import MetricLogger
@@ -52,6 +53,10 @@ STOP_REQUEST = "stop_requested.txt"
 
 class NonFiniteLossError(GenrecError, FloatingPointError):
     """The loss became nan or inf; the message names the epoch, the step and the last good checkpoint."""
+
+
+class NoModelSelectedError(GenrecError):
+    """No evaluation ever selected a model (its selection metric was never a number): nothing is registered."""
 
 
 class _Diverged(Exception):
@@ -94,6 +99,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_table = read_split(cfg.data.output_dir, train_split_name(cfg)) \
         if cfg.train.data_mode == "replicated" and not windows else None
     splits = {s: read_split(cfg.data.output_dir, s) for s in ("valid", "test")} if worker.rank == 0 and not windows else {}
+    if logger and splits:
+        logger.say(evaluation_targets_line(splits, worker.eval_spec.max_seq_len))
     for epoch in range(progress.epoch + 1, total):
         scored = {}
         if windows:
@@ -207,9 +214,10 @@ def evaluate_and_select(w: Worker, splits: dict, metrics: dict, epoch: int, prog
     started = time.time()
 
     def rank(split: str) -> dict:
-        batches = iter_torch_batches(splits[split], w.eval_spec, ev.batch_size, shuffle=False)
+        batches = evaluation_batches(splits[split], w.eval_spec, ev.batch_size)
         scores = ranking_evaluator(cfg) if is_ranking(cfg) else evaluate
-        return {f"{split}/{k}": v for k, v in scores(w.core, batches, ties=ev.ties).items() if k != "count"}
+        return {f"{split}/{'targets' if k == 'count' else k}": v
+                for k, v in scores(w.core, batches, ties=ev.ties).items()}
 
     if epoch + 1 in ev.test_epochs:
         metrics.update(rank("test"))
@@ -238,12 +246,27 @@ def score_window(w: Worker, table, window: int, progress: Progress) -> dict:
     return scored
 
 
+def evaluation_targets_line(splits: dict, max_seq_len: int) -> str:
+    """What evaluation scores: every target of valid and test, each from its most recent events."""
+    counts = ", ".join(f"{split} {count_targets(table):,} targets of {table.num_rows:,} users"
+                       for split, table in splits.items())
+    return f"evaluation: {counts} (every event from each user's eval_start on, each scored from its " \
+           f"user's most recent {max_seq_len} events before it)"
+
+
+def patience_started(cfg: ExperimentConfig, best: dict) -> bool:
+    """Rankers count patience only once the best model beats the base rate (valid mean NE < 1, i.e.
+    ne_gain > 0): before that, a model still at NE ~1.0 would be stopped untrained."""
+    return not is_ranking(cfg) or best.get(RANKING_SELECTION_METRIC, -math.inf) > 0
+
+
 def should_stop(w: Worker, progress: Progress) -> bool:
     """Early stopping (or a sweep's stop request), decided on rank 0 from the history (so it survives a
-    resume), shared with all ranks."""
+    resume), shared with all ranks. Patience: evaluations since the best one, once patience_started."""
     patience = w.cfg.train.early_stopping_patience
     best_epoch = progress.best.get("best_epoch", 0)
-    since_best = sum(1 for h in progress.history if selection_metric(w.cfg) in h and h["epoch"] > best_epoch)
+    since_best = sum(1 for h in progress.history if selection_metric(w.cfg) in h and h["epoch"] > best_epoch) \
+        if patience_started(w.cfg, progress.best) else 0
     requested = (w.run_folder / STOP_REQUEST).exists()
     flag = torch.tensor([1.0 if w.rank == 0 and (requested or (patience and since_best >= patience)) else 0.0])
     if w.world > 1:

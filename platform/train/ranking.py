@@ -18,51 +18,26 @@ without ratings, an interleaved layout on data without actions) is checked by
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from functools import partial
 
 import numpy as np
 import torch
 
+from ..artifact import is_ranking
 from ..config import ConfigError, ExperimentConfig
-from ..data.batches import ITEM, NO_ACTION
+from ..data.layout import ITEM, NO_ACTION
 from ..data.prepared import read_manifest, read_split
+from ..metrics import binary_metrics, metrics_from_ranks, regression_metrics
 from ..model import sampled_softmax_loss
-from ..model.dlrm import DLRMRanker
-from ..model.generative import GenerativeConfig, GenerativeRecommender
 from ..model.jagged import concat_ranges, positions_in_sequence
 from ..model.ranking_losses import multitask_loss
-from .evaluation import TiePolicy, full_ranks, metrics_from_ranks
-from .ranking_metrics import binary_metrics, regression_metrics
+from .evaluation import TiePolicy, full_ranks
 
-RANKERS = ("gr", "dlrm")
 SELECTION_METRIC = "valid/ne_gain"  # 1 - mean NE over the binary tasks: higher is better
 
 
-def is_ranking(cfg: ExperimentConfig) -> bool:
-    return cfg.model.kind in RANKERS
-
-
-# ----------------------------------------------------------------------------- model and checks
-
-def generative_config(cfg: ExperimentConfig, manifest: dict) -> GenerativeConfig:
-    """The torch-side shape: the HSTU stack sized in tokens (context + 2 per kept item + the candidate)."""
-    from .artifact import encoder_config
-
-    contexts = manifest.get("context_features") or {}
-    tokens = len(contexts) + 2 * cfg.model.max_seq_len + 1
-    encoder = dataclasses.replace(encoder_config(cfg, manifest["num_items"]), kind="hstu", max_seq_len=tokens)
-    return GenerativeConfig(encoder, num_actions=len(manifest["actions"]),
-                            multi_hot_actions=manifest.get("action_encoding") == "bitmask",
-                            num_context=sum(size + 1 for size in contexts.values()),
-                            tasks=tuple((t.name, t.kind) for t in cfg.ranking.tasks))
-
-
-def build_ranker(cfg: ExperimentConfig, manifest: dict) -> GenerativeRecommender | DLRMRanker:
-    config = generative_config(cfg, manifest)
-    return GenerativeRecommender(config) if cfg.model.kind == "gr" else DLRMRanker(config)
-
+# ----------------------------------------------------------------------------- checks
 
 def check_ranking_data(cfg: ExperimentConfig) -> None:
     """Driver side: the config against the prepared data, one error naming the key."""
@@ -108,6 +83,38 @@ class TaskLabels:
             else:
                 columns.append(values.float())
         return torch.stack(columns, 1)
+
+
+def check_selection_tasks(cfg: ExperimentConfig) -> list[str]:
+    """Driver side, before training: the model is selected on the NE of the binary tasks over the
+    validation targets, and a task with one class among them has no NE (nor AUC). Returns a warning
+    naming each such task (it is left out of selection); refuses when no binary task has both classes,
+    naming every task and its counts, since no model could ever be selected."""
+    if not is_ranking(cfg) or cfg.train.train_on != "train" or cfg.train.mode != "epochs":
+        return []
+    valid = read_split(cfg.data.output_dir, "valid")
+    lengths = np.diff(valid["items"].combine_chunks().offsets.to_numpy()) if valid.num_rows else np.zeros(0, np.int64)
+    index = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # position in its user's list
+    target = index >= np.repeat(np.maximum(valid["eval_start"].to_numpy(), 1), lengths)
+    actions, values = (valid[name].combine_chunks().flatten().to_numpy()[target] for name in ("actions", "values"))
+    labels = TaskLabels(cfg, read_manifest(cfg.data.output_dir))(torch.from_numpy(actions.astype(np.int64)),
+                                                                 torch.from_numpy(values.astype(np.float32))).numpy()
+    counts, measurable = {}, []
+    for i, task in enumerate(cfg.ranking.tasks):
+        if task.kind == "binary":
+            y = labels[~np.isnan(labels[:, i]), i]
+            counts[task.name] = (int((y == 1).sum()), len(y))
+            if 0 < counts[task.name][0] < len(y):
+                measurable.append(task.name)
+    where = f"the {int(target.sum()):,} validation targets of {cfg.data.output_dir}"
+    if not measurable:
+        named = "; ".join(f"task {name!r}: {pos:,} positives of {n:,} labelled" for name, (pos, n) in counts.items())
+        raise ConfigError(f"ranking.tasks: no binary task has both positives and negatives among {where} ({named}), "
+                          "so no NE could select a model; use a task with both there, or a split with more "
+                          "validation users (data.split)")
+    return [f"task {name!r} has {pos:,} positives of {n:,} labelled among {where}: it has no NE or AUC there, so "
+            f"it is left out of model selection (valid/ne_gain is over {', '.join(map(repr, measurable))})"
+            for name, (pos, n) in counts.items() if name not in measurable]
 
 
 # ----------------------------------------------------------------------------- training
@@ -188,8 +195,10 @@ def evaluate_ranking(model, batches, labels: TaskLabels, task_kinds: list, task_
                      ties: TiePolicy = "pessimistic") -> dict[str, float]:
     """Per task AUC / NE / log loss / calibration (MSE / MAE for regression) at every ranked impression
     of `batches` (leave-one-out: each user's held-out item; a time split: every event after the cutoff,
-    scored with all history before it), and for gr the retrieval metrics of the same model at the
-    action positions that predict those items. ne_gain = 1 - mean NE of the binary tasks."""
+    each from its user's most recent events before it: genrec.train.batching.evaluation_batches), and
+    for gr the retrieval metrics of the same model at the action positions that predict those items.
+    ne_gain = 1 - mean NE of the binary tasks that have an NE here (both classes among the targets;
+    fit names the others before training); count = the ranked impressions."""
     was_training = model.training
     model.eval()
     items = model.all_item_embeddings() if model.retrieval else None
@@ -205,7 +214,7 @@ def evaluate_ranking(model, batches, labels: TaskLabels, task_kinds: list, task_
             # the items seen before each target: the item tokens of its user up to it
             seen = positions_in_sequence(batch["offsets"], len(batch["item_ids"]))[position] + 1
             tokens = concat_ranges(position + 1 - seen, seen)
-            rows = torch.arange(len(position)).repeat_interleave(seen)
+            rows = torch.arange(len(position), device=position.device).repeat_interleave(seen)
             is_item = batch["token_types"][tokens] == ITEM
             ranks.append(full_ranks(users[position], batch["target_ids"][position], items,
                                     batch["item_ids"][tokens][is_item], rows[is_item], ties=ties))
@@ -219,11 +228,12 @@ def evaluate_ranking(model, batches, labels: TaskLabels, task_kinds: list, task_
         y, p = targets[known, t], predictions[known, t]
         metrics = binary_metrics(y, p) if kind == "binary" else regression_metrics(y, p)
         out.update({f"{name}/{k}": v for k, v in metrics.items()})
-        if kind == "binary":
+        if kind == "binary" and math.isfinite(metrics["ne"]):  # one class among the targets: no NE
             nes.append(metrics["ne"])
-    out["ne_gain"] = 1.0 - float(np.mean(nes)) if nes and all(math.isfinite(v) for v in nes) else math.nan
+    out["ne_gain"] = 1.0 - float(np.mean(nes)) if nes else math.nan
+    out["count"] = float(len(predictions))
     if ranks:
-        out.update(metrics_from_ranks(torch.cat(ranks)))
+        out.update(metrics_from_ranks(torch.cat(ranks).cpu()))
     return out
 
 

@@ -6,7 +6,8 @@ evaluated before it is trained on.
     for each window: evaluate_window (rank 0) -> train on it (one pass) -> log -> checkpoint
 
 A window's targets are the events that happen in it, each predicted from all of its
-user's events before it (the most recent batching.max_seq_len of them) and ranked
+user's events before it (the most recent batching.max_seq_len of them, however many
+of its user's events fall in the window: genrec.data.batches.target_windows) and ranked
 against the whole catalog as in genrec.train.evaluation. A user's very first event
 has no history and is never a target. The run's result, `stream/<metric>`, is the
 mean over the targets of windows 2..W: window 1 is scored by an untrained model
@@ -18,8 +19,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from ..data.batches import count_targets
 from ..data.jagged import concat_ranges
-from ..data.loader import iter_torch_batches
+from .batching import evaluation_batches
 from .evaluation import evaluate
 
 DAY = 86_400
@@ -61,12 +63,6 @@ def window_table(sequences: pa.Table, start: int, end: int) -> tuple[pa.Table, i
     return table, count_targets(table)
 
 
-def count_targets(table: pa.Table) -> int:
-    """Events of a window table that get ranked: those after `eval_start` with an earlier event of their user."""
-    lengths = np.diff(table["items"].combine_chunks().offsets.to_numpy())
-    return int((lengths - np.maximum(table["eval_start"].to_numpy(), 1)).clip(min=0).sum())
-
-
 def sampled_users(table: pa.Table, share: float) -> pa.Table:
     """The rows of a fixed share of users, chosen by a hash of the user id (so the same users in every
     window and every run); all rows when share is 1."""
@@ -83,8 +79,7 @@ def evaluate_window(model, table: pa.Table, spec, batch_size: int, ties: str, us
     table = sampled_users(table, users)
     if not count_targets(table):
         return {"window/targets": 0.0}  # the sample holds no event with a history in this window
-    batches = iter_torch_batches(table, spec, batch_size, shuffle=False)
-    metrics = evaluate(model, batches, ties=ties)
+    metrics = evaluate(model, evaluation_batches(table, spec, batch_size), ties=ties)
     targets = metrics.pop("count")
     return {**{f"window/{k}": v for k, v in metrics.items()}, "window/targets": targets}
 

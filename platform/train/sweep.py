@@ -274,17 +274,62 @@ def _search_space(cfg: ExperimentConfig) -> dict:
     return space
 
 
-def run_sweep(cfg: ExperimentConfig, log=print, callbacks=()) -> dict:
-    """Run (or resume) the sweep; returns the summary (paths, fits, rows). callbacks: extra Tune callbacks."""
-    import ray
-    from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
+def _check_sweepable(cfg: ExperimentConfig) -> None:
     if cfg.sweep is None:
         raise ConfigError("this config has no sweep section (see configs/sweeps/)")
     if cfg.sweep.search is not None and cfg.eval.every != 1:
         raise ConfigError(f"sweep.search needs eval.every=1 (ASHA compares trials on {cfg.sweep.metric} after "
                           f"every epoch), got {cfg.eval.every}")
+
+
+def _new_tuner(cfg: ExperimentConfig, trainable, trials: list[dict], parent: str, parallel: int, storage: Path,
+               name: str):
+    """A Tuner for a sweep not begun yet: a grid (FIFO, divergence stops) or a search (ASHA)."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    sweep, runs = cfg.sweep, str(storage / name / "runs")
+    searching = sweep.search is not None
+    param_space = {"trial": tune.grid_search(trials), "parent_run_id": parent, "sweep": name}
+    # max_concurrent on the generator itself: Tune ignores TuneConfig.max_concurrent_trials (with a
+    # warning) when it is handed a search algorithm, which let a search start every sample at once.
+    generator = BasicVariantGenerator(max_concurrent=parallel, random_state=sweep.search.seed if searching
+                                      else None)
+    if searching:
+        s = sweep.search
+        param_space["search"] = _search_space(cfg)
+        longest = max(t["experiment"]["train"]["epochs"] for t in trials)
+        scheduler = ASHA(runs, sweep.divergence_factor, max_t=longest, grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor)
+        tune_config = tune.TuneConfig(num_samples=s.num_samples, metric=sweep.metric, mode=sweep.mode,
+                                      scheduler=scheduler, search_alg=generator,
+                                      trial_dirname_creator=trial_dirname)
+    else:
+        tune_config = tune.TuneConfig(scheduler=GridScheduler(runs, sweep.divergence_factor),
+                                      search_alg=generator, trial_dirname_creator=trial_dirname)
+    run_config = tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=[Relay(name)])
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def _trial_rows(results, folder: Path, trials: list[dict], searching: bool) -> tuple[list[dict], dict]:
+    """(one CSV row per trial, Tune's status per trial path) once Tuner.fit has returned."""
+    from ray import tune
+
+    status = {trial.path: trial.status for trial in tune.ExperimentAnalysis(str(folder)).trials}
+    rows = [trial_row(result, status.get(result.path), str(folder / "runs")) for result in results]
+    if not searching:  # Tune creates trials as slots free up: those it never reached are listed too
+        started = {row["point"] for row in rows}
+        rows += [{"trial": t["name"], "point": t["name"], "family": t["family"], "status": "not run", **t["overrides"]}
+                 for t in trials if t["name"] not in started]
+    return rows, status
+
+
+def run_sweep(cfg: ExperimentConfig, log=print, callbacks=()) -> dict:
+    """Run (or resume) the sweep; returns the summary (paths, fits, rows). callbacks: extra Tune callbacks."""
+    import ray
+    from ray import tune
+
+    _check_sweepable(cfg)
     cfg = workers_view(cfg)
     sweep = cfg.sweep
     name = sweep_name(cfg)
@@ -306,40 +351,16 @@ def run_sweep(cfg: ExperimentConfig, log=print, callbacks=()) -> dict:
     _LIVE[name] = [SweepProgress(log, total, sweep.metric), *callbacks]
     if not cfg.ray.verbose:  # genrec's [sweep] lines only: Tune's own tables stay off the terminal
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    runs = str(folder / "runs")
     if tune.Tuner.can_restore(str(folder)):  # its scheduler, search state and Relay come back with it
         log(f"[sweep] resuming {folder}: finished trials are kept, the others run")
         tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
-        param_space = {"trial": tune.grid_search(trials), "parent_run_id": parent, "sweep": name}
-        # max_concurrent on the generator itself: Tune ignores TuneConfig.max_concurrent_trials (with a
-        # warning) when it is handed a search algorithm, which let a search start every sample at once.
-        generator = BasicVariantGenerator(max_concurrent=parallel, random_state=sweep.search.seed if searching
-                                          else None)
-        if searching:
-            s = sweep.search
-            param_space["search"] = _search_space(cfg)
-            longest = max(t["experiment"]["train"]["epochs"] for t in trials)
-            scheduler = ASHA(runs, sweep.divergence_factor, max_t=longest, grace_period=s.grace_period,
-                             reduction_factor=s.reduction_factor)
-            tune_config = tune.TuneConfig(num_samples=s.num_samples, metric=sweep.metric, mode=sweep.mode,
-                                          scheduler=scheduler, search_alg=generator,
-                                          trial_dirname_creator=trial_dirname)
-        else:
-            tune_config = tune.TuneConfig(scheduler=GridScheduler(runs, sweep.divergence_factor),
-                                          search_alg=generator, trial_dirname_creator=trial_dirname)
-        run_config = tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=[Relay(name)])
-        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+        tuner = _new_tuner(cfg, trainable, trials, parent, parallel, storage, name)
     try:
         results = tuner.fit()
     finally:
         _LIVE.pop(name, None)
-    status = {trial.path: trial.status for trial in tune.ExperimentAnalysis(str(folder)).trials}
-    rows = [trial_row(result, status.get(result.path), runs) for result in results]
-    if not searching:  # Tune creates trials as slots free up: those it never reached are listed too
-        started = {row["point"] for row in rows}
-        rows += [{"trial": t["name"], "point": t["name"], "family": t["family"], "status": "not run", **t["overrides"]}
-                 for t in trials if t["name"] not in started]
+    rows, status = _trial_rows(results, folder, trials, searching)
     ended = sum(1 for s in status.values() if s in ("TERMINATED", "ERROR"))
     interrupted = ended < total
     return summarise(cfg, name, folder, parent, rows, log, interrupted)

@@ -18,8 +18,9 @@ import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from ..artifact import is_ranking, save_model_folder
 from ..config import ExperimentConfig, resolve_path
-from .artifact import save_model_folder
+from ..errors import GenrecError
 
 RUN_NAME_TAG = "genrec.run_name"
 MODEL_FILES = "model_files"
@@ -87,6 +88,7 @@ class MetricLogger:
     def __init__(self, cfg: ExperimentConfig, run_folder: Path, mlflow_run_id: str | None, start_epoch: int,
                  total: int | None = None, unit: str = "epoch") -> None:
         """total: epochs (default train.epochs), or time windows with unit "window" (one_pass mode)."""
+        self.cfg = cfg
         self.client = MlflowClient(tracking_uri(cfg)) if mlflow_run_id else None
         self.run_id = mlflow_run_id
         self.progress = run_folder / PROGRESS_FILE
@@ -106,16 +108,31 @@ class MetricLogger:
                 if isinstance(v, (int, float)) and math.isfinite(float(v)) and k != "epoch"])
         elapsed = time.time() - self.started
         eta = elapsed / (epoch + 1 - self.start_epoch) * (self.epochs - epoch - 1)
-        scored = "".join(f" {split} ndcg@10 {metrics[f'{split}/ndcg@10']:.4f} hr@10 {metrics[f'{split}/hr@10']:.4f}"
-                         for split in ("valid", "window") if f"{split}/ndcg@10" in metrics)
-        if "valid/ne_gain" in metrics:  # rankers: the mean normalized entropy of the binary tasks
-            scored += f" valid mean NE {1 - metrics['valid/ne_gain']:.4f}"
+        scored = "".join(scores_text(self.cfg, metrics, split) for split in ("valid", "test", "window"))
         stream = f" | stream hr@10 {best['stream/hr@10']:.4f}" if "stream/hr@10" in best else \
             f" | best epoch {best.get('best_epoch', '-')}"
         self.say(f"{self.unit} {epoch + 1}/{self.epochs} loss {metrics['train/loss']:.4f} "
                  f"{metrics['train/examples_per_s']:,.0f} ex/s {metrics['train/tokens_per_s']:,.0f} tok/s "
                  f"{self.unit} {metrics['train/epoch_seconds']:.1f}s (+eval {metrics.get('eval_seconds', 0):.1f}s)"
                  f"{scored}{stream} | elapsed {elapsed:.0f}s ETA {eta:.0f}s")
+
+
+def scores_text(cfg: ExperimentConfig, metrics: dict, split: str) -> str:
+    """A split's headline numbers for a progress line ('' when the split was not scored): a ranker's
+    per-task NE and AUC (MSE of a regression task) and mean NE (what selects its model), then the
+    retrieval NDCG@10 / HR@10 of a model that retrieves."""
+    parts = []
+    for task in cfg.ranking.tasks if is_ranking(cfg) else ():
+        key = f"{split}/{task.name}"
+        if f"{key}/ne" in metrics:
+            parts.append(f"{task.name} NE {metrics[f'{key}/ne']:.4f} AUC {metrics[f'{key}/auc']:.4f}")
+        elif f"{key}/mse" in metrics:
+            parts.append(f"{task.name} MSE {metrics[f'{key}/mse']:.4f}")
+    if f"{split}/ne_gain" in metrics:
+        parts.append(f"mean NE {1 - metrics[f'{split}/ne_gain']:.4f}")
+    if f"{split}/ndcg@10" in metrics:
+        parts.append(f"ndcg@10 {metrics[f'{split}/ndcg@10']:.4f} hr@10 {metrics[f'{split}/hr@10']:.4f}")
+    return f" {split} {', '.join(parts)}" if parts else ""
 
 
 def follow_progress(run_folder: Path, print_line, stop) -> None:
@@ -135,12 +152,39 @@ def follow_progress(run_folder: Path, print_line, stop) -> None:
             return
 
 
+MODEL_KIND_TAG = "model_kind"
+
+
+class RegisteredKindError(GenrecError, ValueError):
+    """A registered model name that holds versions of another model.kind."""
+
+
+def check_registered_kind(cfg: ExperimentConfig) -> None:
+    """Refuse to register a model under a name whose latest version is another model.kind: a server
+    following `models:/<name>/latest` would switch from, say, a gr ranker to an hstu retriever. A job
+    calls this before training; registration calls it again."""
+    name = cfg.tracking.registered_model or cfg.name
+    client = MlflowClient(tracking_uri(cfg))
+    versions = client.search_model_versions(f"name = '{name}'")
+    if not versions:
+        return
+    latest = max(versions, key=lambda v: int(v.version))
+    # versions registered before the tag existed: the kind their run was trained with
+    kind = latest.tags.get(MODEL_KIND_TAG) or client.get_run(latest.run_id).data.params.get("model.kind")
+    if kind and kind != cfg.model.kind:
+        raise RegisteredKindError(
+            f"registered model {name!r} holds model.kind {kind!r} (version {latest.version}); this run trains "
+            f"model.kind {cfg.model.kind!r}: set tracking.registered_model (e.g. {f'{name}-{cfg.model.kind}'!r}) "
+            f"or name to register it under its own name")
+
+
 def log_final_model(cfg: ExperimentConfig, run_id: str, state_dict: dict, best: dict, history: list,
                     plot: Path | None) -> str:
     """Log the best model under the run and register it; returns the registered version."""
     mlflow.set_tracking_uri(tracking_uri(cfg))
     client = MlflowClient(tracking_uri(cfg))
     name = cfg.tracking.registered_model or cfg.name
+    check_registered_kind(cfg)
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         folder = save_model_folder(Path(tmp) / "model", cfg, state_dict)
         mlflow.log_artifacts(str(folder), artifact_path=MODEL_FILES)
@@ -151,7 +195,7 @@ def log_final_model(cfg: ExperimentConfig, run_id: str, state_dict: dict, best: 
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name, description="genrec sequential encoder (weights + config + vocabularies)")
     source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_FILES}"
-    tags = {"best_epoch": str(best.get("best_epoch"))}
+    tags = {"best_epoch": str(best.get("best_epoch")), MODEL_KIND_TAG: cfg.model.kind}
     tags.update({metric_key(k): f"{v:.4f}" for k, v in best.items() if k.startswith(("test/", "valid/", "stream/"))})
     version = client.create_model_version(name, source, run_id=run_id, tags=tags)
     return version.version

@@ -14,16 +14,17 @@ import json
 import threading
 from pathlib import Path
 
+from ..artifact import is_ranking, load_model
 from ..config import ConfigError, ExperimentConfig, resolve_path
-from ..data.loader import iter_torch_batches
+from ..data.batches import count_targets
 from ..data.prepared import read_manifest, read_split
 from . import tracking
-from .artifact import load_model
-from .batching import batch_spec
+from .batching import batch_spec, evaluation_batches
 from .checkpoint import read_progress
 from .evaluation import evaluate
-from .loop import NON_FINITE_MARKER, NonFiniteLossError, train_loop_per_worker
-from .ranking import check_ranking_data
+from .loop import (NON_FINITE_MARKER, STOP_REQUEST, NoModelSelectedError, NonFiniteLossError, selection_metric,
+                   train_loop_per_worker)
+from .ranking import check_ranking_data, check_selection_tasks, ranking_evaluator
 
 
 def _backend(cfg: ExperimentConfig) -> str:
@@ -44,12 +45,7 @@ def workers_view(cfg: ExperimentConfig) -> ExperimentConfig:
 def fit(cfg: ExperimentConfig, log=print, callbacks=(), mlflow_tags: dict | None = None) -> dict:
     """callbacks: Ray Train callbacks (a sweep passes Tune's report callback); mlflow_tags: set on the
     run when it is created (a sweep's trials name their parent run)."""
-    import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    read_manifest(cfg.data.output_dir)  # fails clearly if the data was not prepared
-    check_ranking_data(cfg)  # the tasks and layout against the prepared data, before any worker starts
+    check_before_workers(cfg, log)
     cfg = workers_view(cfg)
     t = cfg.train
     run_name = t.run_name or cfg.name
@@ -60,31 +56,9 @@ def fit(cfg: ExperimentConfig, log=print, callbacks=(), mlflow_tags: dict | None
     run_id = tracking.start_or_resume_run(cfg, run_name, mlflow_tags)
     marker = run_folder / NON_FINITE_MARKER
     marker.unlink(missing_ok=True)
-    datasets = None
-    if t.data_mode == "streaming":
-        datasets = {"train": ray.data.read_parquet(str(resolve_path(cfg.data.output_dir) / "train"))}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"experiment": cfg.model_dump(mode="json"), "mlflow_run_id": run_id,
-                           "run_folder": str(run_folder)},
-        torch_config=TorchConfig(backend=_backend(cfg)),
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
-        run_config=RunConfig(name=run_name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
-                             callbacks=list(callbacks)),
-        datasets=datasets,
-    )
+    trainer = torch_trainer(cfg, run_name, run_id, run_folder, callbacks)
     log(f"[train] run {run_name!r}: {t.num_workers} worker(s), backend {_backend(cfg)}, storage {run_folder}")
-    stop = threading.Event()
-    follower = threading.Thread(target=tracking.follow_progress, args=(run_folder, log, stop), daemon=True)
-    follower.start()
-    try:
-        result = trainer.fit()
-    finally:
-        stop.set()
-        follower.join()
+    result = fit_showing_progress(trainer, run_folder, log)
     if marker.exists():
         raise NonFiniteLossError(f"{marker.read_text()} (checkpoints kept in {run_folder})")
     if result.checkpoint is None:
@@ -92,20 +66,96 @@ def fit(cfg: ExperimentConfig, log=print, callbacks=(), mlflow_tags: dict | None
     with result.checkpoint.as_directory() as folder:
         _, progress = read_progress(folder)
     best, history = progress.best, progress.history
+    if t.mode == "epochs" and "best_epoch" not in best:
+        raise NoModelSelectedError(no_model_message(cfg, run_name, run_folder, history))
     plot = run_folder / "training_curves.png"
     plot_history(history, plot, title=f"{run_name} ({cfg.model.kind})")
     version = tracking.log_final_model(cfg, run_id, progress.best_state, best, history, plot)
     name = cfg.tracking.registered_model or cfg.name
-    if "stream/hr@10" in best:
-        log(f"[train] one pass over {len(history)} windows: stream hr@10 {best['stream/hr@10']:.4f} hr@50 "
-            f"{best['stream/hr@50']:.4f} ndcg@10 {best['stream/ndcg@10']:.4f} ({best['stream/targets']:,.0f} events "
-            f"ranked, windows 2..{len(history)}); registered {name!r} version {version}")
-    else:
-        log(f"[train] best epoch {best.get('best_epoch')}: test ndcg@10 {best.get('test/ndcg@10', float('nan')):.4f} "
-            f"hr@10 {best.get('test/hr@10', float('nan')):.4f}; registered {name!r} version {version}")
+    for line in result_lines(cfg, best, history, f"registered {name!r} version {version}"):
+        log(line)
     log(f"[train] browse: mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)} --host 127.0.0.1")
     return {"run_name": run_name, "mlflow_run_id": run_id, "registered_model": name, "version": version,
-            "best": best, "history": history, "checkpoint": result.checkpoint.path, "epochs_run": len(history)}
+            "best": best, "history": history, "checkpoint": result.checkpoint.path, "epochs_run": len(history),
+            "test_epochs": tested_epochs(cfg, history)}
+
+
+def check_before_workers(cfg: ExperimentConfig, log) -> None:
+    """What can be refused from the driver, before any worker starts and any epoch is spent."""
+    read_manifest(cfg.data.output_dir)  # fails clearly if the data was not prepared
+    check_ranking_data(cfg)  # the tasks and layout against the prepared data
+    for warning in check_selection_tasks(cfg):  # refuses when no task could select a model
+        log(f"[train] warning: {warning}")
+    tracking.check_registered_kind(cfg)  # the registered name must not hold another model.kind
+
+
+def torch_trainer(cfg: ExperimentConfig, run_name: str, run_id: str, run_folder: Path, callbacks=()):
+    """The Ray Train run: the per-worker loop, its workers and where its checkpoints go."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cfg.train
+    datasets = None
+    if t.data_mode == "streaming":
+        datasets = {"train": ray.data.read_parquet(str(resolve_path(cfg.data.output_dir) / "train"))}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": cfg.model_dump(mode="json"), "mlflow_run_id": run_id,
+                           "run_folder": str(run_folder)},
+        torch_config=TorchConfig(backend=_backend(cfg)),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
+        run_config=RunConfig(name=run_name, storage_path=str(run_folder.parent),
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
+                             callbacks=list(callbacks)),
+        datasets=datasets,
+    )
+
+
+def fit_showing_progress(trainer, run_folder: Path, log):
+    """trainer.fit(), with the workers' progress lines (written to the run folder) shown here."""
+    stop = threading.Event()
+    follower = threading.Thread(target=tracking.follow_progress, args=(run_folder, log, stop), daemon=True)
+    follower.start()
+    try:
+        return trainer.fit()
+    finally:
+        stop.set()
+        follower.join()
+
+
+def result_lines(cfg: ExperimentConfig, best: dict, history: list, registered: str) -> list[str]:
+    """The run's result for the terminal: the stream metrics of a one-pass run; else the test split's
+    numbers at each eval.test_epochs epoch and at the selected epoch, with how many targets were scored."""
+    if "stream/hr@10" in best:
+        return [f"[train] one pass over {len(history)} windows: stream hr@10 {best['stream/hr@10']:.4f} hr@50 "
+                f"{best['stream/hr@50']:.4f} ndcg@10 {best['stream/ndcg@10']:.4f} ({best['stream/targets']:,.0f} "
+                f"events ranked, windows 2..{len(history)}); {registered}"]
+    lines = [f"[train] epoch {epoch} (eval.test_epochs):{tracking.scores_text(cfg, scores, 'test')}"
+             for epoch, scores in tested_epochs(cfg, history).items()]
+    total = count_targets(read_split(cfg.data.output_dir, "test"))
+    return lines + [f"[train] best epoch {best.get('best_epoch')}:{tracking.scores_text(cfg, best, 'test')} "
+                    f"({best.get('test/targets', 0):,.0f} of {total:,} test targets scored); {registered}"]
+
+
+def no_model_message(cfg: ExperimentConfig, run_name: str, run_folder: Path, history: list) -> str:
+    """Why a run that ran its epochs has no model to register (a stop before its first evaluation, or a
+    selection metric that was never a number)."""
+    key = selection_metric(cfg)
+    values = [h[key] for h in history if key in h]
+    request = run_folder / STOP_REQUEST
+    stopped = f"; it was asked to stop ({request.read_text().strip()})" if request.exists() else ""
+    why = f"{key} was never a number in its {len(values)} evaluation(s) ({values})" if values else \
+        f"no evaluation ran in its {len(history)} epoch(s) (eval.every={cfg.eval.every})"
+    return f"run {run_name!r} selected no model: {why}{stopped}; nothing was registered (checkpoints kept in {run_folder})"
+
+
+def tested_epochs(cfg: ExperimentConfig, history: list) -> dict:
+    """{epoch: its test metrics} for the epochs of eval.test_epochs the run reached."""
+    return {h["epoch"]: {k: v for k, v in h.items() if k.startswith("test/")} for h in history
+            if h["epoch"] in cfg.eval.test_epochs}
 
 
 SHAPE_FILE = "model_shape.json"
@@ -162,14 +212,20 @@ def plot_history(history: list, path: Path, title: str) -> None:
 
 def evaluate_model(cfg: ExperimentConfig, model_uri: str, split: str) -> dict:
     """Evaluate a registered model (`models:/name/version`) or a model folder on a split of
-    cfg's data. The model keeps its own shape (model section); batching and evaluation
-    settings come from cfg, and batches may not keep more items than the model was built for."""
-    encoder, model_cfg = load_model(model_uri, tracking.tracking_uri(cfg))
+    cfg's data, with the evaluator the training loop uses for its kind: full-ranking retrieval
+    metrics for hstu / sasrec, per-task AUC / NE (and, for gr, retrieval metrics) of its own
+    ranking tasks for gr / dlrm. The model keeps its own shape (model and ranking sections);
+    batching and evaluation settings come from cfg, and batches may not keep more items than
+    the model was built for."""
+    model, model_cfg = load_model(model_uri, tracking.tracking_uri(cfg))
     built_for = model_cfg.model.max_seq_len
     if cfg.batching.max_seq_len and cfg.batching.max_seq_len > built_for:
         raise ConfigError(f"batching.max_seq_len={cfg.batching.max_seq_len} exceeds the max_seq_len={built_for} "
                           f"that model {model_uri} was built for")
+    if is_ranking(model_cfg) != (cfg.batching.layout == "interleaved"):
+        raise ConfigError(f"batching.layout={cfg.batching.layout!r} does not fit model {model_uri} "
+                          f"(model.kind={model_cfg.model.kind!r}, which reads the {model_cfg.batching.layout!r} layout)")
     run_cfg = model_cfg.model_copy(update={"data": cfg.data, "batching": cfg.batching, "eval": cfg.eval})
-    batches = iter_torch_batches(read_split(cfg.data.output_dir, split), batch_spec(run_cfg), cfg.eval.batch_size,
-                                 shuffle=False)
-    return evaluate(encoder, batches, ties=cfg.eval.ties)
+    batches = evaluation_batches(read_split(cfg.data.output_dir, split), batch_spec(run_cfg), cfg.eval.batch_size)
+    scores = ranking_evaluator(run_cfg) if is_ranking(model_cfg) else evaluate
+    return scores(model, batches, ties=cfg.eval.ties)

@@ -19,7 +19,7 @@ def hstu_attention(
     v: torch.Tensor,
     rab: torch.Tensor,
     offsets: torch.Tensor,
-    max_seq_len: int,
+    normalizer: float,
 ) -> torch.Tensor:
     """Causal pointwise (softmax-free) attention over a jagged batch.
 
@@ -29,7 +29,8 @@ def hstu_attention(
         rab: [B, L, L] relative attention bias, shared by all heads; L is the
             batch's longest sequence, rab[b, i, j] is the bias of query i on key j.
         offsets: [B+1] sequence boundaries of the jagged tensors.
-        max_seq_len: N, the model's fixed maximum length, used as the normaliser.
+        normalizer: N of the 1/N, the model's fixed maximum length (or the
+            configured attention_normalizer), not the user's own length.
 
     Returns:
         [T, H, dv]: out[i] = sum_{j <= i} SiLU(q_i . k_j + rab[i, j]) v_j / N,
@@ -46,32 +47,11 @@ def hstu_attention(
     # Causal mask including the diagonal. It also hides every padded key from
     # every real query (padding only comes after a user's last real token).
     weights = F.silu(scores).tril_()
-    out = (weights @ v) / max_seq_len
+    out = (weights @ v) / normalizer
     return padded_to_jagged(out.transpose(1, 2), offsets, index)
 
 
+# Chosen once, when the model is built (genrec.model.hstu.HSTU): "pytorch" is this plain
+# version, the one every fused path is tested against; "cpu" the tiled CPU op; "triton" the
+# kernels; "auto" the fused op of the device the model's weights are on.
 ATTENTION_IMPLS = ("auto", "pytorch", "cpu", "triton")
-
-
-def resolve_attention_impl(impl: str, x: torch.Tensor) -> str:
-    """auto: the Triton kernel on CUDA tensors, the tiled `cpu` path on CPU (faster than this
-    plain version at every length measured, and smaller; see the README's benchmarks).
-    `pytorch` stays the plain version, the one every fused path is tested against."""
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if x.is_cuda else "cpu"
-    return impl
-
-
-def fused_attention(impl: str):
-    """The fused op (same signature as hstu_attention_reference) behind a name."""
-    if impl == "cpu":
-        from .hstu_attention_cpu import hstu_attention_cpu
-
-        return hstu_attention_cpu
-    if impl == "triton":
-        from .hstu_attention_triton import hstu_attention_triton  # imports triton: only when asked for
-
-        return hstu_attention_triton
-    raise ValueError(f"no fused attention named {impl!r}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .hstu_attention_reference import time_buckets
+from ..relative_bias import bias_table, bias_table_index
 
 SAVED_SCORES_LIMIT = 1 << 25  # score elements per layer kept for the backward (x2 tensors, 128 MB each in float32)
 
@@ -44,13 +44,13 @@ class AttentionPlan:
     """
 
     def __init__(self, offsets: torch.Tensor, timestamps: torch.Tensor, target_timestamps: torch.Tensor,
-                 max_seq_len: int, num_buckets: int, num_targets: torch.Tensor | None = None) -> None:
+                 num_positions: int, num_buckets: int, num_targets: torch.Tensor | None = None) -> None:
         num_tokens = timestamps.size(0)
         lengths = offsets.diff()
         self.lengths, order = lengths.sort(descending=True, stable=True)
         self.batch_size = lengths.numel()
         self.max_len = int(self.lengths[0]) if self.batch_size else 0
-        self.num_buckets, self.max_seq_len = num_buckets, max_seq_len
+        self.num_buckets, self.num_positions = num_buckets, num_positions
         rank = torch.empty_like(order)
         rank[order] = torch.arange(self.batch_size)
         user = torch.arange(self.batch_size).repeat_interleave(lengths, output_size=num_tokens)
@@ -58,8 +58,7 @@ class AttentionPlan:
         self.row = rank[user] * self.max_len + pos  # token -> row of the flattened sorted [B * L] layout
         ts, target_ts = self.pad(timestamps), self.pad(target_timestamps)
         history = None if num_targets is None else self.lengths - torch.minimum(num_targets[order], self.lengths)
-        N, width = max_seq_len, 2 * max_seq_len - 1
-        self.hidden = (num_buckets + 1) * width
+        self.hidden = (num_buckets + 1) * (2 * num_positions - 1)
         self.tiles = []
         longer, c = self.lengths.tolist(), self.batch_size
         tile = tile_rows(self.max_len)
@@ -68,14 +67,14 @@ class AttentionPlan:
                 c -= 1
             e = min(s + tile, self.max_len)
             i, j = torch.arange(s, e).unsqueeze(1), torch.arange(e).unsqueeze(0)
-            bucket = time_buckets(target_ts[:c, s:e, None], ts[:c, None, :e], num_buckets)
             if history is None:
-                rel, visible = N - 1 + j - i, j <= i
+                query, key, visible = i, j, j <= i
             else:  # candidates sit at the history's end (see the reference) and see the history and themselves
                 h = history[:c, None, None]
-                rel = N - 1 + torch.minimum(j, h) - torch.minimum(i, h)
+                query, key = torch.minimum(i, h), torch.minimum(j, h)
                 visible = (j == i) | ((j < i) & (j < h))
-            index = bucket.mul_(width).add_(rel.clamp_(0, width - 1)).masked_fill_(~visible, self.hidden)
+            index = bias_table_index(query, key, target_ts[:c, s:e, None], ts[:c, None, :e], num_positions, num_buckets)
+            index = index.masked_fill_(~visible, self.hidden)
             self.tiles.append((s, e, c, index.to(torch.int32)))
         self.area = sum(index.numel() for *_, index in self.tiles)
 
@@ -94,7 +93,7 @@ class AttentionPlan:
         """Flattened [num_buckets + 1, 2N - 1] table of every (time bucket, relative position) bias, then the
         masked pairs' entry: a negative number so large that SiLU and its derivative are exactly 0 there (and
         adding q.k to it cannot overflow)."""
-        table = (time_weights.unsqueeze(1) + position_weights.unsqueeze(0)).flatten().to(dtype)
+        table = bias_table(position_weights, time_weights).to(dtype)
         return torch.cat([table, table.new_full((1,), torch.finfo(dtype).min / 2)])
 
 
@@ -162,7 +161,7 @@ class _HSTUAttention(torch.autograd.Function):
                 grad_k[:c, :e, h] += torch.bmm(grad_scores.transpose(1, 2), q_)
                 grad_bias = grad_scores if grad_bias is None else grad_bias.add_(grad_scores)
             grad_table.index_add_(0, index.flatten(), grad_bias.flatten().to(grad_table.dtype))
-        grad_table = grad_table[:-1].view(plan.num_buckets + 1, 2 * plan.max_seq_len - 1)
+        grad_table = grad_table[:-1].view(plan.num_buckets + 1, 2 * plan.num_positions - 1)
         return (plan.unpad(grad_q), plan.unpad(grad_k), plan.unpad(grad_v), grad_table.sum(0), grad_table.sum(1),
                 None, None)
 
@@ -176,7 +175,7 @@ def hstu_attention_cpu(
     target_timestamps: torch.Tensor,
     position_weights: torch.Tensor,
     time_weights: torch.Tensor,
-    max_seq_len: int,
+    num_positions: int,
     normalizer: float,
     num_targets: torch.Tensor | None = None,
     plan: AttentionPlan | None = None,
@@ -185,7 +184,7 @@ def hstu_attention_cpu(
     q, k, v, position_weights and time_weights. `plan`, the `AttentionPlan` of this
     batch (offsets, timestamps, num_targets), saves rebuilding it in every layer."""
     if plan is None:
-        plan = AttentionPlan(offsets, timestamps, target_timestamps, max_seq_len, time_weights.numel() - 1,
+        plan = AttentionPlan(offsets, timestamps, target_timestamps, num_positions, time_weights.numel() - 1,
                              num_targets)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, position_weights, time_weights)):
         return _HSTUAttention.apply(q, k, v, position_weights, time_weights, plan, normalizer)

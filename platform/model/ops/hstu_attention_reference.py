@@ -3,18 +3,12 @@ PyTorch reference of the fused versions (hstu_attention_cpu, hstu_attention_trit
 
     out_i = sum_j mask(i, j) * SiLU(q_i . k_j + rab(i, j)) v_j / normalizer
 
-per user and head, with rab(i, j) = position_weights[rel(i, j)] + time_weights[bucket(i, j)]
-shared by all heads:
-
-    rel(i, j)    = clamp(N - 1 + p(j) - p(i), 0, 2N - 2)
-    bucket(i, j) = clamp(floor(ln(max(|target_ts[i] - ts[j]|, 1)) / 0.301), 0, len(time_weights) - 1)
-
-Without targets p(i) = i and mask(i, j) = j <= i (causal, diagonal included). With
+per user and head, with rab(i, j) the relative bias of genrec.model.relative_bias at
+positions p(i), p(j). Without targets p(i) = i and mask(i, j) = j <= i (causal, diagonal included). With
 m = num_targets[b] M-FALCON candidates at the end of a sequence of n tokens, the
 candidates see the n - m history tokens and themselves only, and all share the
 position p = n - m (the one right after the history): each candidate then gets
-exactly the attention it would get alone after the history. The clamp of rel only
-matters for sequences longer than N.
+exactly the attention it would get alone after the history.
 
 This one pads the batch to its longest sequence and materialises [B, H, L, L]
 scores: simple and obviously right, not fast.
@@ -23,18 +17,7 @@ scores: simple and obviously right, not fast.
 import torch
 import torch.nn.functional as F
 
-TIME_BUCKET_LOG_WIDTH = 0.301  # buckets of ln(seconds): each is e^0.301 ~ 1.35x wider than the last
-
-
-def time_buckets(target_ts: torch.Tensor, ts: torch.Tensor, max_bucket: int) -> torch.Tensor:
-    """Broadcast bucket of |target_ts - ts| (int64 Unix seconds) as int64.
-
-    The gap is exact in int64 and rounded once to float32; every implementation
-    must take these same steps so that gaps near a bucket edge land alike.
-    ln(gap) >= 0, so truncating to long is the floor. (In place: [B, L, L] is large.)
-    """
-    gap = (target_ts - ts).abs_().float()
-    return gap.clamp_(min=1).log_().div_(TIME_BUCKET_LOG_WIDTH).clamp_(max=max_bucket).long()
+from ..relative_bias import bias_table, bias_table_index
 
 
 def hstu_attention_reference(
@@ -46,12 +29,12 @@ def hstu_attention_reference(
     target_timestamps: torch.Tensor,
     position_weights: torch.Tensor,
     time_weights: torch.Tensor,
-    max_seq_len: int,
+    num_positions: int,
     normalizer: float,
     num_targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q, k [T, H, dqk], v [T, H, dv] jagged by offsets [B+1]; timestamps and
-    target_timestamps [T] int64; position_weights [2N-1] (N = max_seq_len);
+    target_timestamps [T] int64; position_weights [2N-1] (N = num_positions);
     time_weights [num_buckets + 1]; num_targets [B] or None -> [T, H, dv]."""
     num_tokens, device = q.size(0), q.device
     lengths = offsets.diff()
@@ -67,9 +50,9 @@ def hstu_attention_reference(
     history = lengths if num_targets is None else lengths - torch.minimum(num_targets, lengths)
     i = torch.arange(L, device=device)
     p = torch.minimum(i.unsqueeze(0), history.unsqueeze(1))  # [B, L]
-    rel = (max_seq_len - 1 + p.unsqueeze(1) - p.unsqueeze(2)).clamp(0, 2 * max_seq_len - 2)
-    bucket = time_buckets(target_ts.unsqueeze(2), ts.unsqueeze(1), time_weights.numel() - 1)
-    rab = position_weights[rel] + time_weights[bucket]  # [B, L, L]
+    index = bias_table_index(p.unsqueeze(2), p.unsqueeze(1), target_ts.unsqueeze(2), ts.unsqueeze(1), num_positions,
+                             time_weights.numel() - 1)
+    rab = bias_table(position_weights, time_weights)[index]  # [B, L, L]
     ii, jj = i.view(1, L, 1), i.view(1, 1, L)
     mask = (jj == ii) | ((jj < ii) & (jj < history.view(-1, 1, 1)))  # padded keys are never < a real i
 

@@ -2,7 +2,8 @@
 numbers as hstu_attention_reference (see there for the math).
 
 The relative bias is computed inside the kernels from the timestamps and the two
-tables, never materialised. One program owns a (query tile, user, head) in the
+tables, never materialised: `_scores` is genrec.model.relative_bias's formula
+(bias_table_index, time_buckets) in Triton, step for step. One program owns a (query tile, user, head) in the
 forward and a (key tile, user, head) in the backward, and only visits the tiles on
 or below the diagonal of its own user, so the cost follows the real jagged lengths.
 The backward recomputes the scores; dq and the two table gradients are summed
@@ -15,13 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .hstu_attention_reference import TIME_BUCKET_LOG_WIDTH
+from ..relative_bias import TIME_BUCKET_LOG_WIDTH
 
 BLOCK = 32  # query and key tile; tl.dot needs at least 16
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, n, history, target_ts, TS, PW, TW, max_seq_len, max_bucket,
+def _scores(q, k, offs_m, offs_n, n, history, target_ts, TS, PW, TW, num_positions, max_bucket,
             HAS_TARGETS: tl.constexpr, LOG_WIDTH: tl.constexpr):
     """q_i . k_j + rab(i, j) of one tile (fp32), the table indices and the mask."""
     ts = tl.load(TS + offs_n, mask=offs_n < n, other=0)
@@ -30,10 +31,10 @@ def _scores(q, k, offs_m, offs_n, n, history, target_ts, TS, PW, TW, max_seq_len
     bucket = tl.minimum(bucket, max_bucket).to(tl.int32)
     i, j = offs_m[:, None], offs_n[None, :]
     if HAS_TARGETS:  # candidates sit at the history's end and see the history and themselves
-        rel = max_seq_len - 1 + tl.minimum(j, history) - tl.minimum(i, history)
+        rel = num_positions - 1 + tl.minimum(j, history) - tl.minimum(i, history)
     else:
-        rel = max_seq_len - 1 + j - i
-    rel = tl.minimum(tl.maximum(rel, 0), 2 * max_seq_len - 2)
+        rel = num_positions - 1 + j - i
+    rel = tl.minimum(tl.maximum(rel, 0), 2 * num_positions - 2)
     valid = ((j == i) | ((j < i) & (j < history))) & (j < n)
     s = tl.dot(q, tl.trans(k)) + tl.load(PW + rel) + tl.load(TW + bucket)
     return s, rel, bucket, valid
@@ -42,7 +43,7 @@ def _scores(q, k, offs_m, offs_n, n, history, target_ts, TS, PW, TW, max_seq_len
 @triton.jit
 def _forward(Q, K, V, Out, offsets, TS, TTS, PW, TW, num_targets,
              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-             max_seq_len, max_bucket, inv_normalizer,
+             num_positions, max_bucket, inv_normalizer,
              H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr,
              BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              HAS_TARGETS: tl.constexpr, LOG_WIDTH: tl.constexpr):
@@ -69,7 +70,7 @@ def _forward(Q, K, V, Out, offsets, TS, TTS, PW, TW, num_targets,
             v = tl.load(V + cols[:, None] * stride_vt + h * stride_vh + offs_v[None, :],
                         mask=(offs_n[:, None] < n) & (offs_v[None, :] < DV), other=0.0)
             s, rel, bucket, valid = _scores(q, k, offs_m, offs_n, n, history, target_ts, TS + start, PW, TW,
-                                            max_seq_len, max_bucket, HAS_TARGETS, LOG_WIDTH)
+                                            num_positions, max_bucket, HAS_TARGETS, LOG_WIDTH)
             weights = tl.where(valid, s * tl.sigmoid(s), 0.0)
             acc += tl.dot(weights.to(v.dtype), v)
         tl.store(Out + rows[:, None] * stride_ot + h * stride_oh + offs_v[None, :],
@@ -81,7 +82,7 @@ def _forward(Q, K, V, Out, offsets, TS, TTS, PW, TW, num_targets,
 def _backward(Q, K, V, dOut, dQ, dK, dV, dPW, dTW, offsets, TS, TTS, PW, TW, num_targets,
               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
               stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-              max_seq_len, max_bucket, inv_normalizer,
+              num_positions, max_bucket, inv_normalizer,
               H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr,
               BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_TARGETS: tl.constexpr, LOG_WIDTH: tl.constexpr):
@@ -111,7 +112,7 @@ def _backward(Q, K, V, dOut, dQ, dK, dV, dPW, dTW, offsets, TS, TTS, PW, TW, num
                          mask=(offs_m[:, None] < n) & (offs_v[None, :] < DV), other=0.0)
             target_ts = tl.load(TTS + rows, mask=offs_m < n, other=0)
             s, rel, bucket, valid = _scores(q, k, offs_m, offs_n, n, history, target_ts, TS + start, PW, TW,
-                                            max_seq_len, max_bucket, HAS_TARGETS, LOG_WIDTH)
+                                            num_positions, max_bucket, HAS_TARGETS, LOG_WIDTH)
             sig = tl.sigmoid(s)
             weights = s * sig
             dv += tl.dot(tl.trans(tl.where(valid, weights, 0.0).to(do.dtype)), do)
@@ -129,13 +130,13 @@ def _backward(Q, K, V, dOut, dQ, dK, dV, dPW, dTW, offsets, TS, TTS, PW, TW, num
                  (dv * inv_normalizer).to(dV.dtype.element_ty), mask=v_mask)
 
 
-def _launch_args(q, v, offsets, num_targets, max_seq_len, time_weights, normalizer):
+def _launch_args(q, v, offsets, num_targets, num_positions, time_weights, normalizer):
     lengths = offsets.diff()
     max_len = int(lengths.max()) if lengths.numel() else 0
     H, dqk, dv = q.size(1), q.size(2), v.size(2)
     # Users x heads on the first axis: CUDA allows 2^31 - 1 programs there, 65535 on the others.
     grid = (lengths.numel() * H, triton.cdiv(max_len, BLOCK))
-    scalars = (max_seq_len, time_weights.numel() - 1, 1.0 / normalizer)
+    scalars = (num_positions, time_weights.numel() - 1, 1.0 / normalizer)
     meta = dict(H=H, DQK=dqk, DV=dv, BLOCK_DQK=max(16, triton.next_power_of_2(dqk)),
                 BLOCK_DV=max(16, triton.next_power_of_2(dv)), BLOCK_M=BLOCK, BLOCK_N=BLOCK,
                 HAS_TARGETS=num_targets is not None, LOG_WIDTH=TIME_BUCKET_LOG_WIDTH)
@@ -145,9 +146,9 @@ def _launch_args(q, v, offsets, num_targets, max_seq_len, time_weights, normaliz
 class _HSTUAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, position_weights, time_weights, offsets, timestamps, target_timestamps,
-                num_targets, max_seq_len, normalizer):
+                num_targets, num_positions, normalizer):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        grid, scalars, meta = _launch_args(q, v, offsets, num_targets, max_seq_len, time_weights, normalizer)
+        grid, scalars, meta = _launch_args(q, v, offsets, num_targets, num_positions, time_weights, normalizer)
         out = torch.empty_like(v)
         if grid[0] * grid[1] > 0:
             _forward[grid](q, k, v, out, offsets, timestamps, target_timestamps, position_weights, time_weights,
@@ -155,14 +156,14 @@ class _HSTUAttention(torch.autograd.Function):
                            *scalars, **meta)
         ctx.save_for_backward(q, k, v, position_weights, time_weights, offsets, timestamps, target_timestamps,
                               num_targets)
-        ctx.max_seq_len, ctx.normalizer = max_seq_len, normalizer
+        ctx.num_positions, ctx.normalizer = num_positions, normalizer
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, position_weights, time_weights, offsets, timestamps, target_timestamps, num_targets = ctx.saved_tensors
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        grid, scalars, meta = _launch_args(q, v, offsets, num_targets, ctx.max_seq_len, time_weights, ctx.normalizer)
+        grid, scalars, meta = _launch_args(q, v, offsets, num_targets, ctx.num_positions, time_weights, ctx.normalizer)
         grad_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # atomics: accumulate in fp32
         grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
         grad_position = torch.zeros(position_weights.shape, dtype=torch.float32, device=q.device)
@@ -185,11 +186,11 @@ def hstu_attention_triton(
     target_timestamps: torch.Tensor,
     position_weights: torch.Tensor,
     time_weights: torch.Tensor,
-    max_seq_len: int,
+    num_positions: int,
     normalizer: float,
     num_targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same arguments and result as hstu_attention_reference; differentiable in
     q, k, v, position_weights and time_weights. All tensors on one Triton device."""
     return _HSTUAttention.apply(q, k, v, position_weights, time_weights, offsets, timestamps, target_timestamps,
-                                num_targets, max_seq_len, normalizer)
+                                num_targets, num_positions, normalizer)

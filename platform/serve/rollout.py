@@ -1,0 +1,209 @@
+"""Which model version an ingress replica answers with, and how it changes (the rollout state machine).
+
+The model served is the Ingress deployment's `user_config` (ServeUserConfig), not an app argument: when
+only it changes, `serve deploy` (or genrec.serve.deploy.start again with the new file) makes Serve call
+`Ingress.reconfigure` on the running replicas instead of replacing them. The ingress then resolves the
+URI to one version, loads its catalog, has a Retrieval and a Ranking replica load its weights, and only
+then swaps: each request reads the live version once and names it to the model deployments, whose
+replicas keep the newest versions, so requests in flight finish on the version they started with and
+every answer names the version that scored it.
+
+The other model replicas load the new version at their first request for it; if such a late load fails,
+that request is answered whole by the previous version (and says so), and the ingress reports it
+(state degraded). A load that fails during the rollout keeps the old version live, logs the error and
+reports it in GET /v1/model (`rollout`); a replica started later (autoscaling, a restart) falls back to
+the last version that went live (`<store.events_db>.model.json`) when the target fails. With
+`model.watch_s` the ingress re-resolves the URI periodically, so moving an alias in the MLflow registry
+rolls out the version it now names.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from fastapi import HTTPException
+from pydantic import ValidationError
+
+from ..config import ConfigError, ServeConfig, ServeUserConfig, describe_error, resolve_path
+from . import schemas as s
+from .model import Catalog, ModelLoadError, ModelSource, absolute_tracking_uri, fetched, resolve_model
+from .store import EmbeddedHistoryStore
+
+log = logging.getLogger("genrec.serve")
+
+
+@dataclass
+class Live:
+    """The model the ingress answers with, and what goes with it. Swapped whole by a rollout:
+    a request reads `ModelVersions.live` once, so it sees one version from start to end."""
+
+    source: ModelSource
+    catalog: Catalog
+    prepared: Path  # the sequence table's folder the store reads
+    store: EmbeddedHistoryStore
+    counts: np.ndarray  # events per item: the cold-start popularity
+    popular: np.ndarray  # items with events, most frequent first
+    tasks: list[str]
+
+    @cached_property
+    def ref(self) -> ModelSource:
+        """What the model deployments need to find (or load) this version: its source without the run's
+        metrics, which would travel with every request."""
+        source = self.source
+        return ModelSource(source.uri, source.name, source.version, tracking_uri=source.tracking_uri)
+
+
+class ModelVersions:
+    """One ingress replica's versions: `live` answers, `previous` answers a request whose model replica
+    cannot load `live`, `target` is the model the user_config names, and `status` is what GET /v1/model
+    reports (schemas.Rollout: loading, live, failed or degraded)."""
+
+    def __init__(self, cfg: ServeConfig, retrieval, ranking) -> None:
+        self.cfg = cfg
+        self.retrieval, self.ranking = retrieval, ranking
+        self.events_db = resolve_path(cfg.store.events_db)
+        self.last_good = self.events_db.with_name(self.events_db.name + ".model.json")
+        self.live: Live | None = None
+        self.previous: Live | None = None
+        self.target = None
+        self.status = s.Rollout(state="loading")
+        self.rolling = asyncio.Lock()
+        self.watcher: asyncio.Task | None = None
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """A new user_config (before the first request, and whenever only it changed): roll its model out."""
+        try:
+            target = ServeUserConfig.model_validate(user_config or {}).model
+        except ValidationError as err:
+            error = ConfigError(describe_error(err, "Ingress user_config"))
+            if self.live is None:
+                raise error from None
+            self._failed(str(user_config), error)
+            return
+        self.target = target
+        await self.roll()
+        if self.live is None:  # nothing to serve: the target failed and no version ever went live
+            raise RuntimeError(f"could not load model {target.uri}: {self.status.error}")
+        if self.watcher is not None:
+            self.watcher.cancel()
+        self.watcher = asyncio.get_running_loop().create_task(self._watch()) if target.watch_s else None
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.target.watch_s)
+            await self.roll()
+
+    async def roll(self) -> None:
+        """Resolve the target to one version; load it (the catalog here, the weights in a Retrieval and a
+        Ranking replica), then swap. A failure keeps the live version, and is logged and reported."""
+        async with self.rolling:
+            target = self.target  # read under the lock: a reconfigure may have changed it while this waited
+            try:
+                source = await asyncio.to_thread(resolve_model, target.uri, absolute_tracking_uri(target.tracking_uri))
+                if self.live is not None and source.uri == self.live.source.uri:
+                    # e.g. the config went back to the version still live; degraded stays (a replica still cannot
+                    # load it, as far as this ingress knows) until the next switch
+                    if self.status.state not in ("live", "degraded"):
+                        self.status = self.status.model_copy(update={"state": "live", "target": target.uri,
+                                                                     "error": None, "at": time.time()})
+                    return
+                self.status = self.status.model_copy(update={"state": "loading", "target": target.uri})
+                self._swap(await self._load(source), target.uri)
+            except Exception as err:  # noqa: BLE001 - whatever broke the load, the live version stays
+                self._failed(target.uri, err)
+                if self.live is None:
+                    await self._load_last_good()
+
+    async def _load(self, source: ModelSource) -> Live:
+        def read_catalog() -> Catalog:
+            with fetched(source) as folder:
+                return Catalog(folder)
+
+        catalog = await asyncio.to_thread(read_catalog)
+        prepared = resolve_path(self.cfg.store.sequences or catalog.experiment.data.output_dir)
+        old = self.live
+        if old is not None and old.prepared == prepared:
+            store = old.store
+        else:
+            store = await asyncio.to_thread(EmbeddedHistoryStore, prepared, self.events_db)
+        counts = store.item_counts()
+        counts = np.pad(counts, (0, max(0, catalog.num_items + 1 - len(counts))))
+        counts[0] = 0  # padding
+        live = Live(source, catalog, prepared, store, counts,
+                    np.argsort(-counts, kind="stable")[: int((counts > 0).sum())], tasks=[])
+        # the weights, loaded by one replica of each model deployment (the others load on first use)
+        ranked, _ = await asyncio.gather(self.ranking.prepare.remote(live.ref), self.retrieval.prepare.remote(live.ref))
+        live.tasks = ranked["tasks"]
+        return live
+
+    def _swap(self, live: Live, target: str) -> None:
+        previous = self.live.source.version if self.live is not None else None
+        self.previous, self.live = self.live, live
+        self.status = s.Rollout(state="live", target=target, version=live.source.version, previous=previous,
+                                at=time.time())
+        log.warning("serving %s version %s (was %s)", live.source.name, live.source.version, previous)
+        self.last_good.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.last_good.with_name(f"{self.last_good.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(asdict(live.source)))
+        tmp.replace(self.last_good)  # atomic: another replica never reads half a file
+
+    async def _load_last_good(self) -> None:
+        """A replica started after a failed rollout: serve the version that last went live, the failure
+        still reported (state failed)."""
+        failed = self.status
+        try:
+            source = ModelSource(**json.loads(self.last_good.read_text()))
+        except (OSError, ValueError, TypeError):
+            return  # no version ever went live here
+        try:
+            self._swap(await self._load(source), failed.target)
+        except Exception as err:  # noqa: BLE001
+            log.error("the last live model (%s, %s) does not load either: %r", source.uri, self.last_good, err)
+            return
+        self.status = self.status.model_copy(update={"state": "failed", "error": failed.error})
+
+    def _failed(self, target: str, err: Exception) -> None:
+        err = getattr(err, "cause", None) or err  # a model replica's error arrives wrapped in a RayTaskError
+        error = f"{type(err).__name__}: {err}"[:1000]
+        serving = self.live.source.version if self.live is not None else None
+        if (self.status.state, self.status.error) != ("failed", error):  # the watcher retries: log once
+            log.error("rollout of %s failed, %s: %s", target, f"still serving version {serving}" if serving
+                      else "nothing live yet (trying the last version that went live, if any)", error)
+        self.status = self.status.model_copy(update={"state": "failed", "target": target, "error": error,
+                                                     "version": serving, "at": time.time()})
+
+    async def answer(self, handler, body, response):
+        """handler(live, body, response) with the live version. The model replicas that did not load it during
+        the rollout load it at their first request for it; if that load fails (the artifact gone or unreadable
+        since), the request is answered once more, whole, by the version served before (its catalog, its
+        weights, its name in the answer), and the failure is logged and reported (state degraded).
+        A 503 only when there is no older version to answer with."""
+        live = self.live
+        try:
+            return await handler(live, body, response)
+        except ModelLoadError as err:
+            fallback = self.previous if self.previous is not live else None
+            error = getattr(err, "cause", None) or err  # the replica's error arrives wrapped in a RayTaskError
+        if fallback is not None:
+            self._fell_back(live, fallback, error)
+            try:
+                return await handler(fallback, body, response)
+            except ModelLoadError as err:
+                error = getattr(err, "cause", None) or err
+        raise HTTPException(503, f"no model replica could load the version to answer with: {error}"[:1000])
+
+    def _fell_back(self, live: Live, fallback: Live, error: Exception) -> None:
+        error = (f"a model replica could not load version {live.source.version} (the requests it got are answered "
+                 f"by version {fallback.source.version}): {error}")[:1000]
+        if self.status.error != error:
+            log.error("%s", error)
+        update = {"fallbacks": self.status.fallbacks + 1, "error": error}
+        if self.status.state != "degraded":
+            update |= {"state": "degraded", "at": time.time()}
+        self.status = self.status.model_copy(update=update)
