@@ -96,6 +96,31 @@ def test_scores_depend_on_the_ages_of_history_events_not_on_clock_time():
     torch.testing.assert_close(scores(ranker, items, actions, [t + 365 * 86_400 for t in minutes]), a)
 
 
+def test_scoring_some_item_tokens_gives_their_full_batch_logits_and_no_others():
+    """An evaluation scores one token per row (genrec.data.batches.target_windows): asking only for those
+    (`scored`) gives the logits the whole-batch pass gives there, zeros elsewhere, and a user's logits do
+    not depend on who shares the batch (padding never leaks)."""
+    ranker = model()
+    table = pa.table({"user": pa.array([1, 2], pa.int32()),
+                      "items": pa.array([[3, 17, 8, 25, 11], [4, 9]], pa.list_(pa.int32())),
+                      "actions": pa.array([[1, 2, 5, 1, 3], [2, 6]], pa.list_(pa.int32())),
+                      "timestamps": pa.array([[100, 160, 400, 9_000, 9_060], [50, 70_000]], pa.list_(pa.int64())),
+                      "gender": pa.array([2, 1], pa.int32())})
+    b = to_torch(build_batch(table, "interleaved", MAX_ITEMS, ("gender",), (0,)))
+    inputs = [b[k] for k in ("item_ids", "token_types", "timestamps", "target_timestamps", "offsets")]
+    is_item = b["token_types"] == ITEM
+    with torch.no_grad():
+        _, full = ranker(*inputs)
+        scored = is_item & (torch.rand(len(is_item), generator=torch.Generator().manual_seed(1)) < 0.5)
+        scored[torch.nonzero(is_item)[-1]] = True  # the last item of the batch, as an evaluation row has
+        _, some = ranker(*inputs, scored=scored)
+        _, alone = ranker(*(t[: b["offsets"][1]] for t in inputs[:4]), b["offsets"][:2])
+    torch.testing.assert_close(some[scored], full[scored], rtol=1e-5, atol=1e-6)
+    assert not some[~scored].any()
+    first_user = slice(0, int(b["offsets"][1]))
+    torch.testing.assert_close(alone, full[first_user], rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- the normal path
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .generative import GenerativeConfig, TokenTypes
-from .jagged import jagged_to_padded, max_length, padded_index, padded_to_jagged
+from .jagged import jagged_to_padded, max_length, padded_index
 from .relative_bias import NUM_TIME_BUCKETS, time_buckets
 
 MLP_HIDDEN = 200
@@ -36,7 +36,7 @@ class DINAttention(nn.Module):
     Each target i has its own history h_ij (an item's age depends on the target's time). The first
     layer is linear in h for a fixed target,
         W [t, h, t - h, t * h] = (W_t + W_d) t + (W_h - W_d + W_p diag(t)) h,
-    so it is one [hidden, D] x [D, L] product per target, never a [B, L, L, 4D] input."""
+    so it is one [hidden, D] x [D, L] product per target, never a [B, Q, L, 4D] input."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -45,13 +45,13 @@ class DINAttention(nn.Module):
         self.out = nn.Linear(hidden, 1)
 
     def forward(self, targets: torch.Tensor, history: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """targets [B, L, D], history [B, L, L, D] (item j as target i sees it), visible (bool,
-        broadcastable to [B, L, L]) -> interest [B, L, D]."""
+        """targets [B, Q, D], history [B, Q, L, D] (item j as target q sees it), visible (bool,
+        broadcastable to [B, Q, L]) -> interest [B, Q, D]."""
         w_t, w_h, w_d, w_p = self.hidden.weight.split(targets.size(-1), dim=1)  # [hidden, D] each
-        per_target = targets @ (w_t + w_d).T + self.hidden.bias  # [B, L, hidden]
-        slope = (w_h - w_d) + w_p * targets.unsqueeze(-2)  # [B, L, hidden, D]
-        z = per_target.unsqueeze(-1) + slope @ history.transpose(-1, -2)  # [B, L, hidden, L]
-        weights = (self.out.weight @ self.activation(z)).squeeze(-2) + self.out.bias  # [B, L, L]
+        per_target = targets @ (w_t + w_d).T + self.hidden.bias  # [B, Q, hidden]
+        slope = (w_h - w_d) + w_p * targets.unsqueeze(-2)  # [B, Q, hidden, D]
+        z = per_target.unsqueeze(-1) + slope @ history.transpose(-1, -2)  # [B, Q, hidden, L]
+        weights = (self.out.weight @ self.activation(z)).squeeze(-2) + self.out.bias  # [B, Q, L]
         return ((weights * visible).unsqueeze(-2) @ history).squeeze(-2)
 
 
@@ -85,14 +85,14 @@ class DLRMRanker(nn.Module):
         return torch.where(self.binary.to(logits.device), torch.sigmoid(logits), logits)
 
     def forward(self, ids: torch.Tensor, token_types: torch.Tensor, timestamps: torch.Tensor,
-                target_timestamps: torch.Tensor, offsets: torch.Tensor) -> tuple[None, torch.Tensor]:
-        """The GR batch signature -> (no retrieval output, task logits [T, num_tasks], meaningful at item tokens)."""
+                target_timestamps: torch.Tensor, offsets: torch.Tensor,
+                scored: torch.Tensor | None = None) -> tuple[None, torch.Tensor]:
+        """The GR batch signature -> (no retrieval output, task logits [T, num_tasks] at item tokens).
+        scored: [T] bool, the item tokens whose logits are wanted (default every item token; the rest stay
+        zero). Each one is a query over its user's earlier impressions, so an evaluation that ranks one
+        token per row pays for one query, not for every position of the row."""
         kind, num_tokens, num_users = token_types.long(), ids.size(0), offsets.numel() - 1
         user = torch.arange(num_users, device=ids.device).repeat_interleave(offsets.diff(), output_size=num_tokens)
-        is_context = kind == self.types.context
-        context = self.context.weight.new_zeros(num_users, self.context.embedding_dim).index_add_(
-            0, user[is_context], self.context(ids[is_context]))
-        context = context / torch.bincount(user[is_context], minlength=num_users).clamp(min=1).unsqueeze(1)
         # the items alone, padded [B, L]; an item's action is the token right after it (none for the last;
         # a sequence never starts with an action, so the next user's first token is never taken for one)
         at = torch.nonzero(kind == self.types.item).squeeze(1)
@@ -101,18 +101,29 @@ class DLRMRanker(nn.Module):
         item_offsets = torch.cat([offsets[:1], torch.bincount(user[at], minlength=num_users).cumsum(0)])
         L = max_length(item_offsets)
         index = padded_index(item_offsets, at.numel(), L)
-        item = jagged_to_padded(self.items(ids[at]), item_offsets, L, 0.0, index)  # [B, L, D]
-        impression = item + jagged_to_padded(torch.where(has_action.unsqueeze(1), self.action_embeddings(
-            torch.where(has_action, ids[after], 0)), 0.0), item_offsets, L, 0.0, index)
+        impression = jagged_to_padded(self.items(ids[at]) + torch.where(has_action.unsqueeze(1), self.action_embeddings(
+            torch.where(has_action, ids[after], 0)), 0.0), item_offsets, L, 0.0, index)  # [B, L, D]
         ts = jagged_to_padded(timestamps[at], item_offsets, L, 0, index)
-        target_ts = jagged_to_padded(target_timestamps[at], item_offsets, L, 0, index)
-        ages = time_buckets(target_ts.unsqueeze(2), ts.unsqueeze(1), NUM_TIME_BUCKETS)  # [B, L, L]
-        earlier = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril(-1)  # j < i: never padding for a real i
-        interest = self.attention(item, impression.unsqueeze(1) + self.ages(ages), earlier)  # h_ij: j aged at i
+        queries = torch.ones_like(at, dtype=torch.bool) if scored is None else scored[at]
+        slot = index[queries]  # each query's (user, position) in the padded layout
+        row, position = slot // L, slot % L
+        ages = time_buckets(target_timestamps[at[queries]].unsqueeze(1), ts[row], NUM_TIME_BUCKETS)  # [Q, L]
+        earlier = torch.arange(L, device=ids.device).unsqueeze(0) < position.unsqueeze(1)  # j < i: never padding
+        candidate = self.items(ids[at[queries]])  # [Q, D]
+        history = impression[row] + self.ages(ages)  # [Q, L, D]: each impression aged at its query's time
+        interest = self.attention(candidate.unsqueeze(0), history.unsqueeze(0), earlier.unsqueeze(0)).squeeze(0)
         # the target's own time features: its gaps to the most recent and to the first earlier impression
-        since_last = torch.cat([torch.zeros_like(item[:, :1]), self.ages(ages.diagonal(-1, 1, 2))], 1)
-        since_first = self.ages(ages[:, :, 0]) * (torch.arange(L, device=ids.device) > 0).unsqueeze(-1)
-        features = torch.cat([item, interest, item * interest, context.unsqueeze(1).expand_as(item),
-                              since_last, since_first], -1)
-        logits = padded_to_jagged(self.mlp(features), item_offsets, index)
-        return None, logits.new_zeros(num_tokens, logits.size(1)).index_copy(0, at, logits)
+        has_history = (position > 0).unsqueeze(1)
+        since_last = self.ages(ages.gather(1, (position - 1).clamp(min=0).unsqueeze(1)).squeeze(1)) * has_history
+        since_first = self.ages(ages[:, 0]) * has_history
+        features = torch.cat([candidate, interest, candidate * interest,
+                              self.user_context(ids, kind, user, num_users)[row], since_last, since_first], -1)
+        logits = self.mlp(features)
+        return None, logits.new_zeros(num_tokens, logits.size(1)).index_copy(0, at[queries], logits)
+
+    def user_context(self, ids: torch.Tensor, kind: torch.Tensor, user: torch.Tensor, num_users: int) -> torch.Tensor:
+        """[B, D]: the mean of each user's context-token embeddings (zero without context)."""
+        is_context = kind == self.types.context
+        context = self.context.weight.new_zeros(num_users, self.context.embedding_dim).index_add_(
+            0, user[is_context], self.context(ids[is_context]))
+        return context / torch.bincount(user[is_context], minlength=num_users).clamp(min=1).unsqueeze(1)

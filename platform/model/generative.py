@@ -141,10 +141,13 @@ class GenerativeRecommender(nn.Module):
         return F.normalize(self.items.weight, dim=-1, eps=L2_NORM_EPS)
 
     def forward(self, ids: torch.Tensor, token_types: torch.Tensor, timestamps: torch.Tensor,
-                target_timestamps: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                target_timestamps: torch.Tensor, offsets: torch.Tensor,
+                scored: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Jagged interleaved batch -> (L2-normalised user vectors [T, D] for retrieval at action
         positions, task logits [T, num_tasks] for ranking at item positions). Output i depends on
-        tokens <= i and on target_timestamps[i] (the time of what position i predicts) only."""
+        tokens <= i and on target_timestamps[i] (the time of what position i predicts) only.
+        scored (the item tokens a caller reads, as the DLRM baseline takes it) changes nothing here:
+        one causal pass computes every position at once."""
         hidden = self.blocks(self.token_embeddings(ids, token_types, offsets), offsets, timestamps, target_timestamps)
         return F.normalize(hidden, dim=-1, eps=L2_NORM_EPS), self.task_logits(hidden)
 

@@ -204,9 +204,9 @@ def evaluate_ranking(model, batches, labels: TaskLabels, task_kinds: list, task_
     items = model.all_item_embeddings() if model.retrieval else None
     predictions, targets, ranks = [], [], []
     for batch in batches:
-        users, logits = model(batch["item_ids"], batch["token_types"], batch["timestamps"],
-                              batch["target_timestamps"], batch["offsets"])
         ranked = batch["target_actions"] != NO_ACTION
+        users, logits = model(batch["item_ids"], batch["token_types"], batch["timestamps"],
+                              batch["target_timestamps"], batch["offsets"], scored=ranked)
         predictions.append(model.predictions(logits[ranked]))
         targets.append(labels(batch["target_actions"][ranked], batch["target_values"][ranked]))
         position = torch.nonzero(batch["target_ids"] > 0).squeeze(1)
