@@ -69,7 +69,7 @@ def model_catalog(uri: str, tracking_uri: str | None, queries: int) -> tuple[tor
     requests = []
     for items, stamps, actions in zip(table["items"].to_pylist()[:queries], table["timestamps"].to_pylist(),
                                       table["actions"].to_pylist()):
-        n = min(len(items), scorer.max_seq_len)
+        n = min(len(items), scorer.kept_items)
         requests.append(ModelCall(user=None, version=len(items), items=np.asarray(items[-n:]),
                                   timestamps=np.asarray(stamps[-n:]), actions=np.asarray(actions[-n:]), context=(),
                                   seen=np.unique(items), request_time=int(stamps[-1]) + 1))

@@ -82,7 +82,7 @@ def test_loader_through_ray_data_matches_local(ray_cluster, tmp_path):
     source = {"kind": "synthetic", "num_users": 200, "num_items": 100, "num_shards": 2, "path": str(tmp_path / "raw")}
     out = tmp_path / "out"
     prepare(DataConfig.model_validate({"source": source, "output_dir": str(out), "num_partitions": 2}), log=lambda *_: None)
-    spec = BatchSpec.from_prepared(out, layout="items", max_seq_len=20)
+    spec = BatchSpec.from_prepared(out, layout="items", keep_items=20)
     local = list(iter_torch_batches(read_split(out, "train"), spec, batch_size=32, seed=1))
     dataset = ray_cluster.data.read_parquet(str(out / "train"))
     streamed = list(iter_torch_batches(dataset, spec, batch_size=32, seed=1))

@@ -34,7 +34,7 @@ def test_ann_retrieval_on_the_trained_model_matches_exact(tiny_registered_model,
     table = read_split(m["cfg"].data.output_dir, "sequences")
     requests = []
     for items, stamps in zip(table["items"].to_pylist(), table["timestamps"].to_pylist()):
-        n = min(len(items), exact.max_seq_len)
+        n = min(len(items), exact.kept_items)
         requests.append(ModelCall(user=None, version=len(items), items=np.asarray(items[-n:]),
                                   timestamps=np.asarray(stamps[-n:]), actions=None, context=(), request_time=NOW,
                                   k=K, exclude_history=True, seen=np.unique(items)))

@@ -1,12 +1,12 @@
 """Prepared splits -> jagged torch batches (values + offsets), locally or through Ray Data.
 
-    spec = BatchSpec.from_prepared("outputs/data/ml-1m", layout="items", max_seq_len=200)
+    spec = BatchSpec.from_prepared("outputs/data/ml-1m", layout="items", keep_items=200)
     for batch in iter_torch_batches(read_split(folder, "train"), spec, batch_size=128, seed=0):
         ...                                 # batch["item_ids"], batch["offsets"], ...
 
 In Ray Train the same builder runs over a dataset shard's streaming iterator:
     iter_torch_batches(ray.train.get_dataset_shard("train"), spec, batch_size=128, seed=epoch)
-Truncation to the most recent max_seq_len items (and Stochastic Length) happens here.
+Truncation to the most recent keep_items items (and Stochastic Length) happens here.
 """
 
 from __future__ import annotations
@@ -27,18 +27,18 @@ class BatchSpec:
     """How to build batches from a prepared dataset (see genrec.data.batches.build_batch)."""
 
     layout: str = "items"
-    max_seq_len: int = 200
+    keep_items: int = 200  # the most recent items a batch keeps per user (config: cfg.kept_items)
     context_columns: tuple[str, ...] = ()
     context_offsets: tuple[int, ...] = ()
     stochastic_alpha: float | None = None
     num_items: int = 0
 
     @classmethod
-    def from_prepared(cls, folder, layout="items", max_seq_len=200, stochastic_alpha=None) -> "BatchSpec":
+    def from_prepared(cls, folder, layout="items", keep_items=200, stochastic_alpha=None) -> "BatchSpec":
         manifest = read_manifest(folder)
         columns = tuple(manifest["context_features"]) if layout == "interleaved" else ()
         shifts = context_offsets(manifest, list(columns))
-        return cls(layout, max_seq_len, columns, shifts, stochastic_alpha, manifest["num_items"])
+        return cls(layout, keep_items, columns, shifts, stochastic_alpha, manifest["num_items"])
 
 
 def to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -67,7 +67,7 @@ def iter_torch_batches(source, spec: BatchSpec, batch_size: int, seed: int | Non
             local_shuffle_seed=seed if shuffle else None,
         )
     for table in tables:
-        batch = build_batch(table, spec.layout, spec.max_seq_len, spec.context_columns, spec.context_offsets,
+        batch = build_batch(table, spec.layout, spec.keep_items, spec.context_columns, spec.context_offsets,
                             spec.stochastic_alpha, rng)
         if len(batch["users"]):
             yield to_torch(batch)

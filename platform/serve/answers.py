@@ -83,7 +83,7 @@ def model_call(live: Live, q: s.UserQuery) -> tuple[ModelCall | None, list]:
         user = user_key(q.user_id)
         history = live.store.history(user)
     version = history.version if history is not None else 0
-    n = min(version, live.catalog.max_seq_len)
+    n = min(version, live.catalog.kept_items)
     if not n:
         return None, unknown
     return ModelCall(model=live.ref, user=user, version=version, request_time=now,

@@ -107,12 +107,12 @@ class Ingress:
         return s.ModelInfo(name=source.name, version=source.version, uri=source.uri, run_id=source.run_id,
                            kind=catalog.experiment.model.kind, tasks=live.tasks,
                            task_weights={t: self.cfg.ranking.task_weights.get(t, 1.0) for t in live.tasks},
-                           actions=catalog.actions, num_items=catalog.num_items, max_seq_len=catalog.max_seq_len,
+                           actions=catalog.actions, num_items=catalog.num_items, max_seq_len=catalog.kept_items,
                            metrics=source.metrics, rollout=self.versions.status,
                            retrieval_index=self.cfg.retrieval.index,
                            limits={"max_body_bytes": s.MAX_BODY_BYTES, "max_k": s.MAX_K,
                                    "max_candidates": s.MAX_CANDIDATES, "max_history": s.MAX_HISTORY,
-                                   "max_events": s.MAX_EVENTS, "max_seq_len": catalog.max_seq_len})
+                                   "max_events": s.MAX_EVENTS, "max_seq_len": catalog.kept_items})
 
     @api.post("/v1/retrieve", response_model=s.Answer)
     async def retrieve(self, body: s.RetrieveRequest, response: Response) -> s.Answer:

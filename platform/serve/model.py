@@ -157,7 +157,7 @@ class Catalog:
         self.actions: list[str] = list(manifest.get("actions") or ["interact"])
         self.bitmask = manifest.get("action_encoding") == "bitmask"
         self.num_items = int(manifest["num_items"])
-        self.max_seq_len = cfg.kept_items
+        self.kept_items = cfg.kept_items
         items = pq.read_table(folder / VOCAB / "items.parquet")
         index = np.asarray(items["index"].to_pylist(), dtype=np.int64)
         raw = items["item_id"].to_pylist()
@@ -195,7 +195,7 @@ class Scorer:
         """retrieval: which index retrieve() searches (default exact)."""
         self.model, cfg = load_model_folder(folder)
         self.kind = cfg.model.kind
-        self.max_seq_len = cfg.kept_items
+        self.kept_items = cfg.kept_items
         self.microbatch = microbatch
         self.generative = isinstance(self.model, GenerativeRecommender)
         if self.generative:
@@ -245,7 +245,7 @@ class Scorer:
             return hit, "hit"
         latest = self.cache.latest(user)
         x, ts = self._inputs(r)
-        if latest is not None and latest[0] < version <= self.max_seq_len:
+        if latest is not None and latest[0] < version <= self.kept_items:
             old = latest[1].length  # tokens cached; the new events' tokens follow at the same positions
             cache = mfalcon.extend_history(self.model.blocks, latest[1], x[old:], ts[old:])
             state = "extended"

@@ -35,8 +35,8 @@ def batch_spec(cfg: ExperimentConfig, training: bool = False) -> BatchSpec:
 
 def evaluation_batches(table: pa.Table, spec: BatchSpec, batch_size: int) -> Iterator[Batch]:
     """Batches that score every target of an evaluation table (rows with eval_start), each from its
-    user's most recent spec.max_seq_len events (genrec.data.batches.target_windows); in order."""
-    return iter_torch_batches(target_windows(table, spec.max_seq_len), spec, batch_size, shuffle=False)
+    user's most recent spec.keep_items events (genrec.data.batches.target_windows); in order."""
+    return iter_torch_batches(target_windows(table, spec.keep_items), spec, batch_size, shuffle=False)
 
 
 def epoch_rng(seed: int, epoch: int, rank: int | None = None) -> np.random.Generator:
@@ -59,7 +59,7 @@ def replicated_batches(table: pa.Table, spec: BatchSpec, cfg: ExperimentConfig, 
     batch_size = cfg.train.batch_size
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        batch = build_batch(table.take(pa.array(rows)), spec.layout, spec.max_seq_len, spec.context_columns,
+        batch = build_batch(table.take(pa.array(rows)), spec.layout, spec.keep_items, spec.context_columns,
                             spec.context_offsets, spec.stochastic_alpha, rng)
         negatives = draw_negatives(rng, torch.from_numpy(batch["target_ids"]), spec, cfg)
         mine = np.isin(batch["users"], users[np.array_split(rows, world)[rank]])

@@ -100,7 +100,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if cfg.train.data_mode == "replicated" and not windows else None
     splits = {s: read_split(cfg.data.output_dir, s) for s in ("valid", "test")} if worker.rank == 0 and not windows else {}
     if logger and splits:
-        logger.say(evaluation_targets_line(splits, worker.eval_spec.max_seq_len))
+        logger.say(evaluation_targets_line(splits, worker.eval_spec.keep_items))
     for epoch in range(progress.epoch + 1, total):
         scored = {}
         if windows:
