@@ -69,7 +69,7 @@ def table(rows: list, cfg, oracle: dict | None) -> str:
     split = cfg.data.split
     targets = ("leave-one-out" if split.kind == "leave_one_out" else
                f"time split: every event after the {f'{split.quantile:g} quantile' if split.quantile else split.cutoff}"
-               " cutoff, scored with all history before it")
+               f" cutoff, each scored from its user's most recent {cfg.model.max_seq_len} events before it")
     mean_ne = lambda runs: statistics.mean(statistics.mean(r[f"test/{t.name}/ne"] for t in binary) for r in runs)
     by_variant = groups(rows, "variant")
     dlrm = by_variant.get("dlrm")
