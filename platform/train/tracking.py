@@ -161,8 +161,9 @@ class RegisteredKindError(GenrecError, ValueError):
 
 def check_registered_kind(cfg: ExperimentConfig) -> None:
     """Refuse to register a model under a name whose latest version is another model.kind: a server
-    following `models:/<name>/latest` would switch from, say, a gr ranker to an hstu retriever. A job
-    calls this before training; registration calls it again."""
+    following `models:/<name>/latest` would switch from, say, a gr ranker to an hstu retriever. fit calls
+    this before any worker starts (jobs/train.py before Ray starts); registration calls it again, for a run
+    of another kind registered meanwhile."""
     name = cfg.tracking.registered_model or cfg.name
     client = MlflowClient(tracking_uri(cfg))
     versions = client.search_model_versions(f"name = '{name}'")
