@@ -8,7 +8,12 @@ Two plain references, both in float32:
     HSTU.forward (batched as m sequences).
 Tolerance of scores and hidden states against them: assert_close with atol = rtol = 1e-5
 (measured differences are ~3e-8 on values of order 1: only the summation order differs).
+The paper's uncached pass (uncached_candidate_hidden) is held to the same tolerance.
 """
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -26,6 +31,7 @@ from genrec.model.mfalcon import (
     encode_history,
     extend_history,
     last_hidden,
+    uncached_candidate_hidden,
 )
 from genrec.model.ops.hstu_attention_reference import hstu_attention_reference
 from genrec.serve.cache import UserCache
@@ -115,6 +121,53 @@ def test_scores_equal_the_plain_contract(ranker, reference, n):
     with torch.no_grad():
         later = ranker.heads(candidate_hidden(ranker.blocks, cache, candidates, request_time + 10**7))
     assert (later - scores).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("n, m, microbatch", [(1, 5, 2), (23, 9, 4), (30, 13, 5), (40, 7, 7), (47, 3, 128)])
+def test_the_papers_uncached_pass_equals_the_cached_path_and_separate_runs(ranker, n, m, microbatch):
+    """One target-masked pass over [history, b_m candidates] per microbatch (history recomputed each time)
+    scores as the cache does and as each candidate alone after the history; m need not be a multiple of b_m,
+    and (30, 13, 5) puts a microbatch across a tile boundary of the tiled CPU op (32 rows)."""
+    ids, timestamps, request_time = user(n, seed=10 + n)
+    candidate_ids = torch.randint(1, 41, (m,), generator=torch.Generator().manual_seed(n))
+    with torch.no_grad():
+        x, candidates = ranker.embed(ids, 0), ranker.candidate_embeddings(candidate_ids, n)
+        uncached = ranker.heads(uncached_candidate_hidden(ranker.blocks, x, timestamps, candidates, request_time,
+                                                          microbatch))
+        cache = encode_history(ranker.blocks, x, timestamps)
+        cached = ranker.heads(candidate_hidden(ranker.blocks, cache, candidates, request_time, microbatch))
+        alone = ranker.heads(reference_separate_runs(ranker.blocks, x, timestamps, candidates, request_time))
+    assert uncached.shape == (m, 3)
+    torch.testing.assert_close(uncached, cached, **TOLERANCE)
+    torch.testing.assert_close(uncached, alone, **TOLERANCE)
+    if m > 1:  # candidates do not see each other: distinct candidates keep distinct scores
+        assert uncached.std(0).min() > 1e-3
+
+
+TRITON_UNCACHED_PASS = """
+import torch
+from genrec.model import EncoderConfig
+from genrec.model.hstu import HSTU
+from genrec.model.mfalcon import candidate_hidden, encode_history, uncached_candidate_hidden
+torch.manual_seed(0)
+blocks = HSTU(EncoderConfig(num_positions=40, dim=16, num_heads=2, num_blocks=2, dropout=0.0,
+                            attention_impl="triton")).eval()
+g = torch.Generator().manual_seed(1)
+x, candidates = torch.randn(21, 16, generator=g), torch.randn(7, 16, generator=g)
+timestamps = torch.randint(0, 10**8, (21,), generator=g).sort().values
+uncached = uncached_candidate_hidden(blocks, x, timestamps, candidates, 10**8, microbatch=3)
+cached = candidate_hidden(blocks, encode_history(blocks, x, timestamps), candidates, 10**8, microbatch=3)
+torch.testing.assert_close(uncached, cached, atol=1e-5, rtol=1e-5)
+"""
+
+
+def test_the_papers_uncached_pass_on_the_triton_kernel_in_the_interpreter():
+    """The GPU branch (the Triton kernel with num_targets), run in Triton's interpreter on the CPU: a subprocess,
+    as TRITON_INTERPRET must be set before triton is imported."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", TRITON_UNCACHED_PASS], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_history_longer_than_a_tile_equals_the_plain_contract():
@@ -231,10 +284,17 @@ def test_bad_input_is_refused_with_a_clear_message(ranker):
     with pytest.raises(ValueError, match="position 48"):  # no position left for the candidates
         candidate_hidden(ranker.blocks, full, torch.zeros(3, 16), 100)
     assert candidate_hidden(ranker.blocks, cache, torch.zeros(0, 16), request_time).shape == (0, 16)
+    with pytest.raises(ValueError, match="microbatch"):
+        uncached_candidate_hidden(ranker.blocks, x, timestamps, torch.zeros(3, 16), request_time, microbatch=0)
+    with pytest.raises(ValueError, match="position 48"):
+        uncached_candidate_hidden(ranker.blocks, torch.zeros(48, 16), torch.arange(48), torch.zeros(3, 16), 100)
+    assert uncached_candidate_hidden(ranker.blocks, x, timestamps, torch.zeros(0, 16), request_time).shape == (0, 16)
     ranker.train()
     try:
         with pytest.raises(ValueError, match="eval"):
             encode_history(ranker.blocks, x, timestamps)
+        with pytest.raises(ValueError, match="eval"):
+            uncached_candidate_hidden(ranker.blocks, x, timestamps, torch.zeros(3, 16), request_time)
     finally:
         ranker.eval()
 

@@ -12,6 +12,8 @@ O(m n^2 d). Here:
   candidate attends to the n cached history keys and to itself only, so one
   microbatch costs O(b_m n d) on top of the cached history (the paper's
   O((n + b_m)^2 d) recomputes the history per microbatch; with the cache it does not).
+  `uncached_candidate_hidden` is that paper pass, kept as the baseline the cache is
+  measured against.
 
 One subtlety: the bias of query i uses target_ts[i], the time of what position i
 predicts (ts[i+1], or the request time at the last position). So the last history
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .hstu import HSTU
+from .ops.hstu_attention_cpu import AttentionPlan, hstu_attention_cpu
 from .relative_bias import bias_table_index
 
 DEFAULT_MICROBATCH = 128  # b_m: candidates per pass; bounds the [H, b_m, n] scores, not the results
@@ -67,14 +70,7 @@ def encode_history(blocks: HSTU, x: torch.Tensor, timestamps: torch.Tensor) -> H
     """x [n, D] (the stack's layer-0 inputs, e.g. SequenceEmbedding output in eval
     mode), timestamps [n] int64 -> the cache. Cost: one causal pass over n - 1 tokens."""
     _check_stack(blocks)
-    if x.dim() != 2 or timestamps.shape != x.shape[:1]:
-        raise ValueError(f"x must be [n, D] and timestamps [n]; got {tuple(x.shape)} and {tuple(timestamps.shape)}")
-    n = x.size(0)
-    if n == 0:
-        raise ValueError("history is empty: M-FALCON needs at least one event (cold start is served elsewhere)")
-    if n > blocks.num_positions:
-        raise ValueError(f"history of {n} tokens is longer than the {blocks.num_positions} positions the model "
-                         "was built for: keep the most recent ones")
+    _check_history(blocks, x, timestamps)
     empty = [(x.new_zeros(0, layer.num_heads, layer.qk_dim), x.new_zeros(0, layer.num_heads, layer.v_dim))
              for layer in blocks.layers]
     with torch.no_grad():
@@ -124,13 +120,7 @@ def candidate_hidden(blocks: HSTU, cache: HistoryCache, x_candidates: torch.Tens
     changes only memory and speed, not the results."""
     _check_stack(blocks)
     n, D = cache.length, cache.last_input.numel()
-    if x_candidates.dim() != 2 or x_candidates.size(1) != D:
-        raise ValueError(f"x_candidates must be [m, {D}], got {tuple(x_candidates.shape)}")
-    if microbatch < 1:
-        raise ValueError(f"microbatch must be >= 1, got {microbatch}")
-    if n >= blocks.num_positions:
-        raise ValueError(f"candidates sit at position {n} (the history's length), past the {blocks.num_positions} "
-                         f"positions the model was built for: keep the most recent {blocks.num_positions - 1} tokens")
+    _check_candidates(blocks, n, D, x_candidates, microbatch)
     with torch.no_grad():
         _, keys, values = _run_last(blocks, cache, request_time)
         # Every candidate has the same position (n) and target time: one bias row over the
@@ -155,6 +145,78 @@ def candidate_hidden(blocks: HSTU, cache: HistoryCache, x_candidates: torch.Tens
                 x = layer.output(x, u, (history.transpose(0, 1) + own) / layer.normalizer)
             outputs.append(x)
         return torch.cat(outputs) if outputs else x_candidates.new_zeros(0, D)
+
+
+def uncached_candidate_hidden(blocks: HSTU, x: torch.Tensor, timestamps: torch.Tensor, x_candidates: torch.Tensor,
+                              request_time: int, microbatch: int = DEFAULT_MICROBATCH) -> torch.Tensor:
+    """The paper's M-FALCON as Sec. 3.4 describes its pass, with no cache: the same [m, D] as
+    `candidate_hidden` from the history's layer-0 inputs x [n, D] and timestamps [n].
+
+    Per microbatch of b_m candidates, one pass of the whole stack over the n + b_m tokens
+    [history, candidates] with the target mask (the history causal, each candidate sees the
+    history and itself, at position n): the history is recomputed in every microbatch,
+    O((n + b_m)^2 d) each. It is the baseline that shows what the cache adds
+    (benchmarks/mfalcon.py); serving uses `candidate_hidden`."""
+    _check_stack(blocks)
+    _check_history(blocks, x, timestamps)
+    n, D = x.shape
+    _check_candidates(blocks, n, D, x_candidates, microbatch)
+    request = timestamps.new_tensor([request_time])
+    outputs = []
+    with torch.no_grad():
+        for candidates in x_candidates.split(microbatch):
+            b = candidates.size(0)
+            tokens = torch.cat([x, candidates])
+            ts = torch.cat([timestamps, request.expand(b)])
+            target_ts = torch.cat([timestamps[1:], request, request.expand(b)])
+            attend = _target_masked_attention(blocks, n, b, ts, target_ts)
+            for layer in blocks.layers:
+                u, q, k, v = layer.project(tokens)
+                tokens = layer.output(tokens, u, attend(layer, q, k, v))
+            outputs.append(tokens[n:])
+    return torch.cat(outputs) if outputs else x_candidates.new_zeros(0, D)
+
+
+def _target_masked_attention(blocks: HSTU, n: int, b: int, timestamps: torch.Tensor, target_timestamps: torch.Tensor):
+    """attend(layer, q, k, v) -> [n + b, H, dv] for one sequence of n history tokens and b
+    candidates under the target mask, on a fused op (both implement the mask and the bias from
+    the tables): Triton on a GPU or where the stack asks for it, the tiled CPU op elsewhere
+    (also for attention_impl 'pytorch': the plain path has no target mask)."""
+    device = blocks.layers[0].uvqk.weight.device
+    offsets = torch.tensor([0, n + b], device=device)
+    num_targets = torch.tensor([b], device=device)
+    inputs = (offsets, timestamps, target_timestamps)
+    if device.type == "cuda" or blocks.attention_impl == "triton":
+        from .ops.hstu_attention_triton import hstu_attention_triton  # imports triton: only where it runs
+
+        return lambda layer, q, k, v: hstu_attention_triton(
+            q, k, v, *inputs, layer.rab.position_weights, layer.rab.time_weights, layer.num_positions,
+            layer.normalizer, num_targets)
+    plan = AttentionPlan(*inputs, blocks.num_positions, blocks.layers[0].rab.num_time_buckets, num_targets)
+    return lambda layer, q, k, v: hstu_attention_cpu(
+        q, k, v, *inputs, layer.rab.position_weights, layer.rab.time_weights, layer.num_positions,
+        layer.normalizer, num_targets, plan=plan)
+
+
+def _check_history(blocks: HSTU, x: torch.Tensor, timestamps: torch.Tensor) -> None:
+    if x.dim() != 2 or timestamps.shape != x.shape[:1]:
+        raise ValueError(f"x must be [n, D] and timestamps [n]; got {tuple(x.shape)} and {tuple(timestamps.shape)}")
+    n = x.size(0)
+    if n == 0:
+        raise ValueError("history is empty: M-FALCON needs at least one event (cold start is served elsewhere)")
+    if n > blocks.num_positions:
+        raise ValueError(f"history of {n} tokens is longer than the {blocks.num_positions} positions the model "
+                         "was built for: keep the most recent ones")
+
+
+def _check_candidates(blocks: HSTU, n: int, D: int, x_candidates: torch.Tensor, microbatch: int) -> None:
+    if x_candidates.dim() != 2 or x_candidates.size(1) != D:
+        raise ValueError(f"x_candidates must be [m, {D}], got {tuple(x_candidates.shape)}")
+    if microbatch < 1:
+        raise ValueError(f"microbatch must be >= 1, got {microbatch}")
+    if n >= blocks.num_positions:
+        raise ValueError(f"candidates sit at position {n} (the history's length), past the {blocks.num_positions} "
+                         f"positions the model was built for: keep the most recent {blocks.num_positions - 1} tokens")
 
 
 def _check_stack(blocks: HSTU) -> None:
