@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo serve test bench mlflow clean
+.PHONY: install demo serve test bench mlflow redis clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,10 +19,11 @@ install: $(STAMP)
 demo: install
 	$(PY) jobs/demo.py --config configs/demo.yaml
 
-# The demo model (make demo registers it) over HTTP on 127.0.0.1:8000 until Ctrl-C: the page at /, the API at /docs.
+# The demo models (make demo registers the retrieval model demo-hstu and the GR ranker demo-gr) over HTTP on
+# 127.0.0.1:8000 until Ctrl-C: the page at /, the API at /docs.
 # Writes (/v1/events, clicks on the page) need GENREC_SERVE_TOKEN set (16+ characters).
 serve: install
-	$(PY) jobs/serve.py --config configs/serve/demo.yaml
+	$(PY) jobs/serve.py --config configs/serve/demo.yaml --set ranker.uri=models:/demo-gr/latest
 
 test: install
 	$(PY) -m pytest tests
@@ -52,6 +53,19 @@ mlflow: install
 	mkdir -p $(MLFLOW_DIR)
 	$(VENV)/bin/mlflow server --backend-store-uri $(MLFLOW_BACKEND) --artifacts-destination $(MLFLOW_ARTIFACTS) \
 		--serve-artifacts --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers $(MLFLOW_WORKERS)
+
+# A local Redis for the shared history store (store.kind: redis) until Ctrl-C: Debian's redis-server
+# (apt-get install redis-server), bound to 127.0.0.1, data under outputs/redis. Durable: the append-only file
+# is fsynced before every answer (--appendonly yes --appendfsync always), so no acknowledged event is lost;
+# RDB snapshots off (the AOF is the data). Serve with it: jobs/serve.py --config configs/serve/demo.yaml
+# --set store.kind=redis (store.redis_url: redis://127.0.0.1:$(REDIS_PORT)/0).
+REDIS_PORT ?= 6379
+REDIS_DIR  ?= $(CURDIR)/outputs/redis
+
+redis:
+	@command -v redis-server >/dev/null || { echo "make redis needs Debian's redis-server: sudo apt-get install redis-server"; exit 1; }
+	mkdir -p $(REDIS_DIR)
+	redis-server --bind 127.0.0.1 --port $(REDIS_PORT) --dir $(REDIS_DIR) --appendonly yes --appendfsync always --save ''
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -17,10 +17,8 @@ import os
 import signal
 import threading
 
-from ray import serve
-
 from genrec.config import RayConfig
-from genrec.runtime import init_ray, run_job
+from genrec.runtime import init_ray, run_job, stop_serving_and_ray
 from genrec.serve.deploy import load_serve_file, start
 
 
@@ -46,7 +44,7 @@ def main(args) -> int:
         except Exception as err:  # noqa: BLE001
             print(f"not applied: {err}", flush=True)
     print("shutting down", flush=True)
-    serve.shutdown()
+    stop_serving_and_ray()
     return 0
 
 

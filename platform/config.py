@@ -571,7 +571,10 @@ class ServeModelConfig(Strict):
 
 
 class ServeUserConfig(Strict):
-    model: ServeModelConfig
+    model: ServeModelConfig = Field(description="the retrieval model, which also ranks unless `ranker` is set")
+    ranker: ServeModelConfig | None = Field(
+        None, description="a ranking model (e.g. a gr ranker) for /v1/rank and the ranking stage of /v1/recommend, "
+        "trained on the same prepared data as `model` (the same item ids); default: `model` ranks too")
 
 
 class ServeAuthConfig(Strict):
@@ -616,9 +619,25 @@ class ServeRankingConfig(Strict):
 
 
 class ServeStoreConfig(Strict):
+    """Where user histories live: the prepared sequence table, plus the events written through /v1/events in an
+    append log, embedded (a sqlite file every replica on this machine opens) or redis (shared by a cluster)."""
+
+    kind: Literal["embedded", "redis"] = Field("embedded", description="the event log: embedded (sqlite, "
+                                               "events_db) or redis (redis_url)")
     sequences: str | None = Field(None, description="prepared data folder whose sequence table holds the "
                                   "histories; default the model's data.output_dir")
-    events_db: str = Field("outputs/serve/events.sqlite", description="sqlite append log of /v1/events")
+    events_db: str = Field("outputs/serve/events.sqlite", description="sqlite append log of /v1/events "
+                           "(kind embedded; with kind redis only the rollout's last-live-model file sits beside it)")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="kind redis: redis://[user:password@]host:port/db, "
+                           "rediss:// (TLS) or unix://; the credentials are never logged")
+    redis_prefix: str = Field("genrec", min_length=1, max_length=64, description="kind redis: the prefix of every "
+                              "key; two apps sharing one Redis need different prefixes")
+    redis_durability: Literal["always", "everysec", "none"] = Field("always", description=(
+        "kind redis: the persistence the server is expected to have, checked at start (a warning names a setting "
+        "that falls short). always: AOF, appendfsync always: an acknowledged event is never lost. everysec: AOF "
+        "fsynced once a second: a crash can lose up to about 2 s of acknowledged events (Redis writes them to the "
+        "OS at once, but postpones that while an fsync lags). none: no AOF: a restart loses every event since "
+        "the last RDB snapshot (all of them without one)"))
     root: str | None = Field(None, description="folder relative paths (these, the model's data folder) are "
                              "taken from; default $GENREC_ROOT, else the replica's working directory")
 
@@ -630,6 +649,9 @@ class ServeConfig(Strict):
     ranking: ServeRankingConfig = Field(default_factory=ServeRankingConfig)
     store: ServeStoreConfig = Field(default_factory=ServeStoreConfig)
     torch_threads: int = Field(1, gt=0, description="per model replica")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where a model replica scores: auto = cuda when the replica has a GPU "
+        "(ray_actor_options num_gpus), else cpu; cuda without one fails the load, naming this key")
 
 
 # Keys that moved to the section that owns them: named in the error instead of "unknown key".

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from .config import RayConfig, load_config
@@ -61,14 +63,43 @@ def init_ray(cfg: RayConfig) -> None:
     ray.init(num_cpus=cfg.num_cpus, object_store_memory=memory, include_dashboard=False, **quiet)
 
 
+SHUTDOWN_LOG = "outputs/logs/shutdown.log"
+
+
+@contextlib.contextmanager
+def shutdown_quietly(log_path: str | Path = SHUTDOWN_LOG):
+    """Stopping Serve and Ray kills their actors on purpose, and Ray's error listener then prints a line
+    per actor on the driver's stdout ('(raylet) ... graceful_shutdown failed ... killed by ray.kill',
+    'A worker died ...'). Those expected lines go to `log_path` (appended) instead of the terminal;
+    Ray's own log files keep their full story."""
+    path = Path(log_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        yield
+
+
+def stop_serving_and_ray() -> None:
+    """serve.shutdown() then ray.shutdown(), their internals kept off the terminal (shutdown_quietly)."""
+    import ray
+    from ray import serve
+
+    with shutdown_quietly():
+        serve.shutdown()
+        ray.shutdown()
+
+
 def run_job(main: Callable[[argparse.Namespace], int | None], description: str, extra: Callable | None = None) -> None:
-    """Run a job's main; known user errors print one line instead of a traceback (exit 2)."""
+    """Run a job's main; known user errors print one line instead of a traceback (exit 2), and so does
+    Ctrl-C (exit 130, the shell's code for it)."""
     args = job_arguments(description, extra=extra)
     try:
         sys.exit(main(args) or 0)
     except (GenrecError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def load_job_config(args: argparse.Namespace):

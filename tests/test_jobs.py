@@ -166,3 +166,28 @@ def post_when_up(url: str, body: dict, timeout: float) -> dict:
             last = error
             time.sleep(2)
     raise AssertionError(f"no answer from {url} after {timeout} s: {last}")
+
+
+def test_serve_job_stops_on_ctrl_c_without_rays_internals_on_the_terminal(tiny_registered_model, tmp_path):
+    """`make serve`'s job on its own local Ray: up, Ctrl-C, exit 0, and what the terminal got is genrec's
+    lines only: no '(raylet) ... killed by ray.kill' or 'A worker died' from the shutdown."""
+    m, port = tiny_registered_model, free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1"}
+    serving = subprocess.Popen(
+        [sys.executable, "jobs/serve.py", "--config", "configs/serve/demo.yaml", "--num-cpus", "1",
+         "--set", f"model.uri={m['uri']}", "--set", f"model.tracking_uri={m['tracking_uri']}",
+         "--set", f"http_options.port={port}", "--set", f"store.events_db={tmp_path / 'events.sqlite'}",
+         "--set", "deployments.Retrieval.num_replicas=1", "--set", "deployments.Ranking.num_replicas=1",
+         "--set", "deployments.Ingress.num_replicas=1", "--set", "deployments.Retrieval.autoscaling_config=null",
+         "--set", "deployments.Ranking.autoscaling_config=null", "--set", "deployments.Ingress.autoscaling_config=null"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        answer = post_when_up(f"http://127.0.0.1:{port}/v1/retrieve", {"user_id": 1, "k": 3}, timeout=400)
+        assert len(answer["items"]) == 3
+    finally:
+        serving.send_signal(signal.SIGINT)
+        output, _ = serving.communicate(timeout=120)
+    assert serving.returncode == 0, output[-6000:]
+    assert "genrec is serving at" in output and "shutting down" in output
+    for internal in ("(raylet)", "ray.kill", "A worker died", "Traceback"):
+        assert internal not in output, output[-3000:]

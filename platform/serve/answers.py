@@ -58,7 +58,8 @@ def request_history(live: Live, events: list[s.Event], now: int, field: str, str
     for i, e in enumerate(events):
         action = catalog.action_id(e.action)
         if action is None:
-            raise HTTPException(422, f"{field}[{i}].action: unknown action {e.action!r}; known: {catalog.actions}")
+            raise s.api_error(422, ("body", field, i, "action"),
+                              f"unknown action {e.action!r}; known: {catalog.actions}", "unknown_action")
         dense = catalog.dense.get(str(e.item_id))
         if dense is None:
             unknown.append(e.item_id)
@@ -67,42 +68,73 @@ def request_history(live: Live, events: list[s.Event], now: int, field: str, str
         actions.append(action)
         stamps.append(now if e.timestamp is None else e.timestamp)
     if strict and unknown:
-        raise HTTPException(422, f"{field}: unknown item ids {unknown[:20]} (not in the model's catalog)")
+        raise s.api_error(422, ("body", field), f"unknown item ids {unknown[:20]} (not in the model's catalog)",
+                          "unknown_item")
     return History(*(np.asarray(a, dtype=np.int64) for a in (items, actions, stamps))), unknown
 
 
-def model_call(live: Live, q: s.UserQuery) -> tuple[ModelCall | None, list]:
-    """The history a request is about, cut to the model's N, as the model deployments take it (with the
-    version that must score it; None when there is no history: a cold start), and the unknown item ids."""
+@dataclasses.dataclass
+class Query:
+    """What a request is about: the user's whole history (read once per request), the store's key of a
+    stored user (None for a history given in the request), the time the answer is for, unknown item ids."""
+
+    history: History | None
+    user: str | None
+    now: int
+    unknown: list
+
+
+def read_query(live: Live, q: s.UserQuery) -> Query:
     now = int(time.time()) if q.request_time is None else q.request_time
-    unknown: list = []
     if q.history is not None:
-        history, unknown = request_history(live, q.history, now, "history", strict=False)
         user = None
+        history, unknown = request_history(live, q.history, now, "history", strict=False)
     else:
-        user = user_key(q.user_id)
+        user, unknown = user_key(q.user_id), []
         history = live.store.history(user)
+    if q.request_time is not None and history is not None and history.version and history.timestamps.max() > now:
+        raise s.api_error(422, ("body", "request_time"), f"request_time {now} is before the history's last event "
+                          f"({int(history.timestamps.max())}): an answer is for a time after its history",
+                          "request_time_before_history")
+    return Query(history, user, now, unknown)
+
+
+def model_call(live: Live, query: Query, ranker: bool = False) -> ModelCall | None:
+    """The query's history cut to the N of the model that scores it (the retrieval model, or the ranker), as
+    the model deployments take it, with the version that must score it; None without history (a cold start)."""
+    history = query.history
     version = history.version if history is not None else 0
-    n = min(version, live.catalog.kept_items)
+    n = min(version, live.ranker_kept_items if ranker else live.catalog.kept_items)
     if not n:
-        return None, unknown
-    return ModelCall(model=live.ref, user=user, version=version, request_time=now,
-                     items=history.items[version - n:], actions=history.actions[version - n:],
+        return None
+    return ModelCall(model=live.ranker_ref if ranker else live.ref, user=query.user, version=version,
+                     request_time=query.now, items=history.items[version - n:], actions=history.actions[version - n:],
                      timestamps=history.timestamps[version - n:], context=history.context,
-                     seen=np.unique(history.items)), unknown
+                     seen=np.unique(history.items))
 
 
 def model_ref(live: Live) -> s.ModelRef:
     return s.ModelRef(name=live.source.name, version=live.source.version)
 
 
+def ranker_ref(live: Live) -> s.ModelRef | None:
+    """The separate ranking model that scored an answer's order, if one is configured."""
+    ranker = live.ranker_source
+    return s.ModelRef(name=ranker.name, version=ranker.version) if ranker else None
+
+
 def answer_item(live: Live, dense: int, score: float, scores: dict | None = None) -> s.Item:
     return s.Item(score=score, scores=scores, **live.catalog.item(dense))
 
 
+def popular_item(live: Live, dense: int) -> s.Item:
+    """An item of a cold-start answer: no model scored it, its popularity ordered it."""
+    return s.Item(score=None, popularity=int(live.counts[dense]), **live.catalog.item(dense))
+
+
 def cold_answer(live: Live, user_id, k: int, unknown: list) -> s.Answer:
     """No history: the k most popular items."""
-    items = [answer_item(live, int(d), float(live.counts[d])) for d in live.popular[:k]]
+    items = [popular_item(live, int(d)) for d in live.popular[:k]]
     return s.Answer(model=model_ref(live), user_id=user_id, items=items, cold_start=True, history_used=0,
                     unknown_items=unknown)
 
@@ -116,7 +148,8 @@ class Recommender:
         self.retrieval, self.ranking = retrieval, ranking
 
     async def retrieve(self, live: Live, body: s.RetrieveRequest, response: Response) -> s.Answer:
-        call, unknown = model_call(live, body)
+        query = read_query(live, body)
+        call, unknown = model_call(live, query), query.unknown
         if call is None:
             return cold_answer(live, body.user_id, body.k, unknown)
         out = await call_model(self.retrieval, dataclasses.replace(
@@ -126,29 +159,36 @@ class Recommender:
                         unknown_items=unknown, cache=out["cache"])
 
     async def rank(self, live: Live, body: s.RankRequest, response: Response) -> s.Answer:
-        call, unknown = model_call(live, body)
+        query = read_query(live, body)
+        call, unknown = model_call(live, query, ranker=True), query.unknown
         dense, unknown_candidates = dense_ids(live, body.candidates)
         unknown += unknown_candidates
-        if call is None or not dense:
+        if not dense:
+            raise s.api_error(422, ("body", "candidates"), f"none of the candidates is in the model's catalog "
+                              f"(unknown: {unknown_candidates[:20]}): nothing to rank", "unknown_item")
+        if call is None:
             self.task_weights(body.tasks, live.tasks)  # a bad task name is a 422 here too
             ranked = sorted(dense, key=lambda d: -live.counts[d])
-            return s.Answer(model=model_ref(live), user_id=body.user_id, cold_start=call is None,
-                            items=[answer_item(live, d, float(live.counts[d])) for d in ranked], history_used=0,
-                            unknown_items=unknown)
+            return s.Answer(model=model_ref(live), user_id=body.user_id, cold_start=True,
+                            items=[popular_item(live, d) for d in ranked], history_used=0, unknown_items=unknown)
         ranked, cache = await self._ranked(live, call, dense, body.tasks, response)
-        return s.Answer(model=model_ref(live), user_id=body.user_id, items=[answer_item(live, *r) for r in ranked],
-                        history_used=len(call.items), unknown_items=unknown, cache=cache)
+        return s.Answer(model=model_ref(live), ranker=ranker_ref(live), user_id=body.user_id,
+                        items=[answer_item(live, *r) for r in ranked], history_used=len(call.items),
+                        unknown_items=unknown, cache=cache)
 
     async def recommend(self, live: Live, body: s.RecommendRequest, response: Response) -> s.Answer:
-        call, unknown = model_call(live, body)
+        """Retrieve retrieval.candidates items with the retrieval model, rank them with the ranker (M-FALCON)."""
+        query = read_query(live, body)
+        call, unknown = model_call(live, query), query.unknown
         if call is None:
             self.task_weights(body.tasks, live.tasks)
             return cold_answer(live, body.user_id, body.k, unknown)
         out = await call_model(self.retrieval, dataclasses.replace(
             call, k=max(body.k, self.cfg.retrieval.candidates),
             exclude_history=self.cfg.retrieval.exclude_history), response)
-        ranked, cache = await self._ranked(live, call, out["items"], body.tasks, response)
-        return s.Answer(model=model_ref(live), user_id=body.user_id,
+        ranked, cache = await self._ranked(live, model_call(live, query, ranker=True), out["items"], body.tasks,
+                                           response)
+        return s.Answer(model=model_ref(live), ranker=ranker_ref(live), user_id=body.user_id,
                         items=[answer_item(live, *r) for r in ranked[:body.k]], history_used=len(call.items),
                         unknown_items=unknown, cache=cache)
 
@@ -157,7 +197,8 @@ class Recommender:
         chosen = requested or tasks
         unknown = [t for t in chosen if t not in tasks]
         if unknown:
-            raise HTTPException(422, f"tasks: unknown {unknown}; this model scores {tasks}")
+            raise s.api_error(422, ("body", "tasks"), f"unknown tasks {unknown}; this model scores {tasks}",
+                              "unknown_task")
         return {t: self.cfg.ranking.task_weights.get(t, 1.0) for t in chosen}
 
     async def _ranked(self, live: Live, call: ModelCall, dense: list[int], requested,

@@ -15,17 +15,23 @@ import asyncio
 import hmac
 import os
 import time
+from http import HTTPStatus
 
-from fastapi import FastAPI, HTTPException, Path as PathParam, Query, Request, Response
+from fastapi import FastAPI, HTTPException, Path as PathParam, Query, Request, Response, Security
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ValidationError
 from ray import serve
+from starlette.convertors import PathConvertor, register_url_convertor
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ServeConfig
 from . import schemas as s
 from .answers import Recommender, model_ref, request_history
 from .page import PAGE
 from .rollout import ModelVersions
-from .store import user_key
+from .store import StoreUnavailable, user_key
 
 
 class BodyLimit:
@@ -47,27 +53,118 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise HTTPException(413, f"request body over {self.limit} bytes")
+                raise self.error()
             return message
 
         return await self.app(scope, counted, send)
 
+    def error(self) -> HTTPException:
+        return s.api_error(413, ("body",), f"request body over {self.limit} bytes (the documented limit)", "too_large")
+
     async def _too_large(self, scope, receive, send):
-        response = JSONResponse({"detail": f"request body over {self.limit} bytes (the documented limit)"}, 413)
+        response = JSONResponse({"detail": self.error().detail}, 413)
         await response(scope, receive, send)
 
 
-def authorize(request: Request, token: str | None, token_env: str) -> None:
+# What each error status means, in the OpenAPI schema of the routes that can answer it (body: s.ErrorBody).
+ERRORS = {
+    400: "the body is not readable as JSON (not UTF-8, or nested too deeply)",
+    401: "no valid bearer token (`Authorization: Bearer <token>`); checked before the body is read",
+    403: "writes are disabled: the app has no token configured",
+    413: f"the body is over {s.MAX_BODY_BYTES} bytes (any route)",
+    422: "the request is not one the API takes, `loc` says where and `type` what: a field out of its schema, or "
+         "what the schema cannot say, as it depends on the model served: an unknown action (unknown_action), task "
+         "(unknown_task), an unknown item in a write or no known candidate to rank (unknown_item), a request_time "
+         "before the history's last event (request_time_before_history)",
+    503: "no model replica or history store could answer (after retries); try again",
+}
+
+
+def errors(*statuses: int) -> dict:
+    return {status: {"model": s.ErrorBody, "description": ERRORS[status]} for status in statuses}
+
+
+def json_safe(text) -> str:
+    """Text any JSON encoder takes: a lone surrogate (from a "\\ud800" escape in a key) written as its escape."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+bearer = HTTPBearer(auto_error=False, description="the write token (auth.token, or the variable auth.token_env names)")
+
+
+def authorize(credentials: HTTPAuthorizationCredentials | None, token: str | None, token_env: str) -> None:
     """A write needs `Authorization: Bearer <token>`; without a configured token writes are disabled."""
     if token is None:
-        raise HTTPException(403, f"writes are disabled: no token configured (auth.token or ${token_env})")
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
-        raise HTTPException(401, "a valid bearer token is required for writes", headers={"WWW-Authenticate": "Bearer"})
+        raise s.api_error(403, ("header", "authorization"),
+                          f"writes are disabled: no token configured (auth.token or ${token_env})", "writes_disabled")
+    if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
+        raise s.api_error(401, ("header", "authorization"), "a valid bearer token is required for writes",
+                          "unauthorized", headers={"WWW-Authenticate": "Bearer"})
 
 
+async def read_body(request: Request, model: type[BaseModel]) -> BaseModel:
+    """The body as `model`, read by a route that must check something first (a write's token): a body that
+    is not `model` is the same 422 as in a route whose body FastAPI reads."""
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as err:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors()]) from None
+
+
+def body_schema(model: type[BaseModel]) -> dict:
+    """openapi_extra documenting the body of a route that reads it with read_body (the models it refers to are
+    in the schema's components through the routes whose body FastAPI reads)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def ranker_info(live) -> s.RankerInfo | None:
+    source, catalog = live.ranker_source, live.ranker_catalog
+    if source is None:
+        return None
+    return s.RankerInfo(name=source.name, version=source.version, uri=source.uri, run_id=source.run_id,
+                        kind=catalog.experiment.model.kind, max_seq_len=catalog.kept_items, metrics=source.metrics)
+
+
+class IdConvertor(PathConvertor):
+    """A path parameter that is an id as written, whatever its characters: a "/" (sent as %2F) or a newline."""
+
+    regex = "(?s:.+)"
+
+
+register_url_convertor("id", IdConvertor())
 api = FastAPI(title="genrec", version="1", description=s.__doc__)
 api.add_middleware(BodyLimit)
+
+
+@api.exception_handler(RequestValidationError)
+async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+    """422 with an ErrorBody. FastAPI's own handler echoes the bad input, which JSON may not encode (NaN, a lone
+    surrogate): a 500 for bad input. The input is left out; loc and msg say what was wrong and where."""
+    detail = []
+    for e in err.errors():
+        msg = e["msg"] + (f": {e['ctx']['error']}" if e["type"] == "json_invalid" and "ctx" in e else "")
+        detail.append(s.ErrorDetail(loc=[p if isinstance(p, int) else json_safe(p) for p in e["loc"]],
+                                    msg=json_safe(msg), type=e["type"]).model_dump())
+    return JSONResponse({"detail": detail}, 422)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    """Every error answer is an ErrorBody, also those of the framework (404, 405, a body that is not JSON)."""
+    detail = err.detail
+    if not isinstance(detail, list):
+        kind = HTTPStatus(err.status_code).phrase.lower().replace(" ", "_")
+        detail = [s.ErrorDetail(loc=[], msg=json_safe(detail), type=kind).model_dump()]
+    return JSONResponse({"detail": detail}, err.status_code, headers=err.headers)
+
+
+@api.exception_handler(StoreUnavailable)
+async def store_unavailable(request: Request, err: StoreUnavailable) -> JSONResponse:
+    """The history store cannot be reached (Redis down): a 503 on any route that reads or writes it, not a 500."""
+    return JSONResponse({"detail": [s.ErrorDetail(loc=[], msg=json_safe(str(err)), type="store_unavailable")
+                                    .model_dump()]}, 503)
 
 
 # Serve pickles a deployment's class when it is decorated, by value (the module's name for it is the
@@ -96,11 +193,11 @@ class Ingress:
     async def page(self) -> str:
         return PAGE
 
-    @api.get("/healthz")
+    @api.get("/healthz", responses=errors(413))
     async def healthz(self) -> dict:
         return {"status": "ok", "model": model_ref(self.versions.live).model_dump()}
 
-    @api.get("/v1/model", response_model=s.ModelInfo)
+    @api.get("/v1/model", response_model=s.ModelInfo, responses=errors(413))
     async def model(self) -> s.ModelInfo:
         live = self.versions.live
         source, catalog = live.source, live.catalog
@@ -112,26 +209,27 @@ class Ingress:
                            retrieval_index=self.cfg.retrieval.index,
                            limits={"max_body_bytes": s.MAX_BODY_BYTES, "max_k": s.MAX_K,
                                    "max_candidates": s.MAX_CANDIDATES, "max_history": s.MAX_HISTORY,
-                                   "max_events": s.MAX_EVENTS, "max_seq_len": catalog.kept_items})
+                                   "max_events": s.MAX_EVENTS, "max_seq_len": catalog.kept_items},
+                           ranker=ranker_info(live))
 
-    @api.post("/v1/retrieve", response_model=s.Answer)
+    @api.post("/v1/retrieve", response_model=s.Answer, responses=errors(400, 413, 422, 503))
     async def retrieve(self, body: s.RetrieveRequest, response: Response) -> s.Answer:
         return await self.versions.answer(self.recommender.retrieve, body, response)
 
-    @api.post("/v1/rank", response_model=s.Answer)
+    @api.post("/v1/rank", response_model=s.Answer, responses=errors(400, 413, 422, 503))
     async def rank(self, body: s.RankRequest, response: Response) -> s.Answer:
         return await self.versions.answer(self.recommender.rank, body, response)
 
-    @api.post("/v1/recommend", response_model=s.Answer)
+    @api.post("/v1/recommend", response_model=s.Answer, responses=errors(400, 413, 422, 503))
     async def recommend(self, body: s.RecommendRequest, response: Response) -> s.Answer:
         return await self.versions.answer(self.recommender.recommend, body, response)
 
-    @api.get("/v1/users", response_model=list[str])
+    @api.get("/v1/users", response_model=list[str], responses=errors(413, 422))
     async def users(self, limit: int = Query(50, ge=1, le=1000)) -> list[str]:
         return self.versions.live.store.users(limit)
 
-    @api.get("/v1/users/{user_id}/history", response_model=s.HistoryAnswer)
-    async def history(self, user_id: str = PathParam(max_length=s.MAX_ID_CHARS),
+    @api.get("/v1/users/{user_id:id}/history", response_model=s.HistoryAnswer, responses=errors(413, 422))
+    async def history(self, user_id: str = PathParam(min_length=1, max_length=s.MAX_ID_CHARS),
                       limit: int = Query(50, ge=1, le=s.MAX_HISTORY)) -> s.HistoryAnswer:
         live = self.versions.live
         history = live.store.history(user_key(user_id))
@@ -144,12 +242,18 @@ class Ingress:
 
     # ------------------------------------------------------------------ writes
 
-    @api.post("/v1/events", response_model=s.EventsAnswer)
-    async def events(self, body: s.EventsRequest, request: Request) -> s.EventsAnswer:
-        """Append events to a user's history (needs `Authorization: Bearer <token>`); the next request sees them."""
-        authorize(request, self.token, self.cfg.auth.token_env)
+    @api.post("/v1/events", response_model=s.EventsAnswer, responses=errors(401, 403, 413, 422, 503),
+              openapi_extra=body_schema(s.EventsRequest))
+    async def events(self, request: Request,
+                     credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> s.EventsAnswer:
+        """Append events to a user's history (needs `Authorization: Bearer <token>`); the next request sees them.
+        Idempotent: an event already stored (the same event_id, else item, action and timestamp) is not stored
+        again, so a retry answers as the first write did."""
+        authorize(credentials, self.token, self.cfg.auth.token_env)  # before the body is read: no token, no parsing
+        body = await read_body(request, s.EventsRequest)
         live = self.versions.live
         history, _ = request_history(live, body.events, int(time.time()), "events", strict=True)
-        length = await asyncio.to_thread(live.store.append, user_key(body.user_id), history.items,
-                                         history.actions, history.timestamps)
-        return s.EventsAnswer(user_id=body.user_id, appended=history.version, history_length=length)
+        # strict: every event is in the history, in order, so the event ids line up
+        appended = await asyncio.to_thread(live.store.append, user_key(body.user_id), history.items,
+                                           history.actions, history.timestamps, [e.event_id for e in body.events])
+        return s.EventsAnswer(user_id=body.user_id, appended=appended.events, history_length=appended.history_length)

@@ -37,7 +37,7 @@ def build_app(args: dict):
 
 def load_serve_file(path: str | Path, overrides: list[str] = ()) -> dict:
     """A Serve config file with `--set` overrides: `model.uri=...` sets the model (the Ingress deployment's
-    user_config), `batching.max_batch_size=8` the genrec app's args, `deployments.Ranking.num_replicas=2` a
+    user_config; `ranker.uri=...` the ranking model beside it), `batching.max_batch_size=8` the genrec app's args, `deployments.Ranking.num_replicas=2` a
     deployment option, `http_options.port=8001` Serve's own."""
     path = Path(path)
     if not path.is_file():
@@ -55,7 +55,7 @@ def load_serve_file(path: str | Path, overrides: list[str] = ()) -> dict:
             _set(_deployment(app, name), option.split("."), value)
         elif head == "http_options" and rest:
             tree.setdefault("http_options", {})[rest] = value
-        elif head == "model":
+        elif head in ("model", "ranker"):
             _set(_deployment(app, "Ingress"), ["user_config", *key.split(".")], value)
         else:
             _set(app, ["args", *key.split(".")], value)
@@ -98,10 +98,12 @@ def pin_paths(tree: dict) -> dict:
         if store.get(key):
             store[key] = str(resolve_path(store[key]))
     store.setdefault("events_db", str(resolve_path(ServeConfig().store.events_db)))
-    model = _deployment(app, "Ingress").setdefault("user_config", {}).setdefault("model", {})
-    model["tracking_uri"] = absolute_tracking_uri(model.get("tracking_uri"))
-    if model.get("uri") and resolve_path(model["uri"]).is_dir():
-        model["uri"] = str(resolve_path(model["uri"]))
+    user_config = _deployment(app, "Ingress").setdefault("user_config", {})
+    user_config.setdefault("model", {})
+    for model in (user_config[key] for key in ("model", "ranker") if user_config.get(key)):
+        model["tracking_uri"] = absolute_tracking_uri(model.get("tracking_uri"))
+        if model.get("uri") and resolve_path(model["uri"]).is_dir():
+            model["uri"] = str(resolve_path(model["uri"]))
     return tree
 
 

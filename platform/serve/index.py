@@ -31,7 +31,7 @@ class ExactIndex:
         out = []
         for row, seen in zip(scores, exclude):
             if seen is not None:
-                row[torch.as_tensor(seen)] = -torch.inf
+                row[torch.as_tensor(seen, device=row.device)] = -torch.inf
             top = torch.topk(row, min(k, int(torch.isfinite(row).sum())))
             out.append((top.indices.tolist(), top.values.tolist()))
         return out
@@ -42,7 +42,7 @@ class FaissIndex:
         import faiss  # only when configured: exact serving needs no faiss
 
         faiss.omp_set_num_threads(torch.get_num_threads())  # the replica's share (torch_threads), not every core
-        vectors = np.ascontiguousarray(items[1:].detach().numpy(), dtype=np.float32)  # without the padding row
+        vectors = np.ascontiguousarray(items[1:].detach().cpu().numpy(), dtype=np.float32)  # without the padding row
         n, dim = vectors.shape
         if cfg.index == "hnsw":
             index = faiss.IndexHNSWFlat(dim, cfg.hnsw.m, faiss.METRIC_INNER_PRODUCT)
@@ -64,7 +64,7 @@ class FaissIndex:
     def search(self, users: torch.Tensor, k: int, exclude: list[np.ndarray | None]) -> list[tuple[list, list]]:
         extra = max((len(s) for s in exclude if s is not None), default=0)
         wanted = min(k + extra, self.index.ntotal)
-        scores, ids = self.index.search(np.ascontiguousarray(users.numpy(), dtype=np.float32), wanted)
+        scores, ids = self.index.search(np.ascontiguousarray(users.cpu().numpy(), dtype=np.float32), wanted)
         out = []
         for row_ids, row_scores, seen in zip(ids, scores, exclude):
             keep = row_ids >= 0  # -1: the index found fewer

@@ -186,14 +186,27 @@ class Catalog:
         return {"item_id": self.raw_ids[dense], "title": self.titles.get(dense), "genres": self.genres.get(dense)}
 
 
+def serving_device(setting: str) -> str:
+    """ServeConfig.device -> the torch device a model replica scores on."""
+    available = torch.cuda.is_available()
+    if setting == "cuda" and not available:
+        raise ModelLoadError("device: cuda, but this model replica sees no GPU (torch.cuda.is_available() is "
+                             "False): give the Retrieval and Ranking deployments ray_actor_options num_gpus: 1, "
+                             "or set device: auto")
+    return "cuda" if setting == "cuda" or setting == "auto" and available else "cpu"
+
+
 class Scorer:
     """Scores with a loaded model (see the module doc). Not thread-safe by itself: a replica
     calls it from one thread at a time. Requests are ModelCalls."""
 
     def __init__(self, folder: Path, cache_bytes: int, microbatch: int,
-                 retrieval: ServeRetrievalConfig | None = None) -> None:
-        """retrieval: which index retrieve() searches (default exact)."""
+                 retrieval: ServeRetrievalConfig | None = None, device: str = "cpu") -> None:
+        """retrieval: which index retrieve() searches (default exact); device: where the model scores
+        (serving_device resolves the config's auto)."""
         self.model, cfg = load_model_folder(folder)
+        self.device = torch.device(device)
+        self.model.to(self.device)
         self.kind = cfg.model.kind
         self.kept_items = cfg.kept_items
         self.microbatch = microbatch
@@ -222,16 +235,16 @@ class Scorer:
 
     def _inputs(self, r: ModelCall) -> tuple[torch.Tensor, torch.Tensor]:
         """The stack's layer-0 inputs for the request's history: x [L, D], timestamps [L]."""
-        items, stamps = torch.tensor(r.items), torch.tensor(r.timestamps)
+        items, stamps = (torch.tensor(a, device=self.device) for a in (r.items, r.timestamps))
         if not self.generative:
-            return self.model.embedding(items, torch.tensor([0, len(items)])), stamps
+            return self.model.embedding(items, torch.tensor([0, len(items)], device=self.device)), stamps
         # the interleaved layout (genrec.data.layout) without a trailing item: the candidates come after it
         context = np.asarray(r.context or [0] * len(self.context_shifts), dtype=np.int64)
-        tokens = interleave((context + self.context_shifts)[None], items.numpy(), np.asarray(r.actions),
-                            stamps.numpy(), np.array([len(items)]))
-        return self.model.history_inputs({"item_ids": torch.from_numpy(tokens.ids),
-                                          "token_types": torch.from_numpy(tokens.token_types),
-                                          "timestamps": torch.from_numpy(tokens.timestamps)})
+        tokens = interleave((context + self.context_shifts)[None], np.asarray(r.items), np.asarray(r.actions),
+                            np.asarray(r.timestamps), np.array([len(r.items)]))
+        return self.model.history_inputs({"item_ids": torch.from_numpy(tokens.ids).to(self.device),
+                                          "token_types": torch.from_numpy(tokens.token_types).to(self.device),
+                                          "timestamps": torch.from_numpy(tokens.timestamps).to(self.device)})
 
     def _history_cache(self, r: ModelCall) -> tuple[mfalcon.HistoryCache, str]:
         """The user's cached history: a hit, the newest cached version extended by the
@@ -272,11 +285,13 @@ class Scorer:
     def _forward(self, requests: list[ModelCall]) -> torch.Tensor:
         """One jagged pass for the whole batch (items-only encoders without M-FALCON, e.g. SASRec)."""
         lengths = [len(r.items) for r in requests]
-        offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.long)
-        items = torch.tensor(np.concatenate([r.items for r in requests]))
+        on = dict(device=self.device, dtype=torch.long)
+        offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), **on)
+        items = torch.tensor(np.concatenate([r.items for r in requests]), **on)
         stamps = [r.timestamps for r in requests]
-        ts = torch.tensor(np.concatenate(stamps))
-        target = torch.tensor(np.concatenate([np.append(s[1:], r.request_time) for s, r in zip(stamps, requests)]))
+        ts = torch.tensor(np.concatenate(stamps), **on)
+        target = torch.tensor(np.concatenate([np.append(s[1:], r.request_time) for s, r in zip(stamps, requests)]),
+                              **on)
         return self.model(items, ts, target, offsets)[offsets[1:] - 1]
 
     @torch.no_grad()
@@ -295,7 +310,7 @@ class Scorer:
         users, states, caches = self.user_vectors(requests)
         out = []
         for u, r, state, cache in zip(users, requests, states, caches):
-            candidates = torch.tensor(r.candidates)
+            candidates = torch.tensor(r.candidates, device=self.device)
             if self.generative:
                 x = self.model.candidate_embeddings(candidates, cache.length)
                 hidden = mfalcon.candidate_hidden(self.model.blocks, cache, x, r.request_time, self.microbatch)

@@ -1,7 +1,8 @@
-"""The page at / for a person to try the API: pick or type a user, see the history and
-the recommendations with their per-task scores, click an item to add an event (with the
-write token) and watch the list change. Plain HTML and JavaScript calling the same
-endpoints as any client; data is written with textContent, never parsed as HTML."""
+"""The page at / for a person to try the API: it opens on a user (the one in the URL, `/?user=3`, else
+the first known one) with a few others to click, shows the history and the recommendations with their
+per-task scores; click an item to add an event (with the write token) and watch the list change; the
+URL names the user shown. Plain HTML and JavaScript calling the same endpoints as any client; data is
+written with textContent, never parsed as HTML."""
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>genrec</title>
@@ -14,6 +15,7 @@ PAGE = """<!doctype html>
  ol { padding-left: 1.5em; } li { margin: .25em 0; }
  #recs li { cursor: pointer; } #recs li:hover { background: #eef; }
  .meta, .scores { color: #666; font-size: 12px; } .cold { color: #a60; }
+ #picks a { margin-right: .6em; }
 </style></head>
 <body>
 <header>
@@ -25,6 +27,7 @@ PAGE = """<!doctype html>
  <label>write token <input id="token" type="password" size="16"></label>
  <a href="/docs">API docs</a>
 </header>
+<p id="picks" class="meta">known users: </p>
 <p id="status"></p>
 <main>
  <section><h2>History <span class="meta">(most recent last)</span></h2><ol id="history"></ol></section>
@@ -42,8 +45,13 @@ async function call(method, path, body) {
   if (method === "POST" && path === "/v1/events" && tokenBox.value) headers.authorization = "Bearer " + tokenBox.value;
   const response = await fetch(path, {method, headers, body: body ? JSON.stringify(body) : undefined});
   const data = await response.json();
-  if (!response.ok) throw new Error(response.status + ": " + (typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail)));
+  if (!response.ok) throw new Error(response.status + ": " + problems(data.detail));
   return data;
+}
+// an error body: {detail: [{loc, msg, type}]}
+function problems(detail) {
+  if (!Array.isArray(detail)) return String(detail);
+  return detail.map((d) => (d.loc && d.loc.length ? d.loc.join(".") + ": " : "") + d.msg).join("; ");
 }
 function line(text, cls) { const span = document.createElement("span"); span.textContent = text; if (cls) span.className = cls; return span; }
 function name(item) { return item.title || ("item " + item.item_id); }
@@ -52,14 +60,15 @@ function meta(item) { return item.genres ? " (" + item.genres.join(", ") + ")" :
 async function show() {
   const user = $("user").value.trim();
   if (!user) return;
+  history.replaceState(null, "", "?user=" + encodeURIComponent(user));  // the URL opens this user again
   $("status").textContent = "";
   try {
-    const [history, recs] = await Promise.all([
+    const [past, recs] = await Promise.all([
       call("GET", "/v1/users/" + encodeURIComponent(user) + "/history?limit=20"),
       call("POST", "/v1/recommend", {user_id: user, k: 10})]);
     const h = $("history"); h.replaceChildren();
-    if (!history.known) h.append(line("unknown user: cold start", "cold"));
-    for (const e of history.events) {
+    if (!past.known) h.append(line("unknown user: cold start", "cold"));
+    for (const e of past.events) {
       const li = document.createElement("li");
       li.append(line(name(e)), line(meta(e) + " - " + e.action + " - " + new Date(e.timestamp * 1000).toISOString().slice(0, 16).replace("T", " "), "meta"));
       h.append(li);
@@ -70,7 +79,9 @@ async function show() {
       const li = document.createElement("li");
       li.dataset.item = item.item_id;
       const scores = item.scores ? Object.entries(item.scores).map(([t, v]) => t + " " + v.toFixed(3)).join(", ") : "";
-      li.append(line(name(item)), line(meta(item) + " score " + item.score.toFixed(3) + (scores ? " [" + scores + "]" : ""), "scores"));
+      // a cold-start item has no model score: its popularity (events in the store) ordered it
+      const value = item.score === null ? " popularity " + item.popularity : " score " + item.score.toFixed(3);
+      li.append(line(name(item)), line(meta(item) + value + (scores ? " [" + scores + "]" : ""), "scores"));
       li.onclick = () => addEvent(user, item.item_id);
       r.append(li);
     }
@@ -89,7 +100,17 @@ $("user").onkeydown = (e) => { if (e.key === "Enter") show(); };
     const info = await call("GET", "/v1/model");
     $("model").textContent = info.name + " v" + info.version + " - tasks: " + info.tasks.join(", ");
     for (const a of info.actions) { const o = document.createElement("option"); o.textContent = a; $("action").append(o); }
-    for (const u of await call("GET", "/v1/users?limit=50")) { const o = document.createElement("option"); o.value = u; $("users").append(o); }
+    const users = await call("GET", "/v1/users?limit=50");
+    for (const u of users) { const o = document.createElement("option"); o.value = u; $("users").append(o); }
+    for (const u of users.slice(0, 10)) {
+      const a = document.createElement("a");
+      a.href = "?user=" + encodeURIComponent(u); a.textContent = u;
+      a.onclick = (e) => { e.preventDefault(); $("user").value = u; show(); };
+      $("picks").append(a);
+    }
+    // first load: the user the URL names, else the first known one
+    $("user").value = new URLSearchParams(location.search).get("user") || users[0] || "";
+    await show();
   } catch (err) { $("status").textContent = err.message; }
 })();
 </script>

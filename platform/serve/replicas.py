@@ -17,7 +17,7 @@ import torch
 from ray import serve
 
 from ..config import ServeConfig
-from .model import ModelCall, ModelLoadError, ModelSource, Scorer, fetched
+from .model import ModelCall, ModelLoadError, ModelSource, Scorer, fetched, serving_device
 
 MAX_LOADED = 2  # versions a model replica keeps: the outgoing and the incoming one during a rollout
 # A version a model replica failed to load is tried again at a request this long after, not at every request:
@@ -65,7 +65,7 @@ class _ModelReplica:
         try:
             with fetched(source) as folder:
                 scorer = Scorer(folder, self.cfg.ranking.cache_bytes, self.cfg.ranking.microbatch,
-                                self._index_config())
+                                self._index_config(), serving_device(self.cfg.device))
         except Exception as err:
             error = f"model {source.uri} did not load: {type(err).__name__}: {err}"
             self.failed[source.uri] = (time.monotonic(), error)

@@ -33,30 +33,71 @@ from pydantic import ValidationError
 from ..config import ConfigError, ServeConfig, ServeUserConfig, describe_error, resolve_path
 from . import schemas as s
 from .model import Catalog, ModelLoadError, ModelSource, absolute_tracking_uri, fetched, resolve_model
-from .store import EmbeddedHistoryStore
+from .store import HistoryStore
+from .stores import open_history_store
 
 log = logging.getLogger("genrec.serve")
 
 
 @dataclass
 class Live:
-    """The model the ingress answers with, and what goes with it. Swapped whole by a rollout:
-    a request reads `ModelVersions.live` once, so it sees one version from start to end."""
+    """The models the ingress answers with, and what goes with them. Swapped whole by a rollout:
+    a request reads `ModelVersions.live` once, so it sees one version (pair) from start to end."""
 
-    source: ModelSource
+    source: ModelSource  # the retrieval model (which ranks too when no ranker is configured)
     catalog: Catalog
     prepared: Path  # the sequence table's folder the store reads
-    store: EmbeddedHistoryStore
+    store: HistoryStore
     counts: np.ndarray  # events per item: the cold-start popularity
     popular: np.ndarray  # items with events, most frequent first
-    tasks: list[str]
+    tasks: list[str]  # the ranking model's
+    ranker_source: ModelSource | None = None  # a separate ranking model (ServeUserConfig.ranker)
+    ranker_catalog: Catalog | None = None
 
     @cached_property
     def ref(self) -> ModelSource:
-        """What the model deployments need to find (or load) this version: its source without the run's
-        metrics, which would travel with every request."""
-        source = self.source
-        return ModelSource(source.uri, source.name, source.version, tracking_uri=source.tracking_uri)
+        return pinned(self.source)
+
+    @cached_property
+    def ranker_ref(self) -> ModelSource:
+        return pinned(self.ranker_source or self.source)
+
+    @property
+    def ranker_kept_items(self) -> int:
+        """The ranking model's N: the history events it sees."""
+        return (self.ranker_catalog or self.catalog).kept_items
+
+    @property
+    def versions(self) -> str:
+        """e.g. '3' or '3 + ranker 5': what a log line or a rollout report names."""
+        ranker = f" + ranker {self.ranker_source.name} {self.ranker_source.version}" if self.ranker_source else ""
+        return f"{self.source.version}{ranker}"
+
+
+def pinned(source: ModelSource) -> ModelSource:
+    """What the model deployments need to find (or load) a version: its source without the run's metrics,
+    which would travel with every request."""
+    return ModelSource(source.uri, source.name, source.version, tracking_uri=source.tracking_uri)
+
+
+def check_same_catalog(retrieval: Catalog, ranker: Catalog, uri: str) -> None:
+    """A ranker scores the items retrieval found by their dense ids, and reads the stored actions by id: both
+    models must come from the same prepared data (the same vocabularies)."""
+    if ranker.dense != retrieval.dense or ranker.actions != retrieval.actions:
+        raise ModelLoadError(f"ranker {uri}: its item or action vocabulary differs from the retrieval model's "
+                             f"({ranker.num_items} vs {retrieval.num_items} items, actions {ranker.actions} vs "
+                             f"{retrieval.actions}); train both on the same prepared data")
+
+
+def target_name(target: ServeUserConfig) -> str:
+    """The URIs a user_config asks for, as the rollout reports them."""
+    return target.model.uri + (f" + ranker {target.ranker.uri}" if target.ranker else "")
+
+
+def watch_period(target: ServeUserConfig) -> float | None:
+    """How often to re-resolve the URIs: the shorter watch_s of the two models, if either has one."""
+    periods = [m.watch_s for m in (target.model, target.ranker) if m is not None and m.watch_s]
+    return min(periods) if periods else None
 
 
 class ModelVersions:
@@ -79,7 +120,7 @@ class ModelVersions:
     async def reconfigure(self, user_config: dict) -> None:
         """A new user_config (before the first request, and whenever only it changed): roll its model out."""
         try:
-            target = ServeUserConfig.model_validate(user_config or {}).model
+            target = ServeUserConfig.model_validate(user_config or {})
         except ValidationError as err:
             error = ConfigError(describe_error(err, "Ingress user_config"))
             if self.live is None:
@@ -89,14 +130,14 @@ class ModelVersions:
         self.target = target
         await self.roll()
         if self.live is None:  # nothing to serve: the target failed and no version ever went live
-            raise RuntimeError(f"could not load model {target.uri}: {self.status.error}")
+            raise RuntimeError(f"could not load model {target_name(target)}: {self.status.error}")
         if self.watcher is not None:
             self.watcher.cancel()
-        self.watcher = asyncio.get_running_loop().create_task(self._watch()) if target.watch_s else None
+        self.watcher = asyncio.get_running_loop().create_task(self._watch()) if watch_period(target) else None
 
     async def _watch(self) -> None:
         while True:
-            await asyncio.sleep(self.target.watch_s)
+            await asyncio.sleep(watch_period(self.target))
             await self.roll()
 
     async def roll(self) -> None:
@@ -104,53 +145,65 @@ class ModelVersions:
         Ranking replica), then swap. A failure keeps the live version, and is logged and reported."""
         async with self.rolling:
             target = self.target  # read under the lock: a reconfigure may have changed it while this waited
+            name = target_name(target)
             try:
-                source = await asyncio.to_thread(resolve_model, target.uri, absolute_tracking_uri(target.tracking_uri))
-                if self.live is not None and source.uri == self.live.source.uri:
-                    # e.g. the config went back to the version still live; degraded stays (a replica still cannot
-                    # load it, as far as this ingress knows) until the next switch
+                source, ranker = await asyncio.gather(*(
+                    asyncio.to_thread(resolve_model, m.uri, absolute_tracking_uri(m.tracking_uri)) if m else
+                    asyncio.sleep(0) for m in (target.model, target.ranker)))
+                live = self.live
+                if live is not None and (source.uri, ranker and ranker.uri) == (
+                        live.source.uri, live.ranker_source and live.ranker_source.uri):
+                    # e.g. the config went back to the versions still live; degraded stays (a replica still cannot
+                    # load them, as far as this ingress knows) until the next switch
                     if self.status.state not in ("live", "degraded"):
-                        self.status = self.status.model_copy(update={"state": "live", "target": target.uri,
+                        self.status = self.status.model_copy(update={"state": "live", "target": name,
                                                                      "error": None, "at": time.time()})
                     return
-                self.status = self.status.model_copy(update={"state": "loading", "target": target.uri})
-                self._swap(await self._load(source), target.uri)
+                self.status = self.status.model_copy(update={"state": "loading", "target": name})
+                self._swap(await self._load(source, ranker), name)
             except Exception as err:  # noqa: BLE001 - whatever broke the load, the live version stays
-                self._failed(target.uri, err)
+                self._failed(name, err)
                 if self.live is None:
                     await self._load_last_good()
 
-    async def _load(self, source: ModelSource) -> Live:
-        def read_catalog() -> Catalog:
-            with fetched(source) as folder:
+    async def _load(self, source: ModelSource, ranker: ModelSource | None = None) -> Live:
+        def read_catalog(model: ModelSource) -> Catalog:
+            with fetched(model) as folder:
                 return Catalog(folder)
 
-        catalog = await asyncio.to_thread(read_catalog)
+        catalog = await asyncio.to_thread(read_catalog, source)
+        ranker_catalog = None
+        if ranker is not None:
+            ranker_catalog = await asyncio.to_thread(read_catalog, ranker)
+            check_same_catalog(catalog, ranker_catalog, ranker.uri)
         prepared = resolve_path(self.cfg.store.sequences or catalog.experiment.data.output_dir)
         old = self.live
         if old is not None and old.prepared == prepared:
             store = old.store
         else:
-            store = await asyncio.to_thread(EmbeddedHistoryStore, prepared, self.events_db)
+            store = await asyncio.to_thread(open_history_store, self.cfg.store, prepared, self.events_db)
         counts = store.item_counts()
         counts = np.pad(counts, (0, max(0, catalog.num_items + 1 - len(counts))))
         counts[0] = 0  # padding
         live = Live(source, catalog, prepared, store, counts,
-                    np.argsort(-counts, kind="stable")[: int((counts > 0).sum())], tasks=[])
+                    np.argsort(-counts, kind="stable")[: int((counts > 0).sum())], tasks=[],
+                    ranker_source=ranker, ranker_catalog=ranker_catalog)
         # the weights, loaded by one replica of each model deployment (the others load on first use)
-        ranked, _ = await asyncio.gather(self.ranking.prepare.remote(live.ref), self.retrieval.prepare.remote(live.ref))
+        ranked, _ = await asyncio.gather(self.ranking.prepare.remote(live.ranker_ref),
+                                         self.retrieval.prepare.remote(live.ref))
         live.tasks = ranked["tasks"]
         return live
 
     def _swap(self, live: Live, target: str) -> None:
-        previous = self.live.source.version if self.live is not None else None
+        previous = self.live.versions if self.live is not None else None
         self.previous, self.live = self.live, live
-        self.status = s.Rollout(state="live", target=target, version=live.source.version, previous=previous,
+        self.status = s.Rollout(state="live", target=target, version=live.versions, previous=previous,
                                 at=time.time())
-        log.warning("serving %s version %s (was %s)", live.source.name, live.source.version, previous)
+        log.warning("serving %s version %s (was %s)", live.source.name, live.versions, previous)
         self.last_good.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.last_good.with_name(f"{self.last_good.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(asdict(live.source)))
+        tmp.write_text(json.dumps({"model": asdict(live.source),
+                                   "ranker": asdict(live.ranker_source) if live.ranker_source else None}))
         tmp.replace(self.last_good)  # atomic: another replica never reads half a file
 
     async def _load_last_good(self) -> None:
@@ -158,11 +211,13 @@ class ModelVersions:
         still reported (state failed)."""
         failed = self.status
         try:
-            source = ModelSource(**json.loads(self.last_good.read_text()))
-        except (OSError, ValueError, TypeError):
-            return  # no version ever went live here
+            saved = json.loads(self.last_good.read_text())
+            source = ModelSource(**saved["model"])
+            ranker = ModelSource(**saved["ranker"]) if saved.get("ranker") else None
+        except (OSError, ValueError, TypeError, KeyError):
+            return  # no version ever went live here (or a file of an older genrec: nothing to fall back to)
         try:
-            self._swap(await self._load(source), failed.target)
+            self._swap(await self._load(source, ranker), failed.target)
         except Exception as err:  # noqa: BLE001
             log.error("the last live model (%s, %s) does not load either: %r", source.uri, self.last_good, err)
             return
@@ -171,7 +226,7 @@ class ModelVersions:
     def _failed(self, target: str, err: Exception) -> None:
         err = getattr(err, "cause", None) or err  # a model replica's error arrives wrapped in a RayTaskError
         error = f"{type(err).__name__}: {err}"[:1000]
-        serving = self.live.source.version if self.live is not None else None
+        serving = self.live.versions if self.live is not None else None
         if (self.status.state, self.status.error) != ("failed", error):  # the watcher retries: log once
             log.error("rollout of %s failed, %s: %s", target, f"still serving version {serving}" if serving
                       else "nothing live yet (trying the last version that went live, if any)", error)
@@ -199,8 +254,8 @@ class ModelVersions:
         raise HTTPException(503, f"no model replica could load the version to answer with: {error}"[:1000])
 
     def _fell_back(self, live: Live, fallback: Live, error: Exception) -> None:
-        error = (f"a model replica could not load version {live.source.version} (the requests it got are answered "
-                 f"by version {fallback.source.version}): {error}")[:1000]
+        error = (f"a model replica could not load version {live.versions} (the requests it got are answered "
+                 f"by version {fallback.versions}): {error}")[:1000]
         if self.status.error != error:
             log.error("%s", error)
         update = {"fallbacks": self.status.fallbacks + 1, "error": error}

@@ -1,25 +1,37 @@
-"""User histories for serving: a small interface, and the embedded implementation.
+"""User histories for serving: a small interface, the part every implementation shares, and the embedded one.
 
-`HistoryStore` is what the API needs; a real key-value store (Redis, Cassandra, ...)
-implements the same three methods. `EmbeddedHistoryStore` reads the prepared
-sequence table (one row per user, dense item ids) into memory and keeps the events
-written through /v1/events in a sqlite append log: they survive a restart of the
-app or of any replica, and every replica (every process) sees them, because each
-read asks the log. sqlite's WAL mode lets readers and one writer work at once.
+`HistoryStore` is what the API needs. Both implementations read the prepared sequence table (one row per
+user, dense item ids) into memory as the base histories, and keep the events written through /v1/events in
+an append log that every replica (every process) asks at each read, so a write is seen by the next request
+whatever replica answers it:
+
+    EmbeddedHistoryStore   a sqlite file (WAL: readers and one writer at once; synchronous=FULL: an
+                           acknowledged event is on disk): every process on one machine
+    RedisHistoryStore      Redis (genrec.serve.redis_store): every process of a cluster
+
+Events are idempotent: each has an identity, its client-supplied `event_id` when given, else its
+(item, action, timestamp); an event whose identity the user's log already holds is not stored again, so
+a retried write is a no-op that answers as the first one did (`Appended`). The identity is the user's:
+two users may use the same event ids.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from ..data.prepared import SEQUENCES, VOCAB, read_manifest, read_split
+from ..errors import GenrecError
+
+log = logging.getLogger("genrec.serve")
 
 
 @dataclass(frozen=True)
@@ -38,12 +50,22 @@ class History:
         return len(self.items)
 
 
+class Appended(NamedTuple):
+    """What a write answers, the same for a retry of it: `events` = how many distinct events (identities)
+    it held, all of them in the history now; `history_length` = the length of the user's history up to and
+    including the last of them (the whole history when they were just appended)."""
+
+    events: int
+    history_length: int
+
+
 class HistoryStore(Protocol):
     def history(self, user: str) -> History | None:
         """The user's history, or None for a user never seen."""
 
-    def append(self, user: str, items: np.ndarray, actions: np.ndarray, timestamps: np.ndarray) -> int:
-        """Persist events (durably, before returning) -> the user's new history length."""
+    def append(self, user: str, items: np.ndarray, actions: np.ndarray, timestamps: np.ndarray,
+               event_ids: Sequence[str | None] | None = None) -> Appended:
+        """Persist the events not yet in the user's log (durably, before returning), atomically."""
 
     def users(self, limit: int) -> list[str]:
         """Some known users (for the web page's picker)."""
@@ -52,13 +74,28 @@ class HistoryStore(Protocol):
         """Events per item (indexed by dense id): the cold-start answer's popularity."""
 
 
+class StoreUnavailable(GenrecError):
+    """The history store cannot be reached (a Redis server down): a 503, not a bad request."""
+
+
 def user_key(user_id: int | str) -> str:
     """Raw user ids are keyed as text: 42 and "42" are the same user."""
     return str(user_id)
 
 
-class EmbeddedHistoryStore:
-    def __init__(self, prepared: str | Path, events_db: str | Path) -> None:
+def event_identities(items: np.ndarray, actions: np.ndarray, timestamps: np.ndarray,
+                     event_ids: Sequence[str | None] | None) -> list[str]:
+    """Each event's identity in its user's log: `id:<event_id>`, else `key:<item>:<action>:<timestamp>`."""
+    ids = event_ids if event_ids is not None else [None] * len(items)
+    return [f"id:{e}" if e is not None else f"key:{i}:{a}:{t}"
+            for e, i, a, t in zip(ids, items.tolist(), actions.tolist(), timestamps.tolist())]
+
+
+class PreparedHistoryStore:
+    """The base histories (the prepared sequence table, in memory) and what a store does with them and its
+    event log. A subclass is the log: `_logged` (a user's logged events) and `_log` (append atomically)."""
+
+    def __init__(self, prepared: str | Path) -> None:
         table = read_split(prepared, SEQUENCES)
         columns = [c for c in read_manifest(prepared).get("context_features") or {} if c in table.column_names]
         self._context = list(zip(*(table[c].to_pylist() for c in columns))) if columns else None
@@ -69,22 +106,15 @@ class EmbeddedHistoryStore:
         for name in ("items", "actions", "timestamps"):
             column = table[name].combine_chunks()
             self._lists[name] = (column.values.to_numpy().astype(np.int64), column.offsets.to_numpy())
-        self.path = Path(events_db)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        with self._db() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL,"
-                       " item INTEGER NOT NULL, action INTEGER NOT NULL, timestamp INTEGER NOT NULL)")
-            db.execute("CREATE INDEX IF NOT EXISTS events_user ON events (user, seq)")
 
-    def _db(self) -> sqlite3.Connection:
-        # one connection per thread: sqlite connections are not shared across threads
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = self._local.db = sqlite3.connect(self.path, timeout=30)
-            db.execute("PRAGMA synchronous=FULL")  # an acknowledged write is on disk
-        return db
+    def _logged(self, user: str) -> np.ndarray:
+        """The user's logged events, oldest first: (n, 3) int64 rows of item, action, timestamp."""
+        raise NotImplementedError
+
+    def _log(self, user: str, rows: np.ndarray, identities: list[str]) -> int:
+        """Append the rows whose identity the user's log lacks, in one atomic step (two replicas writing the
+        same retry at once store it once) -> the log position (1-based) of the last of the given identities."""
+        raise NotImplementedError
 
     def _base(self, user: str) -> tuple[np.ndarray, ...] | None:
         row = self._row.get(user)
@@ -95,24 +125,23 @@ class EmbeddedHistoryStore:
 
     def history(self, user: str) -> History | None:
         base = self._base(user)
-        logged = self._db().execute("SELECT item, action, timestamp FROM events WHERE user = ? ORDER BY seq",
-                                    (user,)).fetchall()
-        if base is None and not logged:
+        logged = self._logged(user)
+        if base is None and not len(logged):
             return None
-        extra = np.asarray(logged, dtype=np.int64).reshape(-1, 3)
         context = ()
         if base is None:
             base = tuple(np.zeros(0, np.int64) for _ in range(3))
         elif self._context is not None:
             context = tuple(self._context[self._row[user]])
-        return History(*(np.concatenate([b, extra[:, j]]) for j, b in enumerate(base)), context=context)
+        return History(*(np.concatenate([b, logged[:, j]]) for j, b in enumerate(base)), context=context)
 
-    def append(self, user: str, items: np.ndarray, actions: np.ndarray, timestamps: np.ndarray) -> int:
-        db = self._db()
-        with db:  # one transaction: all the events or none
-            db.executemany("INSERT INTO events (user, item, action, timestamp) VALUES (?, ?, ?, ?)",
-                           [(user, int(i), int(a), int(t)) for i, a, t in zip(items, actions, timestamps)])
-        return self.history(user).version
+    def append(self, user: str, items: np.ndarray, actions: np.ndarray, timestamps: np.ndarray,
+               event_ids: Sequence[str | None] | None = None) -> Appended:
+        identities = event_identities(items, actions, timestamps, event_ids)
+        rows = np.stack([items, actions, timestamps], axis=1).astype(np.int64).reshape(-1, 3)
+        position = self._log(user, rows, identities)
+        base = self._base(user)
+        return Appended(len(set(identities)), (0 if base is None else len(base[0])) + position)
 
     def users(self, limit: int) -> list[str]:
         return list(self._row)[:limit]
@@ -120,3 +149,80 @@ class EmbeddedHistoryStore:
     def item_counts(self) -> np.ndarray:
         # the prepared table only: popularity is a property of the training data, fixed while serving
         return np.bincount(self._lists["items"][0])
+
+
+EVENT_COLUMNS = {"seq", "user", "item", "action", "timestamp"}
+
+
+class EmbeddedHistoryStore(PreparedHistoryStore):
+    """The event log in a sqlite file: table `events`, its rows in `seq` order, `event_key` the identity
+    (unique per user; NULL for a duplicate written before events were idempotent, which stays history)."""
+
+    def __init__(self, prepared: str | Path, events_db: str | Path) -> None:
+        super().__init__(prepared)
+        self.path = Path(events_db)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        try:
+            self._create_or_migrate()
+        except sqlite3.DatabaseError as err:
+            raise GenrecError(f"{self.path}: not a usable events log ({err}); store.events_db must name a "
+                              f"genrec events file or a new one") from None
+
+    def _create_or_migrate(self) -> None:
+        # autocommit, with an explicit IMMEDIATE transaction: replicas starting at once migrate a file once
+        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                columns = {row[1] for row in db.execute("PRAGMA table_info(events)")}
+                if not columns:
+                    db.execute("CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL,"
+                               " item INTEGER NOT NULL, action INTEGER NOT NULL, timestamp INTEGER NOT NULL,"
+                               " event_key TEXT)")
+                elif not EVENT_COLUMNS <= columns:
+                    raise GenrecError(f"{self.path}: table events has columns {sorted(columns)}, not a genrec "
+                                      f"events log (expected {sorted(EVENT_COLUMNS | {'event_key'})})")
+                elif "event_key" not in columns:
+                    self._add_identities(db)
+                db.execute("CREATE INDEX IF NOT EXISTS events_user ON events (user, seq)")
+                db.execute("CREATE UNIQUE INDEX IF NOT EXISTS events_identity ON events (user, event_key)")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def _add_identities(self, db: sqlite3.Connection) -> None:
+        """A file from before events were idempotent: each event gets its (item, action, timestamp) identity;
+        a duplicate the old code stored twice keeps its place in the history, with no identity."""
+        db.execute("ALTER TABLE events ADD COLUMN event_key TEXT")
+        db.execute("UPDATE events SET event_key = 'key:' || item || ':' || action || ':' || timestamp"
+                   " WHERE seq IN (SELECT MIN(seq) FROM events GROUP BY user, item, action, timestamp)")
+        log.warning("%s: events log migrated (event_key added: events written before are identified by "
+                    "their item, action and timestamp)", self.path)
+
+    def _db(self) -> sqlite3.Connection:
+        # one connection per thread: sqlite connections are not shared across threads
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = sqlite3.connect(self.path, timeout=30)
+            db.execute("PRAGMA synchronous=FULL")  # an acknowledged write is on disk
+        return db
+
+    def _logged(self, user: str) -> np.ndarray:
+        logged = self._db().execute("SELECT item, action, timestamp FROM events WHERE user = ? ORDER BY seq",
+                                    (user,)).fetchall()
+        return np.asarray(logged, dtype=np.int64).reshape(-1, 3)
+
+    def _log(self, user: str, rows: np.ndarray, identities: list[str]) -> int:
+        db = self._db()
+        with db:  # one transaction (its first insert takes the write lock): all the events or none
+            db.executemany("INSERT INTO events (user, item, action, timestamp, event_key) VALUES (?, ?, ?, ?, ?)"
+                           " ON CONFLICT (user, event_key) DO NOTHING",
+                           [(user, *row, key) for row, key in zip(rows.tolist(), identities)])
+            unique = list(dict.fromkeys(identities))
+            (last,) = db.execute(f"SELECT MAX(seq) FROM events WHERE user = ? AND event_key IN "
+                                 f"({', '.join('?' * len(unique))})", (user, *unique)).fetchone()
+            (position,) = db.execute("SELECT COUNT(*) FROM events WHERE user = ? AND seq <= ?",
+                                     (user, last)).fetchone()
+        return position
