@@ -30,6 +30,14 @@ def tiny_ranking_config(root: Path, name: str, model: dict, tasks: list, num_use
     })
 
 
+def fixed_replicas(ingress: int = 1, retrieval: int = 1, ranking: int = 1) -> list[str]:
+    """Serve file overrides: this many replicas of each deployment, autoscaling off. The shipped file keeps
+    2+ of each (a kill then costs little); a test app that does not kill replicas starts fewer (2 cores)."""
+    counts = {"Ingress": ingress, "Retrieval": retrieval, "Ranking": ranking}
+    return [o for d, n in counts.items() for o in (f"deployments.{d}.num_replicas={n}",
+                                                    f"deployments.{d}.autoscaling_config=null")]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     import ray

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO
+from conftest import REPO, fixed_replicas
 
 BIN = Path(sys.executable).parent
 
@@ -177,9 +177,7 @@ def test_serve_job_stops_on_ctrl_c_without_rays_internals_on_the_terminal(tiny_r
         [sys.executable, "jobs/serve.py", "--config", "configs/serve/demo.yaml", "--num-cpus", "1",
          "--set", f"model.uri={m['uri']}", "--set", f"model.tracking_uri={m['tracking_uri']}",
          "--set", f"http_options.port={port}", "--set", f"store.events_db={tmp_path / 'events.sqlite'}",
-         "--set", "deployments.Retrieval.num_replicas=1", "--set", "deployments.Ranking.num_replicas=1",
-         "--set", "deployments.Ingress.num_replicas=1", "--set", "deployments.Retrieval.autoscaling_config=null",
-         "--set", "deployments.Ranking.autoscaling_config=null", "--set", "deployments.Ingress.autoscaling_config=null"],
+         *(arg for override in fixed_replicas() for arg in ("--set", override))],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         answer = post_when_up(f"http://127.0.0.1:{port}/v1/retrieve", {"user_id": 1, "k": 3}, timeout=400)

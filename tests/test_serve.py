@@ -18,6 +18,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from conftest import fixed_replicas
 from genrec.artifact import load_model
 from genrec.config import ConfigError
 from genrec.data.prepared import read_split
@@ -69,8 +70,9 @@ def app(tiny_registered_model, tmp_path_factory):
     tree = load_serve_file(REPO / "configs" / "serve" / "demo.yaml", [
         f"model.uri={m['uri']}", f"model.tracking_uri={m['tracking_uri']}", f"store.events_db={events_db}",
         f"auth.token={TOKEN}", "retrieval.candidates=30",
-        # two Ranking replicas: one is killed under load (test_a_killed_model_replica_loses_no_request)
-        "deployments.Ranking.num_replicas=2", "deployments.Ranking.autoscaling_config=null"])
+        # two Ranking replicas: one is killed under load (test_a_killed_model_replica_loses_no_request); one
+        # Retrieval replica: the cache states asserted are that replica's
+        *fixed_replicas(ranking=2)])
     url = start(tree, port=free_port())
     yield Served(url, m, events_db)
     serve.shutdown()

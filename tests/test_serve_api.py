@@ -18,6 +18,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 from schemathesis.config import SchemathesisConfig
 
+from conftest import fixed_replicas
 from genrec.serve.deploy import load_serve_file, start
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +56,8 @@ def app(tiny_registered_model, tmp_path_factory):
     m = tiny_registered_model
     tree = load_serve_file(REPO / "configs" / "serve" / "demo.yaml", [
         f"model.uri={m['uri']}", f"model.tracking_uri={m['tracking_uri']}", f"auth.token={TOKEN}",
-        f"store.events_db={tmp_path_factory.mktemp('serve-api') / 'events.sqlite'}", "retrieval.candidates=30"])
+        f"store.events_db={tmp_path_factory.mktemp('serve-api') / 'events.sqlite'}", "retrieval.candidates=30",
+        *fixed_replicas()])
     yield Served(start(tree, port=free_port()))
     serve.shutdown()
 

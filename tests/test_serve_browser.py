@@ -14,6 +14,7 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from conftest import fixed_replicas
 from genrec.serve.deploy import load_serve_file, start
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def url(tiny_registered_model, tmp_path_factory):
     m = tiny_registered_model
     tree = load_serve_file(REPO / "configs" / "serve" / "demo.yaml", [
         f"model.uri={m['uri']}", f"model.tracking_uri={m['tracking_uri']}", f"auth.token={TOKEN}",
-        f"store.events_db={tmp_path_factory.mktemp('serve-browser') / 'events.sqlite'}"])
+        f"store.events_db={tmp_path_factory.mktemp('serve-browser') / 'events.sqlite'}", *fixed_replicas()])
     yield start(tree, port=free_port())
     serve.shutdown()
 

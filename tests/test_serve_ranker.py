@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import tiny_ranking_config
+from conftest import fixed_replicas, tiny_ranking_config
 from genrec.artifact import load_model
 from genrec.config import ConfigError, ServeConfig
 from genrec.data.batches import context_offsets
@@ -64,8 +64,8 @@ def app(models):
         f"ranker.uri={m['ranker']}", f"ranker.tracking_uri={m['tracking_uri']}",
         f"store.events_db={m['root'] / 'events.sqlite'}", f"auth.token={TOKEN}", "retrieval.candidates=40",
         "ranking.task_weights={click: 2.0}", "ranking.microbatch=7",
-        # one Ranking replica: the M-FALCON cache states asserted below are that replica's
-        "deployments.Ranking.num_replicas=1", "deployments.Ranking.autoscaling_config=null"])
+        # one replica of each: the M-FALCON cache states asserted below are that Ranking replica's
+        *fixed_replicas()])
     url = start(tree, port=free_port())
     yield {"url": url, "tree": tree, "http": httpx.Client(base_url=url, timeout=60)}
     serve.shutdown()

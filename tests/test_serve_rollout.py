@@ -25,6 +25,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import fixed_replicas
 from genrec.artifact import build_model, load_model, save_model_folder
 from genrec.serve.deploy import load_serve_file, start
 from genrec.train.tracking import MODEL_FILES
@@ -65,8 +66,7 @@ def served(tiny_registered_model, tmp_path_factory):
     base = [f"model.tracking_uri={m['tracking_uri']}",
             f"store.events_db={tmp_path_factory.mktemp('rollout') / 'events.sqlite'}",
             "retrieval.candidates=30", "http_options.port=" + str(free_port())]
-    base += [f"deployments.{d}.autoscaling_config=null" for d in ("Ingress", "Retrieval", "Ranking")]
-    base += [f"deployments.{d}.num_replicas=2" for d in ("Retrieval", "Ranking")]
+    base += fixed_replicas(retrieval=2, ranking=2)
 
     def tree(uri, *more):
         return load_serve_file(REPO / "configs" / "serve" / "demo.yaml", [f"model.uri={uri}", *base, *more])

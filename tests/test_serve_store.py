@@ -295,6 +295,22 @@ def test_an_events_file_of_the_old_schema_is_migrated_and_a_foreign_one_refused(
 
 # ---------------------------------------------------------------------------- through the Serve app
 
+@pytest.mark.parametrize("kind", ["embedded", "redis"])
+def test_a_log_of_other_prepared_data_is_refused_naming_it(kind, world, tmp_path, redis_server):
+    """Dense ids mean items only under the vocabulary they were written with (an earlier demo's world had
+    5,000 items, the next 2,000: its log named items the new catalog lacks)."""
+    data, _ = world
+    prefix = f"vocab-{uuid.uuid4().hex}"
+    open_store(kind, data, tmp_path, redis_server, prefix).append("7", *events((3, 0, 100)))
+    other = tmp_path / "other-data"
+    shutil.copytree(data, other)
+    items = pq.read_table(other / "vocab" / "items.parquet")
+    pq.write_table(items.slice(0, items.num_rows - 1), other / "vocab" / "items.parquet")  # another vocabulary
+    with pytest.raises(GenrecError, match="written for other prepared data"):
+        open_store(kind, other, tmp_path, redis_server, prefix)
+    assert open_store(kind, data, tmp_path, redis_server, prefix).history("7") is not None  # its own data: fine
+
+
 @pytest.fixture(scope="module")
 def app(tiny_registered_model, redis_server, tmp_path_factory):
     """The Serve app with its histories in Redis and two ingress replicas (two processes)."""

@@ -86,6 +86,9 @@ class RedisHistoryStore(PreparedHistoryStore):
         self._append = self.redis.register_script(APPEND)
         self._call(self.redis.ping)
         self._check_durability(durability)
+        key = f"{prefix}:vocabulary"
+        self._call(self.redis.set, key, self.vocabulary, nx=True)
+        self._check_log_vocabulary(self._call(self.redis.get, key).decode(), f"{self.where} prefix {prefix!r}")
 
     def _call(self, fn, *args, **kwargs):
         try:

@@ -17,6 +17,7 @@ two users may use the same event ids.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sqlite3
 import threading
@@ -91,6 +92,14 @@ def event_identities(items: np.ndarray, actions: np.ndarray, timestamps: np.ndar
             for e, i, a, t in zip(ids, items.tolist(), actions.tolist(), timestamps.tolist())]
 
 
+def vocabulary_fingerprint(prepared: str | Path) -> str:
+    """What the dense ids of a prepared data folder mean: a hash of its item and user vocabulary files."""
+    digest = hashlib.sha256()
+    for name in ("items.parquet", "users.parquet"):
+        digest.update((Path(prepared) / VOCAB / name).read_bytes())
+    return digest.hexdigest()
+
+
 class PreparedHistoryStore:
     """The base histories (the prepared sequence table, in memory) and what a store does with them and its
     event log. A subclass is the log: `_logged` (a user's logged events) and `_log` (append atomically)."""
@@ -106,6 +115,16 @@ class PreparedHistoryStore:
         for name in ("items", "actions", "timestamps"):
             column = table[name].combine_chunks()
             self._lists[name] = (column.values.to_numpy().astype(np.int64), column.offsets.to_numpy())
+        self.vocabulary = vocabulary_fingerprint(prepared)
+
+    def _check_log_vocabulary(self, recorded: str, where: str) -> None:
+        """A log stores dense ids, which mean items only under the vocabulary they were written with: a log of
+        other prepared data (an earlier demo's world, another dataset) would name other or missing items."""
+        if recorded != self.vocabulary:
+            raise GenrecError(f"{where}: this events log was written for other prepared data (item vocabulary "
+                              f"{recorded[:12]}, the model's data has {self.vocabulary[:12]}): its item ids would "
+                              "name other items; point the store at a new log (store.events_db, or another "
+                              "store.redis_prefix) or remove it")
 
     def _logged(self, user: str) -> np.ndarray:
         """The user's logged events, oldest first: (n, 3) int64 rows of item, action, timestamp."""
@@ -185,6 +204,10 @@ class EmbeddedHistoryStore(PreparedHistoryStore):
                                       f"events log (expected {sorted(EVENT_COLUMNS | {'event_key'})})")
                 elif "event_key" not in columns:
                     self._add_identities(db)
+                db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('vocabulary', ?)", (self.vocabulary,))
+                recorded, = db.execute("SELECT value FROM meta WHERE key = 'vocabulary'").fetchone()
+                self._check_log_vocabulary(recorded, str(self.path))
                 db.execute("CREATE INDEX IF NOT EXISTS events_user ON events (user, seq)")
                 db.execute("CREATE UNIQUE INDEX IF NOT EXISTS events_identity ON events (user, event_key)")
                 db.execute("COMMIT")
