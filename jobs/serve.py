@@ -25,13 +25,14 @@ from genrec.serve.deploy import load_serve_file, start
 def main(args) -> int:
     tree = load_serve_file(args.config, args.overrides)
     init_ray(RayConfig(num_cpus=args.num_cpus))
-    url = start(tree)
-    print(f"genrec is serving at {url}/  (API docs {url}/docs, health {url}/healthz); "
-          f"kill -HUP {os.getpid()} re-applies {args.config}", flush=True)
+    # before the app starts: a Ctrl-C while it starts also ends in the clean shutdown below
     stop, reload = threading.Event(), threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: (reload.set(), stop.set()))
+    url = start(tree)
+    print(f"genrec is serving at {url}/  (API docs {url}/docs, health {url}/healthz); "
+          f"kill -HUP {os.getpid()} re-applies {args.config}", flush=True)
     while True:
         stop.wait()
         if not reload.is_set():

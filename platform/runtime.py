@@ -70,12 +70,23 @@ SHUTDOWN_LOG = "outputs/logs/shutdown.log"
 def shutdown_quietly(log_path: str | Path = SHUTDOWN_LOG):
     """Stopping Serve and Ray kills their actors on purpose, and Ray's error listener then prints a line
     per actor on the driver's stdout ('(raylet) ... graceful_shutdown failed ... killed by ray.kill',
-    'A worker died ...'). Those expected lines go to `log_path` (appended) instead of the terminal;
+    'A worker died ...', 'Controller failed to shut down within 30s'). Those expected lines go to `log_path`
+    (appended) instead of the terminal;
     Ray's own log files keep their full story."""
     path = Path(log_path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Ray's loggers hold the terminal's stream from before any redirect: they get the file for the duration
+    loggers = [logging.getLogger(name) for name in ("ray", "ray.serve")]
+    saved = [logger.handlers[:] for logger in loggers]
     with open(path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        yield
+        to_file = logging.StreamHandler(log)
+        try:
+            for logger in loggers:
+                logger.handlers = [to_file]
+            yield
+        finally:
+            for logger, handlers in zip(loggers, saved):
+                logger.handlers = handlers
 
 
 def stop_serving_and_ray() -> None:
