@@ -44,7 +44,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOYMENTS = ("Ingress", "Retrieval", "Ranking")
@@ -131,17 +130,6 @@ def wait_for_replicas(want: int, timeout_s: float) -> float:
     return time.time() - start
 
 
-def replica_processes(deployment: str) -> list[psutil.Process]:
-    """This benchmark's Ray cluster's live replica processes of a deployment (Ray names them in the title)."""
-    found = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if f"ServeReplica:genrec:{deployment}" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except psutil.Error:  # gone while we looked
-            continue
-    return found
-
 
 def with_deployments(tree: dict, **options) -> dict:
     """The Serve config tree with every deployment's replica options replaced by `options`."""
@@ -185,7 +173,7 @@ def throughput(url: str, work: Workload, args) -> tuple[str, int]:
 
 def kills(tree: dict, work: Workload, args) -> tuple[str, int]:
     """For 1 and 2 replicas of each deployment: a /v1/recommend load with no kill, then one per deployment."""
-    from genrec.serve.deploy import start
+    from genrec.serve.deploy import replica_processes, start
 
     rows, lost = [], 0
     for replicas in (1, 2):

@@ -18,12 +18,11 @@ import time
 from contextlib import closing
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
 from genrec.serve.client import RETRIES_KEY, RetryPolicy, connect, connect_async
-from genrec.serve.deploy import DEPLOYMENTS, load_serve_file, start
+from genrec.serve.deploy import DEPLOYMENTS, load_serve_file, replica_processes, start
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "faults-test-token-0123456789"
@@ -118,17 +117,6 @@ def test_the_shipped_config_keeps_two_replicas_of_each_deployment():
     for name, d in deployments.items():
         assert d.get("num_replicas", d.get("autoscaling_config", {}).get("min_replicas", 1)) >= 2, name
 
-
-def replica_processes(deployment: str) -> list[psutil.Process]:
-    """The running replica processes of a deployment of this test's Ray cluster (Ray names them in the title)."""
-    found = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if f"ServeReplica:genrec:{deployment}" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except psutil.Error:  # gone while we looked
-            continue
-    return found
 
 
 @pytest.fixture(scope="module")

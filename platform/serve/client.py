@@ -10,8 +10,7 @@ replica's death is the client's. Every genrec endpoint is safe to repeat: the GE
 (its event_id, else item, action and timestamp), so a /v1/events request is resent only when each of its
 events has an event_id or a timestamp (without either, the server stamps it and a resend would store it again).
 
-    from genrec.serve.client import connect
-    with connect("http://127.0.0.1:8000", token=...) as client:    # connect_async: an httpx.AsyncClient
+    with connect("http://127.0.0.1:8000", token=...) as client:    # connect: this module's    # connect_async: an httpx.AsyncClient
         response = client.post("/v1/recommend", json={"user_id": "3", "k": 10})
         response.extensions["genrec_retries"]                      # how many times it was resent
 

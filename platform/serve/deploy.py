@@ -8,6 +8,7 @@ import json
 import time
 from pathlib import Path
 
+import psutil
 import yaml
 from pydantic import ValidationError
 from ray import serve
@@ -143,3 +144,16 @@ def start(tree: dict, port: int | None = None, timeout_s: float = 600) -> str:
                                f"{app.status if app else 'not deployed'} {app.message if app else ''}")
         time.sleep(0.5)
     return f"http://{http['host']}:{http['port']}"
+
+
+def replica_processes(deployment: str) -> list[psutil.Process]:
+    """The live replica processes of a deployment of the genrec app under this process's local Ray cluster
+    (Ray names them in the process title): what a fault test or benchmark kills."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if f"ServeReplica:genrec:{deployment}" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:  # gone while we looked
+            continue
+    return found
