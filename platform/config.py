@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import GenrecError
+from .storage import is_uri, resolve_path  # noqa: F401 (re-exported: the config's own path rules)
 
 
 class ConfigError(GenrecError, ValueError):
@@ -27,28 +28,6 @@ class ConfigError(GenrecError, ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def resolve_path(path: str | os.PathLike) -> Path:
-    """An absolute path: relative ones are taken from $GENREC_ROOT, else the current directory."""
-    p = Path(os.path.expandvars(os.path.expanduser(str(path))))
-    if p.is_absolute():
-        return p
-    return (Path(os.environ.get("GENREC_ROOT") or os.getcwd()) / p).resolve()
-
-
-def is_uri(path: str | os.PathLike) -> bool:
-    """s3://bucket/x, gs://..., file:///...: a storage URI rather than a (local or mounted) path."""
-    return "://" in str(path)
-
-
-def local_or_mounted(path: str, key: str) -> str:
-    """Check a storage path that genrec reads and writes with the local file system: on a cluster it
-    must be a shared mount every node sees (e.g. /mnt/genrec, or relative with GENREC_ROOT=/mnt/genrec)."""
-    if is_uri(path):
-        raise ValueError(f"{key}={path!r}: a URI is not supported here; use a local path or a shared mount "
-                         "every node sees (EFS/NFS, or an s3 bucket mounted with mountpoint-s3), e.g. /mnt/genrec/...")
-    return path
 
 
 # ----------------------------------------------------------------------------- sources
@@ -275,11 +254,6 @@ class DataConfig(Strict):
     num_partitions: int = Field(8, gt=0, description="user-hash partitions for sequence building")
     chunk_bytes: int = Field(4 << 20, gt=0, description="text sources are parsed in chunks of about this size")
 
-    @model_validator(mode="after")
-    def _output_on_a_file_system(self):
-        local_or_mounted(self.output_dir, "data.output_dir")
-        return self
-
 
 class ModelConfig(Strict):
     """The encoder; defaults are the paper's MovieLens-1M HSTU recipe."""
@@ -407,16 +381,11 @@ class TrainConfig(Strict):
         "event in it ranked) before it is trained on, as in the paper's streaming tables")
     window_days: float = Field(7.0, gt=0, description="one_pass mode: the width of a time window")
     early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without a better valid NDCG@10")
-    storage_path: str = Field("outputs/ray_results", description="checkpoints and run folders: a local path, "
-                              "or on a cluster a shared mount every node sees (relative paths follow GENREC_ROOT)")
+    storage_path: str = Field("outputs/ray_results", description="checkpoints and run folders: a local path, a "
+                              "shared mount, or an object-store URI (s3://bucket/prefix; relative paths follow GENREC_ROOT)")
     run_name: str | None = Field(None, description="default: the experiment name; the same name resumes")
     max_failures: int = Field(1, ge=0)
     checkpoints_to_keep: int = Field(2, gt=0)
-
-    @model_validator(mode="after")
-    def _storage_on_a_file_system(self):
-        local_or_mounted(self.storage_path, "train.storage_path")  # workers' progress file lives there too
-        return self
 
     @model_validator(mode="after")
     def _one_pass_reads_whole_sequences(self):
@@ -499,13 +468,9 @@ class SweepConfig(Strict):
     divergence_factor: float | None = Field(
         3.0, gt=1, description="stop a trial whose train loss rises above this x its lowest so far (nan/inf "
         "stop the run inside the loop)")
-    storage_path: str = Field("outputs/sweeps", description="Tune's experiment folders (local or a shared mount)")
+    storage_path: str = Field("outputs/sweeps", description="Tune's experiment folders: a local path, a shared "
+                              "mount or an object-store URI (s3://bucket/prefix)")
     search: SearchConfig | None = None
-
-    @model_validator(mode="after")
-    def _storage_on_a_file_system(self):
-        local_or_mounted(self.storage_path, "sweep.storage_path")
-        return self
 
 
 class ExperimentConfig(Strict):

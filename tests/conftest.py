@@ -39,7 +39,19 @@ def fixed_replicas(ingress: int = 1, retrieval: int = 1, ranking: int = 1) -> li
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
+def s3(tmp_path_factory):
+    """A real S3 API server on 127.0.0.1 (tests/s3server.py) with the bucket s3server.BUCKET; its admin
+    keys and endpoint are in this session's environment, so Ray's workers (started after) reach it too."""
+    import s3server
+
+    server = s3server.start(tmp_path_factory.mktemp("s3"))
+    os.environ.update(server.env())
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory, s3):
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")

@@ -181,7 +181,7 @@ ray: {{address: "{gcs}"}}
 
 # ----------------------------------------------------------------------------- storage paths
 
-def test_storage_paths_are_local_or_mounted_and_uris_are_named(tmp_path, monkeypatch):
+def test_storage_paths_are_mounted_paths_or_object_store_uris(tmp_path, monkeypatch):
     from genrec.config import ConfigError, load_config
 
     base = tmp_path / "c.yaml"
@@ -194,9 +194,16 @@ def test_storage_paths_are_local_or_mounted_and_uris_are_named(tmp_path, monkeyp
     assert resolve_path(cfg.data.output_dir) == Path("/mnt/genrec/outputs/data/default")
     cfg = load_config(base, ["train.storage_path=/mnt/efs/runs", "data.output_dir=/mnt/efs/data"])
     assert resolve_path(cfg.train.storage_path) == Path("/mnt/efs/runs")
-    for key in ("train.storage_path", "data.output_dir"):
-        with pytest.raises(ConfigError, match=rf"{key}='s3://bucket/x': a URI is not supported here.*shared mount"):
-            load_config(base, [f"{key}=s3://bucket/x"])
+    # no shared disk: object-store URIs are taken as they are, not resolved against GENREC_ROOT
+    from genrec.storage import location
+
+    monkeypatch.setenv("AWS_REGION", "us-west-2")  # else opening the URI asks the bucket for its region
+
+    cfg = load_config(base, ["train.storage_path=s3://bucket/runs", "data.output_dir=s3://bucket/data/x"])
+    for uri in (cfg.train.storage_path, cfg.data.output_dir):
+        assert location(uri).uri == uri and not location(uri).is_local
+    with pytest.raises(ConfigError, match="train.storage_path"):
+        load_config(base, ["train.storage_path=7"])  # still typed: a number is not a path
 
 
 def test_tracking_uri_from_config_then_environment(tmp_path, monkeypatch):

@@ -61,8 +61,9 @@ def test_pick_a_user_see_history_and_recommendations_click_to_add_an_event(url, 
     browser.get(url + "/")
     wait.until(lambda b: "tiny-serve" in b.find_element(By.ID, "model").text)
     assert "retrieval" in browser.find_element(By.ID, "model").text
+    # the user list is its own fetch, which may land after the model line
+    wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#users option")) == 50)
     users = [o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#users option")]
-    assert len(users) == 50
     # the first load shows the first known user, and the URL names it
     wait.until(lambda b: len(texts(b, "#recs li")) == 10 and texts(b, "#history li"))
     assert browser.find_element(By.ID, "user").get_attribute("value") == users[0]
