@@ -40,15 +40,22 @@ bench: install
 # A shared MLflow tracking server. Jobs use it with MLFLOW_TRACKING_URI=http://$(MLFLOW_HOST):$(MLFLOW_PORT)
 # (or tracking.tracking_uri). Defaults: a sqlite database and an artifact folder under outputs/mlflow-server,
 # bound to 127.0.0.1. A PostgreSQL database instead: MLFLOW_BACKEND=postgresql://user:password@host:5432/mlflow
-# (pip install psycopg2-binary); artifacts on S3: MLFLOW_ARTIFACTS=s3://bucket/mlflow (boto3 and AWS credentials
-# on this server only: clients upload through it). MLFLOW_HOST=<private IP> lets cluster nodes reach it.
+# (pip install psycopg2-binary). Artifacts in object storage (no shared disk): MLFLOW_ARTIFACTS=s3://bucket/mlflow,
+# with the AWS credentials in this server's environment only (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile
+# or the instance role; AWS_ENDPOINT_URL for an S3-compatible store). Clients upload through the server; they
+# download through presigned URLs straight from the store (no credentials, but a network route to it), or
+# through the server with MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD=false. MLFLOW_HOST=<private IP> lets cluster
+# nodes reach it. MLflow's job runner (GenAI scoring, seven more processes) is off: genrec needs only tracking,
+# the registry and the artifacts (MLFLOW_JOBS=true turns it on).
 MLFLOW_HOST      ?= 127.0.0.1
 MLFLOW_PORT      ?= 5000
 MLFLOW_DIR       ?= $(CURDIR)/outputs/mlflow-server
 MLFLOW_BACKEND   ?= sqlite:///$(MLFLOW_DIR)/mlflow.db
 MLFLOW_ARTIFACTS ?= $(MLFLOW_DIR)/artifacts
 MLFLOW_WORKERS   ?= 2
+MLFLOW_JOBS      ?= false
 
+mlflow: export MLFLOW_SERVER_ENABLE_JOB_EXECUTION = $(MLFLOW_JOBS)
 mlflow: install
 	mkdir -p $(MLFLOW_DIR)
 	$(VENV)/bin/mlflow server --backend-store-uri $(MLFLOW_BACKEND) --artifacts-destination $(MLFLOW_ARTIFACTS) \
@@ -59,13 +66,15 @@ mlflow: install
 # is fsynced before every answer (--appendonly yes --appendfsync always), so no acknowledged event is lost;
 # RDB snapshots off (the AOF is the data). Serve with it: jobs/serve.py --config configs/serve/demo.yaml
 # --set store.kind=redis (store.redis_url: redis://127.0.0.1:$(REDIS_PORT)/0).
+# REDIS_HOST=<private IP> lets a cluster's Serve replicas reach it (never 0.0.0.0).
+REDIS_HOST ?= 127.0.0.1
 REDIS_PORT ?= 6379
 REDIS_DIR  ?= $(CURDIR)/outputs/redis
 
 redis:
 	@command -v redis-server >/dev/null || { echo "make redis needs Debian's redis-server: sudo apt-get install redis-server"; exit 1; }
 	mkdir -p $(REDIS_DIR)
-	redis-server --bind 127.0.0.1 --port $(REDIS_PORT) --dir $(REDIS_DIR) --appendonly yes --appendfsync always --save ''
+	redis-server --bind $(REDIS_HOST) --port $(REDIS_PORT) --dir $(REDIS_DIR) --appendonly yes --appendfsync always --save ''
 
 clean:
 	rm -rf outputs .pytest_cache

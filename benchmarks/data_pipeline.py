@@ -292,11 +292,12 @@ def sequences_by_raw_id(side: str, out: Path):
     import pyarrow.parquet as pq
 
     if side == "genrec-ray":
-        from genrec.data.prepared import read_split
+        from genrec.data.prepared import data_location, read_split
 
         seqs = read_split(out, "sequences")
-        users = pq.read_table(out / "vocab" / "users.parquet")["user_id"]
-        items = pq.read_table(out / "vocab" / "items.parquet")["item_id"]
+        vocab = data_location(out).local_path() / "vocab"
+        users = pq.read_table(vocab / "users.parquet")["user_id"]
+        items = pq.read_table(vocab / "items.parquet")["item_id"]
     else:
         seqs = pq.read_table(out / "sequences.parquet")
         users = pq.read_table(out / "users.parquet")["user_id"]

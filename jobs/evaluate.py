@@ -17,7 +17,8 @@ from genrec.train.trainer import evaluate_model, workers_view
 
 
 def arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="models:/<name>/<version> or a model folder")
+    parser.add_argument("--model", required=True, help="models:/<name>/<version>, or a model folder (a path, or "
+                        "an object-store URI: s3://bucket/.../model)")
     parser.add_argument("--split", default="test", choices=["valid", "test"])
 
 

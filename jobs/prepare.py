@@ -2,6 +2,10 @@
 
     python jobs/prepare.py --config configs/ml-1m/data.yaml [--set data.overwrite=true]
     ray job submit --working-dir . -- python jobs/prepare.py --config configs/demo.yaml
+
+On a cluster whose nodes share no disk, read from and write to an object store (credentials from the
+AWS chain, AWS_ENDPOINT_URL for an S3-compatible store):
+    ... --set data.source.path=s3://bucket/logs/2026-12- --set data.output_dir=s3://bucket/genrec/data/logs
 """
 
 from genrec.data.pipeline import plan_before_ray, prepare

@@ -1,10 +1,14 @@
 """Recipe: serve a trained model over HTTP with Ray Serve (retrieval, ranking, recommend, events).
 
     python jobs/serve.py --config configs/serve/demo.yaml [--set model.uri=models:/demo-hstu/2]
+    python jobs/serve.py --config configs/serve/demo.yaml --set model.uri=s3://bucket/genrec/models/demo-hstu
     kill -HUP <its pid>        # re-read the file (same --set) and apply it: a new model rolls out in place
 
 Starts the app of the Serve config file on a local Ray cluster (or RAY_ADDRESS),
 prints the URLs and stays up until Ctrl-C, then shuts Serve down cleanly.
+The model is a registry URI (its artifacts wherever the MLflow server keeps them, e.g. s3) or a model
+folder: a local path, or an object-store URI that every replica downloads with the AWS chain's
+credentials (AWS_ENDPOINT_URL for an S3-compatible store).
 `--set` keys: the model (model.uri=..., model.watch_s=30), the app's args
 (auth.token_env=..., retrieval.index=hnsw), a deployment's option
 (deployments.Ranking.num_replicas=2), or Serve's (http_options.port=8001).

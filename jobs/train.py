@@ -11,12 +11,13 @@ import json
 
 from genrec.runtime import init_ray, load_job_config, run_job
 from genrec.train.tracking import check_registered_kind
-from genrec.train.trainer import fit
+from genrec.train.trainer import check_storage, fit
 
 
 def main(args) -> int:
     cfg = load_job_config(args)
-    check_registered_kind(cfg)  # fit checks it too; here a refusal comes before Ray starts
+    check_storage(cfg)  # fit checks these too; here a refusal comes before Ray starts
+    check_registered_kind(cfg)
     init_ray(cfg.ray)
     result = fit(cfg)
     print(json.dumps({k: result[k] for k in ("run_name", "registered_model", "version", "epochs_run", "best",

@@ -10,6 +10,7 @@ a model without importing any training code.
       vocab/          raw id <-> dense index tables
 
     model, cfg = load_model("outputs/.../model")          # a folder
+    model, cfg = load_model("s3://bucket/genrec/model")    # a folder in object storage (genrec.storage)
     model, cfg = load_model("models:/ml-1m-hstu/1", uri)   # or anything MLflow can download
 
 model.kind hstu / sasrec build a retrieval encoder; gr / dlrm (RANKERS) a ranker over the
@@ -20,22 +21,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from pyarrow.fs import FileType
 
-from .config import ExperimentConfig, resolve_path
+from .config import ExperimentConfig
 from .data.layout import TOKEN_TYPES
-from .data.prepared import MANIFEST, VOCAB, read_manifest
+from .data.prepared import KEY as DATA_KEY
+from .data.prepared import MANIFEST, VOCAB, data_location, read_manifest
 from .model import EncoderConfig, SequentialEncoder, build_encoder
 from .model.dlrm import DLRMRanker
 from .model.generative import GenerativeConfig, GenerativeRecommender, TokenTypes
+from .storage import Location, StorageError, download, is_uri, location, storage_error
 
 WEIGHTS = "model.pt"
 CONFIG = "config.json"
 RANKERS = ("gr", "dlrm")
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")  # what MLflow resolves (its registry, its runs)
 
 Model = SequentialEncoder | GenerativeRecommender | DLRMRanker
 
@@ -82,12 +88,14 @@ def build_model(cfg: ExperimentConfig, manifest: dict | None = None) -> Model:
 
 
 def save_model_folder(folder: Path, cfg: ExperimentConfig, state_dict: dict) -> Path:
+    """A local model folder; the vocabularies and manifest come from the prepared data, wherever it is
+    (data.output_dir: a local path, a shared mount or an object-store URI)."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(state_dict, folder / WEIGHTS)
     (folder / CONFIG).write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
-    data = resolve_path(cfg.data.output_dir)
-    shutil.copytree(data / VOCAB, folder / VOCAB, dirs_exist_ok=True)
-    shutil.copy(data / MANIFEST, folder / MANIFEST)
+    prepared = location(cfg.data.output_dir, DATA_KEY)
+    download(data_location(prepared) / VOCAB, folder / VOCAB)
+    (folder / MANIFEST).write_bytes((prepared / MANIFEST).read_bytes())
     return folder
 
 
@@ -102,14 +110,53 @@ def load_model_folder(folder: str | Path) -> tuple[Model, ExperimentConfig]:
     return model.eval(), cfg
 
 
-def load_model(uri: str | Path, tracking_uri: str | None = None) -> tuple[Model, ExperimentConfig]:
-    """A model folder, or an MLflow URI of one (`models:/name/version`, `runs:/id/model_files`, ...)
-    -> (model in eval mode, the config it was trained with)."""
-    if Path(uri).is_dir():
-        return load_model_folder(uri)
-    import mlflow
+def is_stored_folder(uri: str | Path) -> bool:
+    """A folder URI that genrec.storage reads (s3://..., gs://..., file://...), not one MLflow resolves."""
+    return is_uri(uri) and not str(uri).startswith(MLFLOW_SCHEMES)
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        return load_model_folder(mlflow.artifacts.download_artifacts(artifact_uri=str(uri), dst_path=tmp))
+
+@contextmanager
+def model_folder(uri: str | Path, tracking_uri: str | None = None, key: str = "model.uri") -> Iterator[Path]:
+    """A local folder holding the model at `uri` while the block runs: a local folder as it is; a folder in
+    object storage (s3://bucket/prefix/model) or an MLflow URI (models:/name/version, runs:/id/model_files)
+    downloaded to a temporary folder, removed afterwards. `key` names the setting in errors."""
+    if is_stored_folder(uri):
+        source = stored_model(str(uri), key)
+        with tempfile.TemporaryDirectory(prefix="genrec-model-") as tmp:
+            try:
+                folder = download(source, Path(tmp))
+            except OSError as err:
+                raise storage_error(err, key, source) from None
+            yield folder
+    elif Path(uri).is_dir():
+        yield Path(uri)
+    else:
+        import mlflow
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        with tempfile.TemporaryDirectory(prefix="genrec-model-") as tmp:
+            yield Path(mlflow.artifacts.download_artifacts(artifact_uri=str(uri), dst_path=tmp))
+
+
+def stored_model(uri: str, key: str = "model.uri") -> Location:
+    """A model folder in object storage, checked to hold a model: a missing bucket or folder, refused
+    credentials, ... are one line that names the key."""
+    source = location(uri, key)
+    try:
+        if (source / WEIGHTS).is_file():
+            return source
+        bucket = location("/".join(source.uri.split("/")[:3]), key)  # scheme://bucket
+        missing = f"the bucket {bucket.name!r} does not exist" if bucket.info().type == FileType.NotFound else \
+            f"no {WEIGHTS} there"
+    except OSError as err:
+        raise storage_error(err, key, source) from None
+    raise StorageError(f"{key}={source.uri}: not a genrec model folder ({missing})")
+
+
+def load_model(uri: str | Path, tracking_uri: str | None = None,
+               key: str = "model.uri") -> tuple[Model, ExperimentConfig]:
+    """A model folder (local or in object storage), or an MLflow URI of one (`models:/name/version`,
+    `runs:/id/model_files`, ...) -> (model in eval mode, the config it was trained with)."""
+    with model_folder(uri, tracking_uri, key) as folder:
+        return load_model_folder(folder)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import GenrecError
 from .storage import is_uri, resolve_path  # noqa: F401 (re-exported: the config's own path rules)
@@ -122,7 +122,8 @@ class CsvSource(Strict):
     """A delimited text event log (one event per line), plain, .gz or .zst, with a column mapping."""
 
     kind: Literal["csv"]
-    path: str = Field(description="a file (read whatever its name) or a folder of them")
+    path: str = Field(description="a file (read whatever its name), a folder of them, or an object-store URI of "
+                      "either or of a key prefix (s3://bucket/logs/2026-12-)")
     file_pattern: str | None = Field(None, description=f"in a folder: the file names read (a glob, e.g. 'u*.data'); "
                                      f"default {', '.join('*' + s for s in TEXT_SUFFIXES)}, each also .gz or .zst")
     columns: ColumnMapping = Field(default_factory=ColumnMapping)
@@ -149,7 +150,8 @@ class ParquetSource(Strict):
     """A Parquet event log (file or folder) with a column mapping."""
 
     kind: Literal["parquet"]
-    path: str = Field(description="a file (read whatever its name) or a folder of them")
+    path: str = Field(description="a file (read whatever its name), a folder of them, or an object-store URI of "
+                      "either or of a key prefix (s3://bucket/logs/2026-12-)")
     file_pattern: str | None = Field(None, description="in a folder: the file names read (a glob); default *.parquet")
     columns: ColumnMapping = Field(default_factory=ColumnMapping)
     timestamp_unit: TimestampUnit = "s"
@@ -157,6 +159,35 @@ class ParquetSource(Strict):
     users_file: str | None = Field(None, description="optional Parquet of user context (user_id + features)")
     item_features: list[str] = Field(default_factory=list, description="extra columns kept as item features "
                                      "(the value on the item's first event in source order)")
+
+
+RAY_DATA_READERS = "read_json, read_csv, read_parquet, read_sql, read_delta, read_iceberg, read_bigquery, ..."
+
+
+class RayDataSource(Strict):
+    """Events from any Ray Data reader, or from a ray.data.Dataset given to prepare(cfg, dataset=ds), with a
+    column mapping: validated by the same rules as a CSV or Parquet log (see genrec.data.ray_source)."""
+
+    kind: Literal["ray_data"]
+    reader: str | None = Field(None, description=f"the ray.data function that reads the events ({RAY_DATA_READERS}); "
+                               "omit it when prepare is given a Dataset")
+    args: dict[str, Any] = Field(default_factory=dict, description="the reader's keyword arguments (e.g. paths: a "
+                                 "file, folder or object-store URI, read by Ray Data's own filesystem handling)")
+    columns: ColumnMapping = Field(default_factory=ColumnMapping)
+    timestamp_unit: TimestampUnit = "s"
+    actions: ActionsConfig = Field(default_factory=ActionsConfig)
+    item_features: list[str] = Field(default_factory=list, description="extra columns kept as item features "
+                                     "(the value on the item's first event in source order)")
+
+    @field_validator("reader")
+    @classmethod
+    def _a_ray_data_reader(cls, name: str | None) -> str | None:
+        if name is not None:
+            import ray.data  # only for this kind of source: importing Ray Data takes a second
+
+            if not (name.startswith("read_") and callable(getattr(ray.data, name, None))):
+                raise ValueError(f"not a ray.data.read_* function ({RAY_DATA_READERS})")
+        return name
 
 
 class SyntheticSource(Strict):
@@ -211,7 +242,7 @@ class SyntheticSource(Strict):
 
 
 Source = Annotated[
-    Union[MovieLensSource, MovieLensCsvSource, CsvSource, ParquetSource, SyntheticSource],
+    Union[MovieLensSource, MovieLensCsvSource, CsvSource, ParquetSource, RayDataSource, SyntheticSource],
     Field(discriminator="kind"),
 ]
 
@@ -239,7 +270,8 @@ class TimeSplit(Strict):
 
 class DataConfig(Strict):
     source: Source
-    output_dir: str = "outputs/data/default"
+    output_dir: str = Field("outputs/data/default", description="where the prepared data is published: a local "
+                            "path, a shared mount, or an object-store URI (s3://bucket/prefix)")
     overwrite: bool = Field(False, description="replace an existing output atomically; else refuse")
     item_universe: Literal["catalog", "observed"] | None = Field(
         None,
@@ -528,8 +560,9 @@ class ServeModelConfig(Strict):
     """The model served: the Ingress deployment's `user_config` in a Serve config file, so that changing it
     and `serve deploy`-ing the file rolls the new version out in place (see genrec.serve.rollout)."""
 
-    uri: str = Field(description="a model folder, or an MLflow URI: models:/name/version, models:/name@alias, "
-                     "models:/name/latest, runs:/<id>/model_files (an alias is resolved to one version per load)")
+    uri: str = Field(description="a model folder (a local path, or an object-store URI: s3://bucket/prefix/model), "
+                     "or an MLflow URI: models:/name/version, models:/name@alias, models:/name/latest, "
+                     "runs:/<id>/model_files (an alias is resolved to one version per load)")
     tracking_uri: str | None = Field(None, description="default $MLFLOW_TRACKING_URI, else the file-local sqlite")
     watch_s: float | None = Field(None, gt=0, description="re-resolve the uri this often and roll out the "
                                   "version an alias (or latest) now names; default: only on a config change")

@@ -158,7 +158,9 @@ def location(path_or_uri: str | os.PathLike | Location, key: str = "storage") ->
     try:
         if scheme == "s3" and (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
             # the region is known: no HeadBucket call (from_uri makes one to find the bucket's region)
-            fs, path = pafs.S3FileSystem(region=os.environ.get("AWS_REGION") or os.environ["AWS_DEFAULT_REGION"]), rest
+            # (the constructor, unlike from_uri, does not read AWS_ENDPOINT_URL itself)
+            fs, path = pafs.S3FileSystem(region=os.environ.get("AWS_REGION") or os.environ["AWS_DEFAULT_REGION"],
+                                         endpoint_override=os.environ.get("AWS_ENDPOINT_URL") or None), rest
         else:
             fs, path = pafs.FileSystem.from_uri(text)
     except (OSError, ValueError) as err:

@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 from genrec.config import DataConfig, SyntheticSource
 from genrec.data.adapters import SourceError
-from genrec.data.prepared import read_split
+from genrec.data.prepared import data_location, read_split
 from genrec.data.pipeline import prepare
 from genrec.data.prepared import read_rejects
 
@@ -75,10 +75,10 @@ def test_movielens_context_and_item_features(ray_cluster, tmp_path):
     folder = movielens_dir(tmp_path, b"1::3::5::978300760\n2::1::4::978300761\n2::2::4::978300762\n")
     summary = run(tmp_path, {"kind": "movielens", "path": str(folder)})
     assert summary["num_items"] == 3 and summary["items_observed"] == 3
-    items = pq.read_table(tmp_path / "out" / "vocab" / "items.parquet").to_pylist()
+    items = pq.read_table(data_location(tmp_path / "out").local_path() / "vocab" / "items.parquet").to_pylist()
     assert items[0] == {"index": 1, "item_id": 1, "title": "Toy Story (1995)", "genres": ["Animation", "Children's", "Comedy"]}
     seqs = {r["user"]: r for r in read_split(tmp_path / "out", "sequences").to_pylist()}
-    context = json.loads((tmp_path / "out" / "vocab" / "context.json").read_text())
+    context = json.loads((data_location(tmp_path / "out").local_path() / "vocab" / "context.json").read_text())
     assert context["gender"] == ["F", "M"]
     assert seqs[1]["gender"] == 1 and seqs[2]["gender"] == 2  # 1-based, 0 = unknown
     assert seqs[2]["items"] == [1, 2] and seqs[2]["actions"] == [3, 3] and seqs[2]["values"] == [4.0, 4.0]
@@ -97,7 +97,7 @@ def test_movielens_csv_with_header(ray_cluster, tmp_path):
     assert reject["row_number"] == 5 and "rating out of range" in reject["reason"]
     seqs = {r["user"]: r for r in read_split(tmp_path / "out", "sequences").to_pylist()}
     assert seqs[1]["items"] == [1, 2] and seqs[1]["actions"] == [8, 0]  # 4.5 stars, 0.5 stars
-    titles = pq.read_table(tmp_path / "out" / "vocab" / "items.parquet")["title"].to_pylist()
+    titles = pq.read_table(data_location(tmp_path / "out").local_path() / "vocab" / "items.parquet")["title"].to_pylist()
     assert titles == ["Heat, The (1995)", "Up (2009)"]
 
 
@@ -125,7 +125,7 @@ def test_generic_csv_action_mapping_and_bitmask_merge(ray_cluster, tmp_path):
     assert summary["sequence_events"] == 4 and summary["action_encoding"] == "bitmask"
     assert "unknown action 'like'" in read_rejects(tmp_path / "out")["reason"][0].as_py()
     seqs = {r["user"]: r for r in read_split(tmp_path / "out", "sequences").to_pylist()}
-    users = pq.read_table(tmp_path / "out" / "vocab" / "users.parquet").to_pylist()
+    users = pq.read_table(data_location(tmp_path / "out").local_path() / "vocab" / "users.parquet").to_pylist()
     assert users == [{"index": 1, "user_id": "u1"}, {"index": 2, "user_id": "u2"}]
     assert seqs[1]["items"] == [1, 2] and seqs[1]["actions"] == [0b0011, 0b1000]  # pv|cart, buy
     assert seqs[2]["items"] == [3, 1] and seqs[2]["actions"] == [0b0100, 0b0001]
@@ -269,7 +269,7 @@ def test_csv_source_attaches_user_features_from_a_users_file(ray_cluster, tmp_pa
     (tmp_path / "users.csv").write_text("user_id,zip,age\n1,01234,30\n2,98765,40\n9,11111,50\n")
     summary = run(tmp_path, {"kind": "csv", "path": str(tmp_path / "log.csv"), "users_file": str(tmp_path / "users.csv")})
     assert summary["context_features"] == {"zip": 3, "age": 3}
-    context = json.loads((tmp_path / "out" / "vocab" / "context.json").read_text())
+    context = json.loads((data_location(tmp_path / "out").local_path() / "vocab" / "context.json").read_text())
     assert context["zip"] == ["01234", "11111", "98765"]  # read as text: a zip code keeps its leading 0
     seqs = {r["user"]: r for r in read_split(tmp_path / "out", "sequences").to_pylist()}
     assert [seqs[u]["zip"] for u in (1, 2, 3)] == [1, 3, 0]  # user 3 has no row: 0 = unknown
@@ -295,7 +295,7 @@ def test_negative_ids_are_ids(ray_cluster, tmp_path):
     (tmp_path / "log.csv").write_text("user_id,item_id,timestamp\n-1,-5,1600000000\n-1,3,1600000001\n4,-5,1600000002\n")
     summary = run(tmp_path, {"kind": "csv", "path": str(tmp_path / "log.csv")})
     assert (summary["accepted"], summary["users"], summary["num_items"]) == (3, 2, 2)
-    assert pq.read_table(tmp_path / "out" / "vocab" / "users.parquet")["user_id"].to_pylist() == [-1, 4]
-    assert pq.read_table(tmp_path / "out" / "vocab" / "items.parquet")["item_id"].to_pylist() == [-5, 3]
+    assert pq.read_table(data_location(tmp_path / "out").local_path() / "vocab" / "users.parquet")["user_id"].to_pylist() == [-1, 4]
+    assert pq.read_table(data_location(tmp_path / "out").local_path() / "vocab" / "items.parquet")["item_id"].to_pylist() == [-5, 3]
     seqs = {r["user"]: r["items"] for r in read_split(tmp_path / "out", "sequences").to_pylist()}
     assert seqs == {1: [1, 2], 2: [1]}

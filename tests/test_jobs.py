@@ -1,5 +1,7 @@
 """The recipes as a user runs them: `ray job submit` against a running head node (token auth on),
-tracking to a shared MLflow server (`make mlflow`) over HTTP, as on a cluster."""
+tracking to a shared MLflow server (`make mlflow`) over HTTP, as on a cluster whose nodes share no disk:
+raw events, prepared data, checkpoints and MLflow's artifacts in object storage (a real S3 API server
+on 127.0.0.1, tests/s3server.py)."""
 
 import json
 import os
@@ -18,6 +20,7 @@ import psutil
 import pytest
 
 from conftest import REPO, fixed_replicas
+from s3server import BUCKET
 
 BIN = Path(sys.executable).parent
 
@@ -29,8 +32,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def head_node():
-    """A Ray head of our own (own temp dir and ports), stopped by PID: `ray stop` would end every cluster."""
+def head_node(s3):
+    """A Ray head of our own (own temp dir and ports), stopped by PID: `ray stop` would end every cluster.
+    Its processes inherit the session's AWS variables (the `s3` fixture), as a cluster's nodes have a role."""
     temp = tempfile.mkdtemp(prefix="genrec-head-", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
     dashboard = free_port()
@@ -48,15 +52,15 @@ def head_node():
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """`make mlflow` on a free port: a real `mlflow server` (sqlite backend, proxied artifact root
-    in its own folder), bound to 127.0.0.1; stopped by its process group."""
+def mlflow_server(tmp_path_factory, s3):
+    """`make mlflow` on a free port: a real `mlflow server` (sqlite backend in its own folder, proxied
+    artifact root on s3), bound to 127.0.0.1; stopped by its process group."""
     folder = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     with open(folder / "server.log", "w") as log:
         server = subprocess.Popen(
             ["make", "-o", ".venv/.installed-stamp", "mlflow", f"MLFLOW_PORT={port}", f"MLFLOW_DIR={folder}",
-             "MLFLOW_WORKERS=1"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+             "MLFLOW_WORKERS=1", f"MLFLOW_ARTIFACTS=s3://{BUCKET}/jobs-test/mlflow"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     yield f"http://127.0.0.1:{port}", folder, server
     os.killpg(server.pid, signal.SIGTERM)
     try:
@@ -90,26 +94,34 @@ def submit(address, env, *command, retries=10, env_vars=None):
     return result
 
 
-def test_prepare_train_and_evaluate_as_ray_jobs_tracked_by_an_mlflow_server(head_node, mlflow_server, tmp_path):
+def test_prepare_train_and_evaluate_as_ray_jobs_with_no_shared_disk(head_node, mlflow_server, s3, tmp_path):
+    """prepare (raw events and prepared data on s3) -> train (checkpoints on s3, registered through the
+    MLflow server, its artifacts on s3) -> evaluate the registered model -> serve it from the registry."""
     from mlflow.tracking import MlflowClient
+
+    from genrec.storage import location
 
     address, env = head_node
     url, server_folder, server = mlflow_server
-    tracked = {"MLFLOW_TRACKING_URI": url}  # as on a cluster: the config names no tracking URI
+    # as on a cluster: the config names no tracking URI. Model downloads go through the server: MLflow's
+    # default, presigned URLs straight to the bucket, is refused by moto's IAM checks (tests/test_storage_serve.py)
+    tracked = {"MLFLOW_TRACKING_URI": url, "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false"}
+    bucket = f"s3://{BUCKET}/jobs-test"
     config = tmp_path / "job.yaml"
     config.write_text(f"""
 name: job-test
 data:
-  source: {{kind: synthetic, num_users: 200, num_items: 80, mean_events_per_user: 15, num_shards: 2, path: {tmp_path / 'raw'}}}
-  output_dir: {tmp_path / 'data'}
+  source: {{kind: synthetic, num_users: 200, num_items: 80, mean_events_per_user: 15, num_shards: 2, path: {bucket}/raw}}
+  output_dir: {bucket}/data
 model: {{kind: sasrec, dim: 8, num_blocks: 1, num_heads: 1, max_seq_len: 12}}
-train: {{epochs: 1, batch_size: 64, num_negatives: 8, storage_path: {tmp_path / 'runs'}, cpus_per_worker: 1}}
+train: {{epochs: 1, batch_size: 64, num_negatives: 8, storage_path: {bucket}/runs, cpus_per_worker: 1}}
 tracking: {{experiment: job-test}}
 """)
     prepared = submit(address, env, "python", "jobs/prepare.py", "--config", str(config))
     assert prepared.returncode == 0, prepared.stdout[-3000:] + prepared.stderr[-3000:]
     assert "succeeded" in prepared.stdout + prepared.stderr
-    assert "== prepare summary ==" in prepared.stdout and (tmp_path / "data" / "manifest.json").exists()
+    assert "== prepare summary ==" in prepared.stdout and location(f"{bucket}/data/manifest.json").is_file()
+    assert location(f"{bucket}/raw").list_files(suffixes=(".parquet",)), "the synthetic shards are not on s3"
     wait_until_up(url, server, server_folder)
     trained = submit(address, env, "python", "jobs/train.py", "--config", str(config), env_vars=tracked)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
@@ -121,8 +133,12 @@ tracking: {{experiment: job-test}}
     run = client.get_run(version.run_id)
     assert run.data.params["model.kind"] == "sasrec"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1]
-    assert list(server_folder.glob("artifacts/**/model_files/*")), "model files not in the server's artifact root"
+    # checkpoints and the model files are objects on s3; nothing was written to a local disk instead
+    assert [f for f in location(f"{bucket}/runs/job-test").list_files() if "checkpoint_" in f.path]
+    assert [f for f in location(f"{bucket}/mlflow").list_files() if "/model_files/" in f.path]
+    assert not list(server_folder.glob("artifacts/**/model_files/*"))
     assert not (tmp_path / "mlflow.db").exists() and not (REPO / "mlruns" / "job-test").exists()
+    assert not (REPO / "outputs" / "ray_results" / "job-test").exists()
 
     evaluated = submit(address, env, "python", "jobs/evaluate.py", "--config", str(config),
                        "--model", "models:/job-test/1", "--split", "test", env_vars=tracked)

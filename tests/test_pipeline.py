@@ -12,7 +12,7 @@ import pytest
 
 from genrec.config import ConfigError, DataConfig
 from genrec.data.adapters import SourceError
-from genrec.data.prepared import read_split
+from genrec.data.prepared import data_location, read_split
 from genrec.data.pipeline import OutputExistsError, dense_ids, prepare, user_partition
 from genrec.data.prepared import read_manifest
 from genrec.data.sequences import build_sequences
@@ -45,7 +45,7 @@ def test_ml1m_counts(ml1m):
     assert list(manifest["source_checksums_sha256"].values()) == [
         "1273c4edfe3c0ff9e3a0a0d55819faeb947da0ad7df3927333b51ebefbeedc3d"  # as in ../shared/data/ml-1m/README.md
     ]
-    assert pq.read_table(out / "vocab" / "items.parquet").num_rows == 3_883
+    assert pq.read_table(data_location(out).local_path() / "vocab" / "items.parquet").num_rows == 3_883
 
 
 def test_ml1m_sequences_sorted_and_complete(ml1m, ml1m_dir):
@@ -57,7 +57,7 @@ def test_ml1m_sequences_sorted_and_complete(ml1m, ml1m_dir):
     # user 1 as in the raw file: 53 ratings, and ties in time keep file order
     raw = [line.split("::") for line in (ml1m_dir / "ratings.partial_users_1-2999.dat").read_text().splitlines()]
     user1 = sorted(((int(t), n, int(m)) for n, (u, m, _, t) in enumerate(raw) if u == "1"))
-    items = pq.read_table(out / "vocab" / "items.parquet")["item_id"].to_pylist()
+    items = pq.read_table(data_location(out).local_path() / "vocab" / "items.parquet")["item_id"].to_pylist()
     row = next(r for r in seqs.to_pylist() if r["user"] == 1)
     assert len(row["items"]) == 53
     assert [items[i - 1] for i in row["items"]] == [m for _, _, m in user1]
@@ -95,7 +95,7 @@ def test_tie_break_and_duplicates(ray_cluster, tmp_path):
                            item_universe="observed"))
     assert summary["duplicates_dropped"] == 1 and summary["sequence_events"] == 5
     seqs = {r["user"]: r for r in read_split(tmp_path / "out", "sequences").to_pylist()}
-    items = pq.read_table(tmp_path / "out" / "vocab" / "items.parquet")["item_id"].to_pylist()
+    items = pq.read_table(data_location(tmp_path / "out").local_path() / "vocab" / "items.parquet")["item_id"].to_pylist()
     assert [items[i - 1] for i in seqs[1]["items"]] == [40, 30, 10, 20]
     assert seqs[1]["actions"] == [0, 0, 0, 1]
 
@@ -104,11 +104,14 @@ def test_same_output_twice_byte_for_byte(ray_cluster, tmp_path):
     source = {"kind": "synthetic", "num_users": 300, "num_items": 200, "num_shards": 2, "path": str(tmp_path / "raw")}
     quiet(config(source, tmp_path / "a", num_partitions=3))
     quiet(config(source, tmp_path / "b", num_partitions=3))
-    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) > 15
-    assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
-    match, mismatch, errors = filecmp.cmpfiles(tmp_path / "a", tmp_path / "b", [str(f) for f in files], shallow=False)
+    a, b = (data_location(tmp_path / side).local_path() for side in "ab")  # each run's own version folder
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert len(files) >= 15  # 4 tables x 3 partitions + the vocabulary (the manifest beside the version)
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    match, mismatch, errors = filecmp.cmpfiles(a, b, [str(f) for f in files], shallow=False)
     assert mismatch == [] and errors == []
+    manifests = [read_manifest(tmp_path / side) for side in "ab"]
+    assert manifests[0].pop("data_prefix") != manifests[1].pop("data_prefix") and manifests[0] == manifests[1]
 
 
 def test_existing_output_is_refused_or_replaced_atomically(ray_cluster, tmp_path):

@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import psutil
-import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -21,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from conftest import fixed_replicas
 from genrec.artifact import load_model
 from genrec.config import ConfigError
-from genrec.data.prepared import read_split
+from genrec.data.prepared import read_split, read_vocab
 from genrec.serve import schemas
 from genrec.serve.deploy import load_serve_file, start
 from genrec.serve.store import EmbeddedHistoryStore
@@ -43,8 +42,8 @@ class Served:
         self.http = httpx.Client(base_url=url, timeout=60)
         data = model["cfg"].data.output_dir
         self.data = data
-        users = pq.read_table(Path(data) / "vocab" / "users.parquet")
-        items = pq.read_table(Path(data) / "vocab" / "items.parquet")
+        users = read_vocab(data, "users")
+        items = read_vocab(data, "items")
         self.user_raw = dict(zip(users["index"].to_pylist(), users["user_id"].to_pylist()))
         self.item_raw = dict(zip(items["index"].to_pylist(), items["item_id"].to_pylist()))
         self.item_dense = {v: k for k, v in self.item_raw.items()}

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -18,7 +17,7 @@ from genrec.config import ConfigError, ServeConfig
 from genrec.data.batches import context_offsets
 from genrec.data.layout import interleave
 from genrec.data.pipeline import prepare
-from genrec.data.prepared import read_manifest, read_split
+from genrec.data.prepared import read_manifest, read_split, read_vocab
 from genrec.serve.deploy import load_serve_file, start
 from genrec.serve.model import ModelLoadError, serving_device
 
@@ -75,8 +74,8 @@ def app(models):
 def world(models):
     """The prepared world as the tests read it: raw <-> dense ids, stored histories, context features."""
     data = models["cfg"].data.output_dir
-    users = pq.read_table(Path(data) / "vocab" / "users.parquet")
-    items = pq.read_table(Path(data) / "vocab" / "items.parquet")
+    users = read_vocab(data, "users")
+    items = read_vocab(data, "items")
     manifest = read_manifest(data)
     columns = list(manifest.get("context_features") or {})
     seq = read_split(data, "sequences")

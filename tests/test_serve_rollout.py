@@ -2,8 +2,9 @@
 answers' version goes from the old to the new one (and the new one really scores them); a version that
 does not load (not in the registry, or broken weights) leaves the live one serving, and says so; an
 ingress replica started after that failure serves the last live version instead of crash-looping; a model
-replica that cannot load the new version after the switch leaves its requests to the previous one; and
-jobs/serve.py applies its file again on SIGHUP. The app runs 2 replicas of each model deployment, so every
+replica that cannot load the new version after the switch leaves its requests to the previous one; a model
+folder in object storage (a real S3 API server) rolls out like a registered version, and one on a missing
+bucket is refused in one line; and jobs/serve.py applies its file again on SIGHUP. The app runs 2 replicas of each model deployment, so every
 rollout here has a replica that loads the new version late (at its first request for it)."""
 
 import os
@@ -14,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -28,6 +30,8 @@ from mlflow.tracking import MlflowClient
 from conftest import fixed_replicas
 from genrec.artifact import build_model, load_model, save_model_folder
 from genrec.serve.deploy import load_serve_file, start
+from genrec.storage import location, upload
+from s3server import BUCKET
 from genrec.train.tracking import MODEL_FILES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,22 +136,8 @@ def test_a_new_version_rolls_out_with_no_failed_request_and_a_broken_one_never_g
                                                   "previous": v1, "error": None, "fallbacks": 0, "at": None}
 
         # the new weights answer, not only the new label: retrieval equals version `good` run directly
-        encoder, cfg = load_model(served["good"], served["m"]["tracking_uri"])
-        history = http.get(f"/v1/users/{users[0]}/history", params={"limit": 1000}).json()["events"]
-        answer = http.post("/v1/retrieve", json={"user_id": users[0], "k": 5, "request_time": NOW}).json()
-        catalog = {e["item_id"] for e in history}
-        served_ids = [i["item_id"] for i in answer["items"]]
-        assert answer["model"]["version"] == good and not set(served_ids) & catalog
-        ids = [int(served_item_dense(served, e["item_id"])) for e in history][-cfg.kept_items:]
-        ts = [e["timestamp"] for e in history][-cfg.kept_items:]
-        with torch.no_grad():
-            user = encoder(torch.tensor(ids), torch.tensor(ts), torch.tensor(ts[1:] + [NOW]),
-                           torch.tensor([0, len(ids)]))[-1]
-            scores = encoder.all_item_embeddings() @ user
-        scores[0] = -torch.inf
-        scores[[int(served_item_dense(served, e["item_id"])) for e in history]] = -torch.inf
-        top = torch.topk(scores, 5)
-        assert [i["score"] for i in answer["items"]] == pytest.approx(top.values.tolist(), abs=1e-5)
+        retrieval_equals_the_model(served, http, users[0], load_model(served["good"], served["m"]["tracking_uri"]),
+                                   good)
 
         # versions that do not load: the live one keeps answering, the failure is reported
         for bad, why in (("models:/tiny-serve/999", "999"), (served["broken"], "UnpicklingError")):
@@ -251,6 +241,53 @@ def test_a_replica_that_cannot_load_the_new_version_leaves_its_requests_to_the_p
           f"{versions.count(previous)} by {previous} (a replica could not load {version})")
 
 
+def retrieval_equals_the_model(served, http, user, loaded, version: str) -> None:
+    """/v1/retrieve for a stored user answers with `version` and the scores of `loaded` (model, config) run
+    directly on the user's history, seen items excluded (1e-5)."""
+    encoder, cfg = loaded
+    history = http.get(f"/v1/users/{user}/history", params={"limit": 1000}).json()["events"]
+    answer = http.post("/v1/retrieve", json={"user_id": user, "k": 5, "request_time": NOW}).json()
+    catalog = {e["item_id"] for e in history}
+    assert answer["model"]["version"] == version and not {i["item_id"] for i in answer["items"]} & catalog
+    ids = [int(served_item_dense(served, e["item_id"])) for e in history][-cfg.kept_items:]
+    ts = [e["timestamp"] for e in history][-cfg.kept_items:]
+    with torch.no_grad():
+        vector = encoder(torch.tensor(ids), torch.tensor(ts), torch.tensor(ts[1:] + [NOW]),
+                         torch.tensor([0, len(ids)]))[-1]
+        scores = encoder.all_item_embeddings() @ vector
+    scores[0] = -torch.inf
+    scores[[int(served_item_dense(served, e["item_id"])) for e in history]] = -torch.inf
+    top = torch.topk(scores, 5)
+    assert [i["score"] for i in answer["items"]] == pytest.approx(top.values.tolist(), abs=1e-5)
+
+
+def test_a_model_folder_on_s3_rolls_out_and_one_on_a_missing_bucket_is_refused_in_one_line(served, s3):
+    """No shared disk: a model folder in object storage (a real S3 API server) is a model.uri like any other;
+    every replica downloads it with the standard AWS chain. A folder on a bucket that does not exist is
+    refused at load in one line naming the key, and the live model keeps answering."""
+    http = httpx.Client(base_url=served["url"], timeout=60)
+    m = served["m"]
+    torch.manual_seed(13)
+    uri = f"s3://{BUCKET}/rollout-{uuid.uuid4().hex[:8]}/models/tiny-serve"
+    with tempfile.TemporaryDirectory() as tmp:
+        upload(save_model_folder(Path(tmp) / "model", m["cfg"], build_model(m["cfg"]).state_dict()), location(uri))
+    start(served["tree"](uri))
+    info = wait_for(lambda: (i := http.get("/v1/model").json())["rollout"]["target"] == uri and i, 60, "the s3 folder")
+    assert info["rollout"]["state"] == "live" and info["version"] == "folder"
+    users = http.get("/v1/users", params={"limit": 3}).json()
+    retrieval_equals_the_model(served, http, users[0], load_model(uri), "folder")
+
+    missing = f"s3://genrec-no-such-bucket-{uuid.uuid4().hex[:8]}/models/tiny-serve"
+    start(served["tree"](missing))
+    rollout = wait_for(lambda: (r := http.get("/v1/model").json()["rollout"])["target"] == missing
+                       and r["state"] == "failed" and r, 60, "the refusal")
+    bucket = missing.split("/")[2]
+    assert rollout["error"] == (f"StorageError: model.uri={missing}: not a genrec model folder (the bucket "
+                                f"'{bucket}' does not exist)")
+    assert rollout["version"] == "folder"
+    assert http.post("/v1/recommend", json={"user_id": users[0], "k": 3}).json()["model"]["version"] == "folder"
+
+
 def test_kill_hup_makes_jobs_serve_apply_its_file_again(served, ray_cluster, tmp_path):
     """jobs/serve.py as a person runs it (its own process, joining this session's Ray cluster, where the app
     runs): it applies its file; after the file names another version, `kill -HUP` rolls that out; a file with a
@@ -311,9 +348,9 @@ def test_kill_hup_makes_jobs_serve_apply_its_file_again(served, ray_cluster, tmp
 
 def served_item_dense(served, raw):
     """Raw item id -> the model's dense index (the vocabulary the tiny model was trained with)."""
-    import pyarrow.parquet as pq
+    from genrec.data.prepared import read_vocab
 
     if "dense" not in served:
-        items = pq.read_table(Path(served["m"]["cfg"].data.output_dir) / "vocab" / "items.parquet")
+        items = read_vocab(served["m"]["cfg"].data.output_dir, "items")
         served["dense"] = {str(r): i for r, i in zip(items["item_id"].to_pylist(), items["index"].to_pylist())}
     return served["dense"][str(raw)]

@@ -24,7 +24,7 @@ import pytest
 import redis
 
 from genrec.config import ConfigError
-from genrec.data.prepared import read_split
+from genrec.data.prepared import data_location, read_split, read_vocab
 from genrec.errors import GenrecError
 from genrec.serve.deploy import load_serve_file, start
 from genrec.serve.redis_store import RedisHistoryStore
@@ -91,7 +91,7 @@ def redis_server(tmp_path_factory):
 def world(tiny_registered_model):
     """The tiny registered model's prepared data: its users' base histories, raw user id -> (items, version)."""
     data = tiny_registered_model["cfg"].data.output_dir
-    users = pq.read_table(Path(data) / "vocab" / "users.parquet")
+    users = read_vocab(data, "users")
     raw = dict(zip(users["index"].to_pylist(), users["user_id"].to_pylist()))
     seq = read_split(data, "sequences")
     return data, {str(raw[u]): np.asarray(i) for u, i in zip(seq["user"].to_pylist(), seq["items"].to_pylist())}
@@ -304,8 +304,9 @@ def test_a_log_of_other_prepared_data_is_refused_naming_it(kind, world, tmp_path
     open_store(kind, data, tmp_path, redis_server, prefix).append("7", *events((3, 0, 100)))
     other = tmp_path / "other-data"
     shutil.copytree(data, other)
-    items = pq.read_table(other / "vocab" / "items.parquet")
-    pq.write_table(items.slice(0, items.num_rows - 1), other / "vocab" / "items.parquet")  # another vocabulary
+    vocab = data_location(other) / "vocab" / "items.parquet"
+    items = read_vocab(other, "items")
+    pq.write_table(items.slice(0, items.num_rows - 1), vocab.path)  # another vocabulary
     with pytest.raises(GenrecError, match="written for other prepared data"):
         open_store(kind, other, tmp_path, redis_server, prefix)
     assert open_store(kind, data, tmp_path, redis_server, prefix).history("7") is not None  # its own data: fine

@@ -7,15 +7,18 @@ import math
 import os
 import signal
 import time
+import uuid
 
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
+from s3server import BUCKET
 
 from genrec.config import ConfigError, ExperimentConfig, SweepFamily, load_config
 from genrec.data.pipeline import prepare
 from genrec.data.prepared import read_split
+from genrec.storage import location
 from genrec.train.batching import batch_spec, replicated_batches
 from genrec.train.flops import FlopModel
 from genrec.train.scaling import fit_power_law, frontier
@@ -23,7 +26,7 @@ from genrec.train.sweep import (DivergenceStopper, _search_space, concurrency, r
                                 write_best_config)
 
 
-def tiny_sweep(root, **sweep):
+def tiny_sweep(root, storage=None, **sweep):
     return ExperimentConfig.model_validate({
         "name": "tiny-sweep",
         "data": {"source": {"kind": "synthetic", "num_users": 240, "num_items": 120, "mean_events_per_user": 20,
@@ -35,7 +38,7 @@ def tiny_sweep(root, **sweep):
         "eval": {"every": 10},
         "tracking": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "sweeps"},
         "sweep": {"families": {"hstu": {"grid": {"model.dim": [8, 24]}}},
-                  "storage_path": str(root / "sweeps"), **sweep},
+                  "storage_path": storage or str(root / "sweeps"), **sweep},
     })
 
 
@@ -46,8 +49,11 @@ class InterruptAfterFirstTrial(Callback):
         os.kill(os.getpid(), signal.SIGUSR1)
 
 
-def test_sweep_end_to_end_interrupted_and_resumed(ray_cluster, tmp_path):
-    cfg = tiny_sweep(tmp_path, max_concurrent_trials=1)
+def test_sweep_end_to_end_interrupted_and_resumed(ray_cluster, s3, tmp_path):
+    """With Tune's experiment folders, the trials' checkpoints and the results on object storage (a real
+    S3 API server): what an interrupted sweep resumes from is in the bucket."""
+    storage = f"s3://{BUCKET}/sweep-{uuid.uuid4().hex[:8]}/sweeps"
+    cfg = tiny_sweep(tmp_path, storage, max_concurrent_trials=1)
     prepare(cfg.data, log=lambda *_: None)
     lines = []
     first = run_sweep(cfg, log=lines.append, callbacks=[InterruptAfterFirstTrial()])
@@ -88,10 +94,14 @@ def test_sweep_end_to_end_interrupted_and_resumed(ray_cluster, tmp_path):
     assert logged == pytest.approx(expected)
     assert rows["tiny-sweep-001-hstu"]["train/cumulative_flops"] > 3 * rows["tiny-sweep-000-hstu"]["train/cumulative_flops"]
 
-    # CSV of every trial, the PNG and the fit, logged to the parent run.
-    csv_text = open(second["csv"]).read().splitlines()
+    # CSV of every trial, the PNG and the fit, logged to the parent run and kept beside Tune's state on s3
+    assert second["csv"] == f"{storage}/tiny-sweep/trials.csv"
+    csv_text = location(second["csv"]).read_text().splitlines()
     assert csv_text[0].startswith("trial,point,family,status") and len(csv_text) == 3
-    assert open(second["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert location(second["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stored = [f.path for f in location(f"{storage}/tiny-sweep").list_files()]
+    assert any("/experiment_state" in f for f in stored) and any("/trials.json" in f for f in stored)
+    assert any("/runs/tiny-sweep-001-hstu/checkpoint_" in f and f.endswith("/state.pt") for f in stored)
     logged_files = {a.path for a in client.list_artifacts(second["parent_run_id"])}
     assert {"trials.csv", "scaling.png", "fits.json"} <= logged_files
     law = second["fits"]["hstu"]  # two points: a pure power law through both

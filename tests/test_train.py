@@ -1,19 +1,24 @@
 """Training on a real local Ray cluster with a real sqlite MLflow store: tracking, registry,
-resume, fault tolerance, distributed equivalence, non-finite loss, and the metrics."""
+resume, fault tolerance (checkpoints and run folders on a real S3 API server, tests/s3server.py, or a
+local folder), distributed equivalence, non-finite loss, and the metrics."""
 
 import math
 import threading
 import time
+import uuid
 
 import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from s3server import BUCKET
 
-from genrec.config import ConfigError, ExperimentConfig
+from genrec.config import ConfigError, ExperimentConfig, SweepConfig
 from genrec.data.pipeline import prepare
 from genrec.metrics import metrics_from_ranks
 from genrec.train.evaluation import full_ranks
+from genrec.storage import StorageError
+from genrec.train.sweep import run_sweep
 from genrec.train.trainer import evaluate_model, fit
 
 
@@ -66,9 +71,33 @@ def curve(result):
     return [h["train/loss"] for h in result["history"]]
 
 
-def test_fit_tracks_registers_and_resumes(tiny):
-    cfg, root = tiny
-    result = fit(variant(cfg, "tracked", epochs=2), log=lambda *_: None)
+def s3_runs(name: str) -> tuple[str, str]:
+    """(a fresh key prefix for a test's runs, its s3:// URI) on the tests' S3 API server."""
+    prefix = f"train-{name}-{uuid.uuid4().hex[:8]}/runs"
+    return prefix, f"s3://{BUCKET}/{prefix}"
+
+
+def keys(s3, prefix: str) -> list[str]:
+    listed = s3.client().list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return [item["Key"].removeprefix(prefix) for item in listed.get("Contents", [])]
+
+
+def test_fit_tracks_registers_and_resumes(tiny, s3):
+    """With the checkpoints and the run folder on object storage (a real S3 API server), as on a cluster
+    whose nodes share no disk."""
+    cfg, _ = tiny
+    prefix, storage = s3_runs("tracked")
+    cfg = variant(cfg, None, storage_path=storage)
+    lines = []
+    result = fit(variant(cfg, "tracked", epochs=2), log=lines.append)
+    # the workers' progress lines reach the driver's log through the progress object on s3
+    assert [line.split(" loss ")[0] for line in lines if line.startswith("[train] epoch ")] == \
+        ["[train] epoch 1/2", "[train] epoch 2/2"]
+    stored = keys(s3, f"{prefix}/tracked/")
+    checkpoints = {key.split("/")[0] for key in stored if key.startswith("checkpoint_") and "/" in key}
+    assert len(checkpoints) == 2 and all(f"{c}/state.pt" in stored for c in checkpoints)
+    assert {"progress.log", "model_shape.json", "training_curves.png"} <= set(stored)
+    assert result["checkpoint"].startswith(f"{storage}/tracked/checkpoint_")
     client = MlflowClient(cfg.tracking.tracking_uri)
     run = client.get_run(result["mlflow_run_id"])
     assert run.data.params["model.kind"] == "hstu" and run.data.params["train.batch_size"] == "32"
@@ -83,10 +112,13 @@ def test_fit_tracks_registers_and_resumes(tiny):
     metrics = evaluate_model(cfg, f"models:/tiny/{result['version']}", "test")
     assert metrics["ndcg@10"] == pytest.approx(result["best"]["test/ndcg@10"], rel=1e-5)
     assert metrics["count"] == 240
-    # re-submitting the same run name with more epochs resumes: same MLflow run, epochs 1-2 not redone
-    resumed = fit(variant(cfg, "tracked", epochs=3), log=lambda *_: None)
+    # re-submitting the same run name with more epochs resumes from s3: same MLflow run, epochs 1-2 not redone
+    again = []
+    resumed = fit(variant(cfg, "tracked", epochs=3), log=again.append)
     assert resumed["mlflow_run_id"] == run.info.run_id
     assert curve(resumed)[:2] == curve(result) and len(curve(resumed)) == 3
+    assert "[train] resumed from checkpoint after epoch 2" in again
+    assert [line.split(" loss ")[0] for line in again if line.startswith("[train] epoch ")] == ["[train] epoch 3/3"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
     # another attention kernel (a CPU run resumed on a GPU) is the same model: it resumes
     other_kernel = variant(cfg, "tracked", epochs=4)
@@ -113,16 +145,19 @@ def _train_workers():
     return [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
 
 
-def test_killed_worker_restarts_from_checkpoint_with_same_result(tiny):
-    cfg, root = tiny
-    epochs = 12
-    reference = fit(variant(cfg, "uninterrupted", epochs=epochs), log=lambda *_: None)
-    chaos = variant(cfg, "chaos", epochs=epochs)
+def test_killed_worker_restarts_from_its_s3_checkpoint_with_the_local_runs_curve(tiny, s3):
+    """Killed mid-run, the workers restart from the last checkpoint in the bucket; the run ends with the
+    curve of an uninterrupted run whose storage is a local folder (so s3 and local storage also agree)."""
+    cfg, _ = tiny
+    epochs = 8
+    prefix, storage = s3_runs("chaos")
+    reference = fit(variant(cfg, "uninterrupted-local", epochs=epochs), log=lambda *_: None)
     outcome = {}
+    chaos = variant(cfg, "chaos", epochs=epochs, storage_path=storage)
     thread = threading.Thread(target=lambda: outcome.update(fit(chaos, log=lambda *_: None)))
     thread.start()
     deadline = time.time() + 240
-    while not list((root / "runs" / "chaos").glob("checkpoint_*")) and time.time() < deadline:
+    while not keys(s3, f"{prefix}/chaos/checkpoint_") and time.time() < deadline:
         time.sleep(0.05)
     victims = _train_workers()
     assert victims and thread.is_alive(), "the run must still be training when its worker is killed"
@@ -134,6 +169,22 @@ def test_killed_worker_restarts_from_checkpoint_with_same_result(tiny):
     assert len(curve(outcome)) == epochs
     assert curve(outcome) == pytest.approx(curve(reference), rel=1e-6)
     assert outcome["best"] == pytest.approx(reference["best"], rel=1e-6)
+
+
+def test_unusable_storage_is_refused_in_one_line_naming_the_key(tiny, s3, monkeypatch):
+    cfg, _ = tiny
+    with pytest.raises(StorageError, match=r"^train\.storage_path=s3://genrec-no-such-bucket/runs: the bucket "
+                                           r"'genrec-no-such-bucket' does not exist"):
+        fit(variant(cfg, "nowhere", storage_path="s3://genrec-no-such-bucket/runs"), log=lambda *_: None)
+    sweep = cfg.model_copy(deep=True)
+    sweep.sweep = SweepConfig(families={"hstu": {}}, storage_path="s3://genrec-no-such-bucket/sweeps")
+    with pytest.raises(StorageError, match=r"^sweep\.storage_path=s3://genrec-no-such-bucket/sweeps: the bucket"):
+        run_sweep(sweep, log=lambda *_: None)
+    _, storage = s3_runs("read-only")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.reader[0])  # keys that may read the bucket, not write it
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.reader[1])
+    with pytest.raises(StorageError, match=rf"^train\.storage_path={storage}: access denied"):
+        fit(variant(cfg, "read-only", storage_path=storage), log=lambda *_: None)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny):

@@ -15,7 +15,7 @@ import pytest
 from genrec.config import DataConfig
 from genrec.data.adapters import SourceError, plan_source, read_chunk
 from genrec.data.pipeline import prepare
-from genrec.data.prepared import read_rejects, read_split
+from genrec.data.prepared import data_location, read_rejects, read_split
 from genrec.data.validation import MAX_FIELD_BYTES
 
 ACTIONS = {"names": ["pv", "cart", "fav", "buy"], "merge_same_impression": True}
@@ -75,6 +75,13 @@ def test_same_bad_rows_same_reasons_from_csv_and_parquet(tmp_path):
     pq.write_table(typed, tmp_path / "typed.parquet")
     _, rejects = read_all(plan(tmp_path / "typed.parquet", "parquet"))
     assert rejects["reason"].to_pylist() == ["missing field user_id"]
+    # and in a text id column (a null there was once taken for id 0)
+    texts = pa.table({"user": pa.array(["5", None, "6"]), "item": ["1", "2", None],
+                      "ts": pa.array([1_600_000_000] * 3, pa.uint64()), "behavior": ["pv"] * 3})
+    pq.write_table(texts, tmp_path / "texts.parquet")
+    events, rejects = read_all(plan(tmp_path / "texts.parquet", "parquet"))
+    assert rejects["reason"].to_pylist() == ["missing field user_id", "missing field item_id"]
+    assert events["user_id"].to_pylist() == [5]
 
 
 def test_text_rows_a_reader_cannot_parse_are_kept_with_row_numbers(tmp_path):
@@ -145,7 +152,7 @@ def test_headerless_compressed_iso_sources_with_item_features(ray_cluster, tmp_p
     assert reject["reason"] == "timestamp is not an ISO-8601 time: '2020-13-45T00:00:00'"
     seqs = {r["user"]: r for r in read_split(tmp_path / "out", "sequences").to_pylist()}
     assert seqs[1]["timestamps"] == [1_600_000_000, 1_600_000_001] and seqs[2]["timestamps"] == [1_600_000_000]
-    items = pq.read_table(tmp_path / "out" / "vocab" / "items.parquet").to_pylist()
+    items = pq.read_table(data_location(tmp_path / "out").local_path() / "vocab" / "items.parquet").to_pylist()
     assert items == [{"index": 1, "item_id": 10, "category": "c1"},  # first event in source order wins
                      {"index": 2, "item_id": 11, "category": "c2"}]
     # by position: no names given, columns are "0", "1", ...
@@ -217,7 +224,8 @@ def test_million_row_csv_round_trip_counts_add_up_and_repeat_byte_for_byte(ray_c
     assert lengths.sum() == impressions
     prepare(DataConfig.model_validate({"source": source, "output_dir": str(tmp_path / "b"),
                                        "chunk_bytes": 2 << 20}), log=lambda *_: None)
-    files = sorted(str(p.relative_to(tmp_path / "a")) for p in (tmp_path / "a").rglob("*.parquet"))
+    a, b = (data_location(tmp_path / side).local_path() for side in "ab")  # each run's own version folder
+    files = sorted(str(p.relative_to(a)) for p in a.rglob("*.parquet"))
     assert len(files) > 20
-    match, mismatch, errors = filecmp.cmpfiles(tmp_path / "a", tmp_path / "b", files, shallow=False)
+    match, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
     assert mismatch == [] and errors == []

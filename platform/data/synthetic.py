@@ -52,16 +52,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..config import SyntheticSource, resolve_path
 from ..metrics import auc, metrics_from_ranks, normalized_entropy
+from ..storage import Location, location
+from .prepared import write_table
 
 GENERATOR_VERSION = 2
 CONTEXT_CARDINALITY = {"gender": 2, "age_bucket": 7, "region": 50}
@@ -71,6 +71,7 @@ USERS_FILE = "users.parquet"
 ITEMS_FILE = "items.parquet"
 WORLD_FILE = "world.parquet"
 ORACLE_FILE = "oracle.json"
+COMPLETE_FILE = "_COMPLETE"  # written last: the folder is whole
 BLOCK_SEEN_BYTES = 1 << 26  # a block's users x items seen-matrix stays under this
 AFFINITY_CENTER = 0.5  # A0: typical affinity of a consumed item
 ITEM_NOISE = 0.6  # item vector = normalise(topic vector + ITEM_NOISE * N(0, I/d))
@@ -87,8 +88,9 @@ def default_path(source: SyntheticSource) -> Path:
     return resolve_path(f"outputs/raw/synthetic-{digest}")
 
 
-def output_folder(source: SyntheticSource) -> Path:
-    return resolve_path(source.path) if source.path else default_path(source)
+def output_folder(source: SyntheticSource) -> Location:
+    """Where the generated world goes: source.path (a folder or an object-store URI) or the default."""
+    return location(source.path or default_path(source), "data.source.path")
 
 
 # ----------------------------------------------------------------------------- the world
@@ -517,8 +519,9 @@ def blocks_of_shard(source: SyntheticSource, shard: int) -> range:
     return range(min(blocks, shard * per_shard), min(blocks, (shard + 1) * per_shard))
 
 
-def generate_shard(source: SyntheticSource, shard: int, out_dir: str, world: World | None = None) -> dict:
+def generate_shard(source: SyntheticSource, shard: int, out_dir: str | Location, world: World | None = None) -> dict:
     """Write one shard's events and truth; returns its row count and what the oracle summary needs."""
+    out = location(out_dir, "data.source.path")
     world = world if world is not None else build_world(source)
     V, K = world.num_items, len(world.action_names)
     events, truths, sequences, lengths = [], [], [], []
@@ -539,9 +542,9 @@ def generate_shard(source: SyntheticSource, shard: int, out_dir: str, world: Wor
     schema = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("timestamp", pa.int64()),
                         ("action", pa.string())])
     table = pa.concat_tables(events) if events else schema.empty_table()
-    pq.write_table(table, Path(out_dir) / EVENTS_DIR / f"part-{shard:05d}.parquet", row_group_size=1 << 20)
+    write_table(table, out / EVENTS_DIR / f"part-{shard:05d}.parquet", row_group_size=1 << 20)
     truth = {key: np.concatenate([t[key] for t in truths]) for key in truths[0]} if truths else None
-    pq.write_table(_truth_table(truth, K), Path(out_dir) / TRUTH_DIR / f"part-{shard:05d}.parquet")
+    write_table(_truth_table(truth, K), out / TRUTH_DIR / f"part-{shard:05d}.parquet")
     empty = np.zeros(0, np.int64)
     return {
         "rows": table.num_rows,
@@ -642,20 +645,18 @@ def oracle_ratio_text(metrics: dict, oracle: dict, split: str = "test", keys=("n
 
 # ----------------------------------------------------------------------------- driver
 
-def _write_side_tables(source: SyntheticSource, world: World, out: Path) -> None:
+def _write_side_tables(source: SyntheticSource, world: World, out: Location) -> None:
     rng = np.random.default_rng([source.seed, 1 << 31])
     users = {"user_id": np.arange(1, source.num_users + 1, dtype=np.int64)}
     for name, card in CONTEXT_CARDINALITY.items():
         users[name] = rng.integers(0, card, size=source.num_users).astype(np.int32)
-    pq.write_table(pa.table(users), out / USERS_FILE)
+    write_table(pa.table(users), out / USERS_FILE)
     item_ids = np.arange(1, source.num_items + 1, dtype=np.int64)
     # a coarse, public category: 8 groups of true topics (the topic itself stays latent)
     category = world.item_topic[1:] * 8 // world.num_topics
-    pq.write_table(
-        pa.table({"item_id": item_ids, "genres": [[f"category_{c}"] for c in category]}), out / ITEMS_FILE
-    )
+    write_table(pa.table({"item_id": item_ids, "genres": [[f"category_{c}"] for c in category]}), out / ITEMS_FILE)
     d = world.item_vec.shape[1]
-    pq.write_table(pa.table({
+    write_table(pa.table({
         "item_id": item_ids,
         "topic": pa.array(world.item_topic[1:].astype(np.int32)),
         "birth_day": pa.array(world.item_birth_day[1:]),
@@ -665,9 +666,9 @@ def _write_side_tables(source: SyntheticSource, world: World, out: Path) -> None
     }), out / WORLD_FILE)
 
 
-def _complete(out: Path) -> bool:
-    marker = out / "_COMPLETE"
-    if not marker.exists():
+def _complete(out: Location) -> bool:
+    marker = out / COMPLETE_FILE
+    if not marker.is_file():
         return False
     try:
         return json.loads(marker.read_text()).get("generator_version") == GENERATOR_VERSION
@@ -675,29 +676,25 @@ def _complete(out: Path) -> bool:
         return False
 
 
-def generate(source: SyntheticSource) -> Path:
-    """Generate (once) and return the folder; an existing complete folder of this generator is reused."""
+def generate(source: SyntheticSource) -> Path | Location:
+    """Generate (once) and return the folder: a Path on a local disk, else its Location (an object
+    store's prefix, which workers on any node read). An existing complete folder of this generator is
+    reused. Files are written in place and the _COMPLETE marker last, with no rename (object stores
+    have none): a folder without the marker is a failed run's (or an older generator's), generated again."""
     from .tasks import run_tasks
 
     out = output_folder(source)
-    if _complete(out):
-        return out
-    if (out / "_COMPLETE").exists():  # made by an older generator: ours to replace
-        shutil.rmtree(out)
-    staging = out.with_name(out.name + ".incomplete")
-    if staging.exists():
-        shutil.rmtree(staging)
-    (staging / EVENTS_DIR).mkdir(parents=True)
-    (staging / TRUTH_DIR).mkdir()
-    world = build_world(source)
-    _write_side_tables(source, world, staging)
-    ordered = run_tasks(generate_shard, [{"shard": s} for s in range(source.num_shards)],
-                        progress="generate synthetic shards", source=source, out_dir=str(staging), world=world)
-    rows = sum(p["rows"] for p in ordered)
-    oracle = oracle_summary(source, world, ordered)
-    oracle["rows"] = rows
-    (staging / ORACLE_FILE).write_text(json.dumps(oracle, indent=1))
-    (staging / "_COMPLETE").write_text(json.dumps(
-        {"rows": rows, "generator_version": GENERATOR_VERSION, "config": source.model_dump()}, indent=1))
-    staging.rename(out)
-    return out
+    if not _complete(out):
+        for stale in (COMPLETE_FILE, EVENTS_DIR, TRUTH_DIR):  # a failed run may have written more shards
+            (out / stale).delete()
+        world = build_world(source)
+        _write_side_tables(source, world, out)
+        ordered = run_tasks(generate_shard, [{"shard": s} for s in range(source.num_shards)],
+                            progress="generate synthetic shards", source=source, out_dir=out, world=world)
+        rows = sum(p["rows"] for p in ordered)
+        oracle = oracle_summary(source, world, ordered)
+        oracle["rows"] = rows
+        (out / ORACLE_FILE).write_text(json.dumps(oracle, indent=1))
+        (out / COMPLETE_FILE).write_text(json.dumps(
+            {"rows": rows, "generator_version": GENERATOR_VERSION, "config": source.model_dump()}, indent=1))
+    return out.local_path() if out.is_local else out

@@ -224,7 +224,7 @@ class _Reasons:
 
 
 def _blank(text: pa.Array) -> pa.Array:
-    return pc.or_(pc.is_null(text), pc.equal(pc.binary_length(text), 0))
+    return pc.or_kleene(pc.is_null(text), pc.equal(pc.binary_length(text), 0))  # kleene: null or x is true
 
 
 def _as_string(col: pa.Array) -> pa.Array:

@@ -14,8 +14,9 @@ from pydantic import ValidationError
 from ray import serve
 
 from ..config import ConfigError, ServeConfig, ServeUserConfig, describe_error, parse_override, resolve_path
+from ..storage import is_uri
 from .app import Ingress
-from .model import absolute_tracking_uri
+from .model import absolute_location, absolute_tracking_uri
 from .replicas import Ranking, Retrieval
 
 DEPLOYMENTS = ("Ingress", "Retrieval", "Ranking")
@@ -89,21 +90,24 @@ def _set(node: dict, keys: list[str], value) -> None:
 
 
 def pin_paths(tree: dict) -> dict:
-    """The tree with the paths it names made absolute, as the calling process means them: Serve builds the
-    app and runs its replicas in other processes (another working directory, maybe another node)."""
+    """The tree with the local paths it names made absolute, as the calling process means them: Serve builds
+    the app and runs its replicas in other processes (another working directory, maybe another node).
+    Object-store URIs stay as they are."""
     tree = json.loads(json.dumps(tree))
     app = tree["applications"][0]
     store = app.setdefault("args", {}).setdefault("store", {})
     store["root"] = str(resolve_path(store.get("root") or "."))
-    for key in ("events_db", "sequences"):
-        if store.get(key):
-            store[key] = str(resolve_path(store[key]))
+    if store.get("events_db"):
+        store["events_db"] = str(resolve_path(store["events_db"]))
+    if store.get("sequences"):
+        store["sequences"] = absolute_location(store["sequences"])
     store.setdefault("events_db", str(resolve_path(ServeConfig().store.events_db)))
     user_config = _deployment(app, "Ingress").setdefault("user_config", {})
     user_config.setdefault("model", {})
     for model in (user_config[key] for key in ("model", "ranker") if user_config.get(key)):
         model["tracking_uri"] = absolute_tracking_uri(model.get("tracking_uri"))
-        if model.get("uri") and resolve_path(model["uri"]).is_dir():
+        # a local model folder is pinned; models:/, runs:/ and object-store URIs (s3://...) are left as they are
+        if model.get("uri") and not is_uri(model["uri"]) and resolve_path(model["uri"]).is_dir():
             model["uri"] = str(resolve_path(model["uri"]))
     return tree
 

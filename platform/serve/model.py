@@ -1,5 +1,5 @@
-"""The served model: where it comes from (a folder or the MLflow registry), what it
-knows about the catalog, and how it scores.
+"""The served model: where it comes from (a folder, local or in object storage, or the MLflow
+registry), what it knows about the catalog, and how it scores.
 
 `resolve_model` pins a URI to one concrete version once, when the app starts (an
 alias could move between two replicas' loads); every replica then loads that same
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,13 +33,14 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from ..artifact import CONFIG, load_model_folder
+from ..artifact import CONFIG, is_stored_folder, load_model_folder, model_folder, stored_model
 from ..config import ExperimentConfig, ServeRetrievalConfig, resolve_path
 from ..data.batches import context_offsets
 from ..data.layout import interleave
 from ..data.prepared import MANIFEST, VOCAB
 from ..model import HSTU, SequentialEncoder, mfalcon
 from ..model.generative import GenerativeRecommender
+from ..storage import is_uri
 from .cache import UserCache
 from .index import build_index
 
@@ -57,7 +57,7 @@ class ModelLoadError(RuntimeError):
 class ModelSource:
     """A model pinned to one version: where to load it from and what to say about it."""
 
-    uri: str  # a folder or a concrete MLflow URI (never an alias)
+    uri: str  # a folder (a local path or an object-store URI) or a concrete MLflow URI (never an alias)
     name: str
     version: str
     run_id: str | None = None
@@ -65,8 +65,12 @@ class ModelSource:
     tracking_uri: str | None = None
 
 
-def resolve_model(uri: str, tracking_uri: str | None = None) -> ModelSource:
-    """A folder, models:/name/version, models:/name@alias, models:/name/latest or runs:/... -> ModelSource."""
+def resolve_model(uri: str, tracking_uri: str | None = None, key: str = "model.uri") -> ModelSource:
+    """A folder (local, or in object storage: s3://bucket/prefix/model), models:/name/version,
+    models:/name@alias, models:/name/latest or runs:/... -> ModelSource. `key` names the setting in errors."""
+    if is_stored_folder(uri):
+        folder = stored_model(uri, key)  # checked here: a missing bucket or folder fails the rollout in one line
+        return ModelSource(folder.uri, folder.name, "folder", tracking_uri=tracking_uri)
     if Path(uri).is_dir():
         folder = Path(uri).resolve()
         return ModelSource(str(folder), folder.name, "folder", tracking_uri=tracking_uri)
@@ -94,7 +98,8 @@ def resolve_model(uri: str, tracking_uri: str | None = None) -> ModelSource:
         run_id = uri.removeprefix("runs:/").split("/", 1)[0]
         source = ModelSource(uri, uri, run_id, run_id, tracking_uri=tracking_uri)
     else:
-        raise FileNotFoundError(f"model {uri!r} is neither a model folder nor an MLflow models:/ or runs:/ URI")
+        raise FileNotFoundError(f"{key}={uri!r} is neither a model folder (a local path or an object-store URI) "
+                                "nor an MLflow models:/ or runs:/ URI")
     if source.run_id:
         source.metrics = {k: float(v) for k, v in client.get_run(source.run_id).data.metrics.items()}
     return source
@@ -131,19 +136,19 @@ def absolute_tracking_uri(uri: str | None) -> str:
     return uri
 
 
+def absolute_location(path: str) -> str:
+    """A storage setting as every process means it: a local path made absolute here (the replicas run in
+    another working directory, maybe on another node), an object-store URI as it is."""
+    return path if is_uri(path) else str(resolve_path(path))
+
+
 @contextmanager
 def fetched(source: ModelSource) -> Iterator[Path]:
-    """A local folder holding the model while the block runs. An MLflow URI is downloaded to a
-    temporary folder that is removed afterwards: Scorer and Catalog read all they need up front."""
-    if Path(source.uri).is_dir():
-        yield Path(source.uri)
-        return
-    import mlflow
-
-    if source.tracking_uri:
-        mlflow.set_tracking_uri(source.tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="genrec-serve-") as tmp:
-        yield Path(mlflow.artifacts.download_artifacts(artifact_uri=source.uri, dst_path=tmp))
+    """A local folder holding the model while the block runs (genrec.artifact.model_folder): a folder in object
+    storage or an MLflow URI is downloaded to a temporary folder that is removed afterwards. Scorer and Catalog
+    read all they need up front."""
+    with model_folder(source.uri, source.tracking_uri) as folder:
+        yield folder
 
 
 class Catalog:

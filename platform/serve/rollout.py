@@ -24,7 +24,6 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 from fastapi import HTTPException
@@ -32,7 +31,8 @@ from pydantic import ValidationError
 
 from ..config import ConfigError, ServeConfig, ServeUserConfig, describe_error, resolve_path
 from . import schemas as s
-from .model import Catalog, ModelLoadError, ModelSource, absolute_tracking_uri, fetched, resolve_model
+from .model import (Catalog, ModelLoadError, ModelSource, absolute_location, absolute_tracking_uri, fetched,
+                    resolve_model)
 from .store import HistoryStore
 from .stores import open_history_store
 
@@ -46,7 +46,7 @@ class Live:
 
     source: ModelSource  # the retrieval model (which ranks too when no ranker is configured)
     catalog: Catalog
-    prepared: Path  # the sequence table's folder the store reads
+    prepared: str  # the prepared data the store reads its sequence table from: a path or an object-store URI
     store: HistoryStore
     counts: np.ndarray  # events per item: the cold-start popularity
     popular: np.ndarray  # items with events, most frequent first
@@ -148,8 +148,8 @@ class ModelVersions:
             name = target_name(target)
             try:
                 source, ranker = await asyncio.gather(*(
-                    asyncio.to_thread(resolve_model, m.uri, absolute_tracking_uri(m.tracking_uri)) if m else
-                    asyncio.sleep(0) for m in (target.model, target.ranker)))
+                    asyncio.to_thread(resolve_model, m.uri, absolute_tracking_uri(m.tracking_uri), f"{key}.uri")
+                    if m else asyncio.sleep(0) for key, m in (("model", target.model), ("ranker", target.ranker))))
                 live = self.live
                 if live is not None and (source.uri, ranker and ranker.uri) == (
                         live.source.uri, live.ranker_source and live.ranker_source.uri):
@@ -176,7 +176,7 @@ class ModelVersions:
         if ranker is not None:
             ranker_catalog = await asyncio.to_thread(read_catalog, ranker)
             check_same_catalog(catalog, ranker_catalog, ranker.uri)
-        prepared = resolve_path(self.cfg.store.sequences or catalog.experiment.data.output_dir)
+        prepared = absolute_location(self.cfg.store.sequences or catalog.experiment.data.output_dir)
         old = self.live
         if old is not None and old.prepared == prepared:
             store = old.store

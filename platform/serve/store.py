@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import NamedTuple, Protocol, Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from ..data.prepared import SEQUENCES, VOCAB, read_manifest, read_split
+from ..data.prepared import SEQUENCES, VOCAB, data_location, read_manifest, read_split, read_vocab
 from ..errors import GenrecError
 
 log = logging.getLogger("genrec.serve")
@@ -96,7 +95,7 @@ def vocabulary_fingerprint(prepared: str | Path) -> str:
     """What the dense ids of a prepared data folder mean: a hash of its item and user vocabulary files."""
     digest = hashlib.sha256()
     for name in ("items.parquet", "users.parquet"):
-        digest.update((Path(prepared) / VOCAB / name).read_bytes())
+        digest.update((data_location(prepared) / VOCAB / name).read_bytes())
     return digest.hexdigest()
 
 
@@ -108,7 +107,7 @@ class PreparedHistoryStore:
         table = read_split(prepared, SEQUENCES)
         columns = [c for c in read_manifest(prepared).get("context_features") or {} if c in table.column_names]
         self._context = list(zip(*(table[c].to_pylist() for c in columns))) if columns else None
-        users = pq.read_table(Path(prepared) / VOCAB / "users.parquet")
+        users = read_vocab(prepared, "users")
         raw = dict(zip(users["index"].to_pylist(), users["user_id"].to_pylist()))
         self._row = {user_key(raw[u]): i for i, u in enumerate(table["user"].to_pylist())}
         self._lists = {}

@@ -29,6 +29,7 @@ from ..data.loader import BatchSpec
 from ..data.prepared import SEQUENCES, read_split
 from ..errors import GenrecError
 from ..model import sampled_softmax_loss
+from ..storage import Location, location
 from .batching import batch_spec, evaluation_batches, replicated_batches, streaming_batches
 from .checkpoint import Progress, restore, save_checkpoint
 from .evaluation import evaluate
@@ -76,7 +77,7 @@ class Worker:
     model: torch.nn.Module  # DDP-wrapped when world > 1
     core: torch.nn.Module  # the encoder itself
     optimizer: torch.optim.Optimizer
-    run_folder: Path
+    run_folder: Location  # the Train run's folder (local, or a prefix on an object store)
     train_spec: BatchSpec  # with Stochastic Length, if configured
     eval_spec: BatchSpec
 
@@ -88,7 +89,7 @@ class Worker:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = ExperimentConfig.model_validate(loop_config["experiment"])
-    worker, progress = setup_and_resume(cfg, Path(loop_config["run_folder"]))
+    worker, progress = setup_and_resume(cfg, location(loop_config["run_folder"], "train.storage_path"))
     windows = StreamWindows(read_split(cfg.data.output_dir, SEQUENCES), cfg.train.window_days) \
         if cfg.train.mode == "one_pass" else None
     total = len(windows) if windows else cfg.train.epochs
@@ -130,7 +131,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if stop:
             if logger:
                 request = worker.run_folder / STOP_REQUEST
-                logger.say(request.read_text() if request.exists() else
+                logger.say(request.read_text() if request.is_file() else
                            f"early stop: no better {selection_metric(cfg)} for {cfg.train.early_stopping_patience} evaluations")
             break
 
@@ -140,7 +141,7 @@ def train_split_name(cfg: ExperimentConfig) -> str:
     return "train" if cfg.train.train_on == "train" else "valid"
 
 
-def setup_and_resume(cfg: ExperimentConfig, run_folder: Path) -> tuple[Worker, Progress]:
+def setup_and_resume(cfg: ExperimentConfig, run_folder: Location) -> tuple[Worker, Progress]:
     """Threads, seed, device, model and optimizer; then the latest checkpoint, if any."""
     import ray.train
 
@@ -267,7 +268,7 @@ def should_stop(w: Worker, progress: Progress) -> bool:
     best_epoch = progress.best.get("best_epoch", 0)
     since_best = sum(1 for h in progress.history if selection_metric(w.cfg) in h and h["epoch"] > best_epoch) \
         if patience_started(w.cfg, progress.best) else 0
-    requested = (w.run_folder / STOP_REQUEST).exists()
+    requested = w.rank == 0 and (w.run_folder / STOP_REQUEST).is_file()
     flag = torch.tensor([1.0 if w.rank == 0 and (requested or (patience and since_best >= patience)) else 0.0])
     if w.world > 1:
         dist.broadcast(flag, src=0)

@@ -26,6 +26,7 @@ import itertools
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +35,8 @@ from pydantic import ValidationError
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from ..config import ConfigError, ExperimentConfig, describe_error, resolve_path, set_dotted
+from ..config import ConfigError, ExperimentConfig, describe_error, set_dotted
+from ..storage import Location, check_writable, location, upload
 from . import scaling, tracking
 from .loop import STOP_REQUEST
 from .trainer import fit, workers_view
@@ -165,7 +167,7 @@ class StopsAtEpochEnd:
     Ray 2.60 that run's worker placement group outlives it (Train's cleaner asks the dashboard's state API,
     which a local cluster started without the dashboard lacks: ray-project/ray#54305); every early stop then
     leaked a worker's CPUs until the next trials waited forever. The request file also gives the CSV its
-    status after a resume. Holds only paths and numbers, so Tuner.restore can unpickle it."""
+    status after a resume. Holds only paths (or URIs) and numbers, so Tuner.restore can unpickle it."""
 
     def _setup(self, runs: str, divergence_factor: float | None) -> None:
         self.runs, self.divergence = runs, DivergenceStopper(divergence_factor)
@@ -184,9 +186,7 @@ class StopsAtEpochEnd:
             reason = f"stopped early (scheduler): {type(self).__name__} after epoch {epoch}"
         if reason:
             self.requested.add(trial.trial_id)
-            request = Path(self.runs) / run_name(trial.config, trial.trial_id) / STOP_REQUEST
-            request.parent.mkdir(parents=True, exist_ok=True)
-            request.write_text(reason)
+            (location(self.runs) / run_name(trial.config, trial.trial_id) / STOP_REQUEST).write_text(reason)
         return TrialScheduler.CONTINUE if decision == TrialScheduler.STOP else decision
 
 
@@ -282,8 +282,8 @@ def _check_sweepable(cfg: ExperimentConfig) -> None:
                           f"every epoch), got {cfg.eval.every}")
 
 
-def _new_tuner(cfg: ExperimentConfig, trainable, trials: list[dict], parent: str, parallel: int, storage: Path,
-               name: str):
+def _new_tuner(cfg: ExperimentConfig, trainable, trials: list[dict], parent: str, parallel: int,
+               storage: Location, name: str):
     """A Tuner for a sweep not begun yet: a grid (FIFO, divergence stops) or a search (ASHA)."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -307,15 +307,15 @@ def _new_tuner(cfg: ExperimentConfig, trainable, trials: list[dict], parent: str
     else:
         tune_config = tune.TuneConfig(scheduler=GridScheduler(runs, sweep.divergence_factor),
                                       search_alg=generator, trial_dirname_creator=trial_dirname)
-    run_config = tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=[Relay(name)])
+    run_config = tune.RunConfig(name=name, storage_path=storage.uri, verbose=0, callbacks=[Relay(name)])
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
-def _trial_rows(results, folder: Path, trials: list[dict], searching: bool) -> tuple[list[dict], dict]:
+def _trial_rows(results, folder: Location, trials: list[dict], searching: bool) -> tuple[list[dict], dict]:
     """(one CSV row per trial, Tune's status per trial path) once Tuner.fit has returned."""
     from ray import tune
 
-    status = {trial.path: trial.status for trial in tune.ExperimentAnalysis(str(folder)).trials}
+    status = {trial.path: trial.status for trial in tune.ExperimentAnalysis(folder.uri).trials}
     rows = [trial_row(result, status.get(result.path), str(folder / "runs")) for result in results]
     if not searching:  # Tune creates trials as slots free up: those it never reached are listed too
         started = {row["point"] for row in rows}
@@ -333,7 +333,8 @@ def run_sweep(cfg: ExperimentConfig, log=print, callbacks=()) -> dict:
     cfg = workers_view(cfg)
     sweep = cfg.sweep
     name = sweep_name(cfg)
-    storage = resolve_path(sweep.storage_path)
+    storage = location(sweep.storage_path, "sweep.storage_path")
+    check_writable(storage, "sweep.storage_path")  # before Tune or any trial starts
     folder = storage / name
     trials = trial_configs(cfg)
     for trial in trials:  # the trials' Train runs live inside the sweep's folder
@@ -351,9 +352,9 @@ def run_sweep(cfg: ExperimentConfig, log=print, callbacks=()) -> dict:
     _LIVE[name] = [SweepProgress(log, total, sweep.metric), *callbacks]
     if not cfg.ray.verbose:  # genrec's [sweep] lines only: Tune's own tables stay off the terminal
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    if tune.Tuner.can_restore(str(folder)):  # its scheduler, search state and Relay come back with it
+    if tune.Tuner.can_restore(folder.uri):  # its scheduler, search state and Relay come back with it
         log(f"[sweep] resuming {folder}: finished trials are kept, the others run")
-        tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(folder.uri, trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
         tuner = _new_tuner(cfg, trainable, trials, parent, parallel, storage, name)
     try:
@@ -366,15 +367,14 @@ def run_sweep(cfg: ExperimentConfig, log=print, callbacks=()) -> dict:
     return summarise(cfg, name, folder, parent, rows, log, interrupted)
 
 
-def _check_same_trials(folder: Path, trials: list[dict], name: str) -> None:
+def _check_same_trials(folder: Location, trials: list[dict], name: str) -> None:
     listed = [{"name": t["name"], "overrides": t["overrides"]} for t in trials]
     path = folder / TRIALS_FILE
-    if path.exists():
+    if path.is_file():
         if json.loads(path.read_text()) != listed:
             raise ConfigError(f"sweep {name!r} already exists in {folder} with other trials; resume it with the same "
                               "config, or set sweep.name to start another")
         return
-    folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(listed, indent=1))
 
 
@@ -385,13 +385,13 @@ def trial_row(result, tune_status: str | None, runs: str) -> dict:
     trial = config["trial"]
     metrics = result.metrics or {}
     name = run_name(config, metrics.get("trial_id", ""))
-    request = Path(runs) / name / STOP_REQUEST
+    request = location(runs) / name / STOP_REQUEST
     status = "finished"
     if tune_status == "ERROR":
         status = f"error: {str(result.error).splitlines()[0][:200]}"
     elif tune_status != "TERMINATED":
         status = "not run" if not metrics else "interrupted"
-    elif request.exists() and metrics.get("training_iteration", 0) < trial_epochs(config):
+    elif metrics.get("training_iteration", 0) < trial_epochs(config) and request.is_file():
         status = request.read_text()
     row = {"trial": name, "point": trial["name"],
            "family": trial["family"], "status": status}
@@ -402,30 +402,31 @@ def trial_row(result, tune_status: str | None, runs: str) -> dict:
     return row
 
 
-def summarise(cfg: ExperimentConfig, name: str, folder: Path, parent: str, rows: list[dict], log,
+def summarise(cfg: ExperimentConfig, name: str, folder: Location, parent: str, rows: list[dict], log,
               interrupted: bool) -> dict:
-    """CSV, fits, plot (and the best config of a search), logged to the parent run."""
+    """CSV, fits, plot (and the best config of a search), logged to the parent run and kept in the sweep's
+    folder (written here first: the plot and CSV writers, and MLflow, take local files)."""
     import mlflow
 
     metric = cfg.sweep.metric
-    csv_path = scaling.write_csv(rows, folder / "trials.csv")
     finished = [r for r in rows if r["status"] == "finished"]  # stopped or failed trials stay out of the fit
     fits = scaling.fit_families(finished, COMPUTE_KEY, metric, cfg.sweep.fit_points, cfg.sweep.mode)
-    plot = scaling.plot_scaling(finished, fits, COMPUTE_KEY, metric, folder / "scaling.png",
-                                title=f"{name}: {metric} vs training compute")
-    fits_path = folder / "fits.json"
-    fits_path.write_text(json.dumps(scaling.fits_table(fits), indent=1))
-    best_yaml = write_best_config(cfg, rows, folder) if cfg.sweep.search else None
     mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
-    with mlflow.start_run(run_id=parent):
-        for path in (csv_path, plot, fits_path, best_yaml):
-            if path is not None:
-                mlflow.log_artifact(str(path))
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=parent):
+        staging = Path(tmp)
+        scaling.write_csv(rows, staging / "trials.csv")
+        scaling.plot_scaling(finished, fits, COMPUTE_KEY, metric, staging / "scaling.png",
+                             title=f"{name}: {metric} vs training compute")
+        (staging / "fits.json").write_text(json.dumps(scaling.fits_table(fits), indent=1))
+        best = write_best_config(cfg, rows, staging, shown_as=str(folder / "best.yaml")) if cfg.sweep.search else None
+        mlflow.log_artifacts(str(staging))
+        upload(staging, folder)
         for law in fits.values():
             mlflow.log_metrics({f"fit/{law.family}/{p}": v for p, v in
                                 (("a", law.a), ("b", law.b), ("c", law.c), ("b_err", law.b_err))
                                 if math.isfinite(v)})
         mlflow.log_metrics({"trials": len(rows), "trials_finished": len(finished)})
+    csv_path, plot, best_yaml = folder / "trials.csv", folder / "scaling.png", best and folder / "best.yaml"
     for law in fits.values():
         log(f"[sweep] fit {law.text()}")
     log(f"[sweep] {len(finished)}/{len(rows)} trials finished; {csv_path}, {plot}"
@@ -437,8 +438,10 @@ def summarise(cfg: ExperimentConfig, name: str, folder: Path, parent: str, rows:
             "interrupted": interrupted}
 
 
-def write_best_config(cfg: ExperimentConfig, rows: list[dict], folder: Path) -> Path | None:
-    """The best finished trial's full config (sampled values included), as a YAML for jobs/train.py."""
+def write_best_config(cfg: ExperimentConfig, rows: list[dict], folder: Path,
+                      shown_as: str | None = None) -> Path | None:
+    """The best finished trial's full config (sampled values included), as a YAML for jobs/train.py in
+    `folder`; its header's command names `shown_as` (where it will be kept), else the file written."""
     sign = 1 if cfg.sweep.mode == "max" else -1
     scored = [r for r in rows if isinstance(r.get(cfg.sweep.metric), (int, float)) and r["status"] == "finished"]
     if not scored:
@@ -451,6 +454,6 @@ def write_best_config(cfg: ExperimentConfig, rows: list[dict], folder: Path) -> 
     experiment["name"] = f"{sweep_name(cfg)}-best"
     path = folder / "best.yaml"
     header = (f"# best of sweep {sweep_name(cfg)!r}: trial {best['trial']}, {cfg.sweep.metric} = "
-              f"{best[cfg.sweep.metric]:.4f}\n# python jobs/train.py --config {path}\n")
+              f"{best[cfg.sweep.metric]:.4f}\n# python jobs/train.py --config {shown_as or path}\n")
     path.write_text(header + yaml.safe_dump(experiment, sort_keys=False))
     return path

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from ..artifact import is_ranking, save_model_folder
 from ..config import ExperimentConfig, resolve_path
 from ..errors import GenrecError
+from ..storage import Location
 
 RUN_NAME_TAG = "genrec.run_name"
 MODEL_FILES = "model_files"
@@ -81,24 +82,34 @@ def start_or_resume_run(cfg: ExperimentConfig, run_name: str, tags: dict | None 
     return run.info.run_id
 
 
+def progress_lines(run_folder: Location) -> list[str]:
+    """The complete lines of the run's progress file so far (none before its first)."""
+    try:
+        text = (run_folder / PROGRESS_FILE).read_text()
+    except FileNotFoundError:
+        return []
+    return text.split("\n")[:-1]  # a local file caught mid-rewrite may end in part of a line: not yet
+
+
 class MetricLogger:
     """Rank 0's voice: per-epoch metrics to MLflow and one progress line per event to
     the run's progress file (the driver prints it; see `follow_progress`)."""
 
-    def __init__(self, cfg: ExperimentConfig, run_folder: Path, mlflow_run_id: str | None, start_epoch: int,
+    def __init__(self, cfg: ExperimentConfig, run_folder: Location, mlflow_run_id: str | None, start_epoch: int,
                  total: int | None = None, unit: str = "epoch") -> None:
         """total: epochs (default train.epochs), or time windows with unit "window" (one_pass mode)."""
         self.cfg = cfg
         self.client = MlflowClient(tracking_uri(cfg)) if mlflow_run_id else None
         self.run_id = mlflow_run_id
         self.progress = run_folder / PROGRESS_FILE
+        self.lines = progress_lines(run_folder)  # earlier attempts' lines stay: the driver counts lines
         self.epochs, self.unit = total or cfg.train.epochs, unit
         self.started, self.start_epoch = time.time(), start_epoch
 
     def say(self, text: str) -> None:
-        self.progress.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.progress, "a") as f:
-            f.write(f"[train] {text}\n")
+        """Object stores cannot append: the whole file is written again (a few KB), as one object."""
+        self.lines.append(f"[train] {text}")
+        self.progress.write_text("".join(f"{line}\n" for line in self.lines))
 
     def log_epoch(self, metrics: dict, epoch: int, best: dict) -> None:
         if self.client:
@@ -135,19 +146,16 @@ def scores_text(cfg: ExperimentConfig, metrics: dict, split: str) -> str:
     return f" {split} {', '.join(parts)}" if parts else ""
 
 
-def follow_progress(run_folder: Path, print_line, stop) -> None:
-    """Print the lines the workers append to the run's progress file until `stop` is set
-    (a threading.Event), then the rest. Lines already there (an earlier attempt) are skipped."""
-    path = run_folder / PROGRESS_FILE
-    position = path.stat().st_size if path.exists() else 0
+def follow_progress(run_folder: Location, print_line, stop) -> None:
+    """Print the lines rank 0 adds to the run's progress file until `stop` is set (a threading.Event),
+    then the rest. Lines already there (an earlier run of the same name) are skipped."""
+    printed = len(progress_lines(run_folder))
     while True:
         finished = stop.wait(0.5)
-        if path.exists():
-            with open(path) as f:
-                f.seek(position)
-                for line in f:
-                    print_line(line.rstrip("\n"))
-                position = f.tell()
+        lines = progress_lines(run_folder)
+        for line in lines[printed:]:
+            print_line(line)
+        printed = max(printed, len(lines))
         if finished:
             return
 

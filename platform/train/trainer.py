@@ -11,13 +11,15 @@ are printed here, so a terminal shows them without Ray's own logs.
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ..artifact import is_ranking, load_model
-from ..config import ConfigError, ExperimentConfig, resolve_path
+from ..config import ConfigError, ExperimentConfig
 from ..data.batches import count_targets
-from ..data.prepared import read_manifest, read_split
+from ..data.prepared import read_manifest, read_split, split_uris
+from ..storage import Location, check_writable, location
 from . import tracking
 from .batching import batch_spec, evaluation_batches
 from .checkpoint import read_progress
@@ -34,10 +36,10 @@ def _backend(cfg: ExperimentConfig) -> str:
 
 
 def workers_view(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The config with paths made absolute: Ray workers run in other directories."""
+    """The config with paths made absolute (URIs stay as they are): Ray workers run in other directories."""
     cfg = cfg.model_copy(deep=True)
-    cfg.data.output_dir = str(resolve_path(cfg.data.output_dir))
-    cfg.train.storage_path = str(resolve_path(cfg.train.storage_path))
+    cfg.data.output_dir = str(location(cfg.data.output_dir, "data.output_dir"))
+    cfg.train.storage_path = str(location(cfg.train.storage_path, "train.storage_path"))
     cfg.tracking.tracking_uri = tracking.tracking_uri(cfg)
     return cfg
 
@@ -49,17 +51,15 @@ def fit(cfg: ExperimentConfig, log=print, callbacks=(), mlflow_tags: dict | None
     cfg = workers_view(cfg)
     t = cfg.train
     run_name = t.run_name or cfg.name
-    storage = resolve_path(t.storage_path)
-    run_folder = storage / run_name
-    run_folder.mkdir(parents=True, exist_ok=True)
+    run_folder = location(t.storage_path, "train.storage_path") / run_name
     check_resumable(cfg, run_folder)
     run_id = tracking.start_or_resume_run(cfg, run_name, mlflow_tags)
     marker = run_folder / NON_FINITE_MARKER
-    marker.unlink(missing_ok=True)
+    marker.delete()
     trainer = torch_trainer(cfg, run_name, run_id, run_folder, callbacks)
     log(f"[train] run {run_name!r}: {t.num_workers} worker(s), backend {_backend(cfg)}, storage {run_folder}")
     result = fit_showing_progress(trainer, run_folder, log)
-    if marker.exists():
+    if marker.is_file():
         raise NonFiniteLossError(f"{marker.read_text()} (checkpoints kept in {run_folder})")
     if result.checkpoint is None:
         raise RuntimeError(f"run {run_name!r} ended without a checkpoint: {result.error}")
@@ -68,20 +68,30 @@ def fit(cfg: ExperimentConfig, log=print, callbacks=(), mlflow_tags: dict | None
     best, history = progress.best, progress.history
     if t.mode == "epochs" and "best_epoch" not in best:
         raise NoModelSelectedError(no_model_message(cfg, run_name, run_folder, history))
-    plot = run_folder / "training_curves.png"
-    plot_history(history, plot, title=f"{run_name} ({cfg.model.kind})")
-    version = tracking.log_final_model(cfg, run_id, progress.best_state, best, history, plot)
+    with tempfile.TemporaryDirectory() as tmp:  # drawn here, logged to MLflow and kept in the run folder
+        plot = Path(tmp) / PLOT_FILE
+        plot_history(history, plot, title=f"{run_name} ({cfg.model.kind})")
+        (run_folder / PLOT_FILE).write_bytes(plot.read_bytes())
+        version = tracking.log_final_model(cfg, run_id, progress.best_state, best, history, plot)
     name = cfg.tracking.registered_model or cfg.name
     for line in result_lines(cfg, best, history, f"registered {name!r} version {version}"):
         log(line)
     log(f"[train] browse: mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)} --host 127.0.0.1")
     return {"run_name": run_name, "mlflow_run_id": run_id, "registered_model": name, "version": version,
-            "best": best, "history": history, "checkpoint": result.checkpoint.path, "epochs_run": len(history),
+            "best": best, "history": history, "epochs_run": len(history),
+            "checkpoint": str(run_folder / PurePosixPath(result.checkpoint.path).name),
             "test_epochs": tested_epochs(cfg, history)}
+
+
+def check_storage(cfg: ExperimentConfig) -> None:
+    """train.storage_path takes a small write: a missing bucket, refused credentials or a read-only grant
+    is one line naming the key, not a worker's failure after its first epoch."""
+    check_writable(location(cfg.train.storage_path, "train.storage_path"), "train.storage_path")
 
 
 def check_before_workers(cfg: ExperimentConfig, log) -> None:
     """What can be refused from the driver, before any worker starts and any epoch is spent."""
+    check_storage(cfg)
     read_manifest(cfg.data.output_dir)  # fails clearly if the data was not prepared
     check_ranking_data(cfg)  # the tasks and layout against the prepared data
     for warning in check_selection_tasks(cfg):  # refuses when no task could select a model
@@ -89,8 +99,9 @@ def check_before_workers(cfg: ExperimentConfig, log) -> None:
     tracking.check_registered_kind(cfg)  # the registered name must not hold another model.kind
 
 
-def torch_trainer(cfg: ExperimentConfig, run_name: str, run_id: str, run_folder: Path, callbacks=()):
-    """The Ray Train run: the per-worker loop, its workers and where its checkpoints go."""
+def torch_trainer(cfg: ExperimentConfig, run_name: str, run_id: str, run_folder: Location, callbacks=()):
+    """The Ray Train run: the per-worker loop, its workers and where its checkpoints go (Ray Train keeps
+    them on any storage pyarrow reaches, and finds them there again when the run name comes back)."""
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -98,7 +109,7 @@ def torch_trainer(cfg: ExperimentConfig, run_name: str, run_id: str, run_folder:
     t = cfg.train
     datasets = None
     if t.data_mode == "streaming":
-        datasets = {"train": ray.data.read_parquet(str(resolve_path(cfg.data.output_dir) / "train"))}
+        datasets = {"train": ray.data.read_parquet(split_uris(cfg.data.output_dir, "train"))}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "mlflow_run_id": run_id,
@@ -106,7 +117,7 @@ def torch_trainer(cfg: ExperimentConfig, run_name: str, run_id: str, run_folder:
         torch_config=TorchConfig(backend=_backend(cfg)),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
-        run_config=RunConfig(name=run_name, storage_path=str(run_folder.parent),
+        run_config=RunConfig(name=run_name, storage_path=run_folder.parent.uri,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
                              callbacks=list(callbacks)),
@@ -114,7 +125,7 @@ def torch_trainer(cfg: ExperimentConfig, run_name: str, run_id: str, run_folder:
     )
 
 
-def fit_showing_progress(trainer, run_folder: Path, log):
+def fit_showing_progress(trainer, run_folder: Location, log):
     """trainer.fit(), with the workers' progress lines (written to the run folder) shown here."""
     stop = threading.Event()
     follower = threading.Thread(target=tracking.follow_progress, args=(run_folder, log, stop), daemon=True)
@@ -140,13 +151,13 @@ def result_lines(cfg: ExperimentConfig, best: dict, history: list, registered: s
                     f"({best.get('test/targets', 0):,.0f} of {total:,} test targets scored); {registered}"]
 
 
-def no_model_message(cfg: ExperimentConfig, run_name: str, run_folder: Path, history: list) -> str:
+def no_model_message(cfg: ExperimentConfig, run_name: str, run_folder: Location, history: list) -> str:
     """Why a run that ran its epochs has no model to register (a stop before its first evaluation, or a
     selection metric that was never a number)."""
     key = selection_metric(cfg)
     values = [h[key] for h in history if key in h]
     request = run_folder / STOP_REQUEST
-    stopped = f"; it was asked to stop ({request.read_text().strip()})" if request.exists() else ""
+    stopped = f"; it was asked to stop ({request.read_text().strip()})" if request.is_file() else ""
     why = f"{key} was never a number in its {len(values)} evaluation(s) ({values})" if values else \
         f"no evaluation ran in its {len(history)} epoch(s) (eval.every={cfg.eval.every})"
     return f"run {run_name!r} selected no model: {why}{stopped}; nothing was registered (checkpoints kept in {run_folder})"
@@ -159,12 +170,13 @@ def tested_epochs(cfg: ExperimentConfig, history: list) -> dict:
 
 
 SHAPE_FILE = "model_shape.json"
+PLOT_FILE = "training_curves.png"
 
 
 RESUMABLE_CHANGES = {"dropout", "attention_impl"}  # regularisation and kernel choice: the same weights load
 
 
-def check_resumable(cfg: ExperimentConfig, run_folder: Path) -> None:
+def check_resumable(cfg: ExperimentConfig, run_folder: Location) -> None:
     """A run resumes from the checkpoints in its folder, so the folder must belong to the same model:
     the keys that define it (model.* but RESUMABLE_CHANGES, the ranking tasks, the prepared data) are
     recorded at the first start and compared at every later one, before any worker starts."""
@@ -173,7 +185,7 @@ def check_resumable(cfg: ExperimentConfig, run_folder: Path) -> None:
     shape["ranking.tasks"] = cfg.ranking.model_dump(mode="json")["tasks"]
     shape["data.output_dir"] = cfg.data.output_dir
     record = run_folder / SHAPE_FILE
-    if record.exists() and any(run_folder.glob("checkpoint_*")):
+    if record.is_file() and has_checkpoints(run_folder):
         before = json.loads(record.read_text())
         changed = [key for key in shape if key in before and before[key] != shape[key]]  # keys added since: no record
         if changed:
@@ -181,6 +193,13 @@ def check_resumable(cfg: ExperimentConfig, run_folder: Path) -> None:
                               f"(changed: {', '.join(changed)}); set train.run_name to a new name, or remove "
                               "that folder to start over")
     record.write_text(json.dumps(shape, indent=1, sort_keys=True))
+
+
+def has_checkpoints(run_folder: Location) -> bool:
+    """Whether Ray Train has kept a checkpoint in the run folder: a file in a checkpoint_* folder (on object
+    stores: under that key prefix; Train's checkpoint_manager_snapshot.json beside them is not one)."""
+    relative = (file.path.removeprefix(run_folder.path + "/") for file in run_folder.list_files())
+    return any(path.startswith("checkpoint_") and "/" in path for path in relative)
 
 
 def plot_history(history: list, path: Path, title: str) -> None:
