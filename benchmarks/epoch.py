@@ -101,7 +101,7 @@ def main() -> None:
     rows = []
     for path in args.configs:
         cfg = load_config(path)
-        if not Path(cfg.data.output_dir, "train").exists():
+        if not Path(cfg.data.output_dir, "manifest.json").exists():
             sys.exit(f"no prepared data in {cfg.data.output_dir}: run python jobs/prepare.py --config {path} first")
         best: dict[str, dict] = {}
         for round_ in range(args.rounds):

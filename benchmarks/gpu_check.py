@@ -329,7 +329,7 @@ def section_ml1m_epoch(args, device: torch.device) -> dict:
     prepared = Path(cfg.data.output_dir)
     if not prepared.is_absolute():
         prepared = REPO / prepared
-    if not (prepared / "train").exists():
+    if not (prepared / "manifest.json").exists():
         return {"skipped": f"no prepared ML-1M at {prepared}: run `python jobs/prepare.py --config "
                            "configs/ml-1m/data.yaml` (needs Ray) and carry outputs/data/ml-1m"}
     os.chdir(REPO)  # the recipe's paths are relative to the repository

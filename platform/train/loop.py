@@ -37,7 +37,6 @@ from .flops import FlopModel
 from .ranking import RankingStep, ranking_evaluator
 from .ranking import SELECTION_METRIC as RANKING_SELECTION_METRIC
 from .streaming import StreamWindows, add_to_stream, evaluate_window
-from .tracking import MetricLogger
 
 SELECTION_METRIC = "valid/ndcg@10"
 
@@ -88,6 +87,10 @@ class Worker:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    # imported here, not with the module: Ray Train's controller imports this module to find this function,
+    # and mlflow's import (1.6 s) would delay every run's start; only rank 0 logs
+    from .tracking import MetricLogger
+
     cfg = ExperimentConfig.model_validate(loop_config["experiment"])
     worker, progress = setup_and_resume(cfg, location(loop_config["run_folder"], "train.storage_path"))
     windows = StreamWindows(read_split(cfg.data.output_dir, SEQUENCES), cfg.train.window_days) \
