@@ -306,6 +306,10 @@ def _check_output(out: Location, overwrite: bool) -> None:
     finally:
         if made:
             _remove_if_empty(out)  # the write check's folder: no trace of a job that stops here
+    _refuse_existing(out, overwrite)
+
+
+def _refuse_existing(out: Location, overwrite: bool) -> None:
     if not overwrite and (out / MANIFEST).is_file():
         raise OutputExistsError(f"output folder exists: {out}; set data.overwrite=true to replace it atomically")
 
@@ -321,7 +325,7 @@ def _publish(out: Location, version: Location, manifest: dict, overwrite: bool) 
     """Make `version` the output: the manifest naming it is written last, in one PUT (readers see the
     old version or the new, never a mix); with overwrite, what the old manifest named (an older
     version, or the folders of the layout before versions) is deleted after."""
-    _check_output(out, overwrite)  # another run may have finished meanwhile
+    _refuse_existing(out, overwrite)  # another run may have finished meanwhile (the write check ran at start)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     if overwrite:
         for entry in out.fs.get_file_info(pafs.FileSelector(out.path, recursive=False)):
