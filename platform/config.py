@@ -311,6 +311,12 @@ class ModelConfig(Strict):
         "pointwise", description="HSTU only: SiLU(QK^T + rab)/N (the paper) or a causal softmax (its ablation)")
     relative_bias: Literal["both", "position", "time", "none"] = Field(
         "both", description="HSTU only: which terms of rab^{p,t} the attention adds (the paper's ablations)")
+    embedding_sharding: Literal["replicated", "row_wise", "auto"] = Field(
+        "replicated", description="the item table: a full copy on every worker (replicated), or its rows split "
+        "over the workers (row_wise: the catalog is bounded by the workers' memory together); auto: row_wise "
+        "when the table with its AdamW state exceeds embedding_memory_share of a worker's memory")
+    embedding_memory_share: float = Field(0.25, gt=0, le=1, description="auto: the share of a worker's memory "
+                                          "(train.memory_per_worker_gb) the item table may take before it is sharded")
 
     @model_validator(mode="after")
     def _ablations_are_hstu_options(self):
@@ -397,6 +403,9 @@ class TrainConfig(Strict):
     use_gpu: bool = False
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl with GPUs, else gloo")
     cpus_per_worker: float = Field(1.0, gt=0)
+    memory_per_worker_gb: float | None = Field(None, gt=0, description="reserved per worker on the cluster; "
+                                               "default: none reserved (model.embedding_sharding auto then "
+                                               "assumes this machine's memory / num_workers)")
     threads_per_worker: int | None = Field(None, gt=0, description="torch threads; default cpus_per_worker")
     data_mode: Literal["replicated", "streaming"] = Field(
         "replicated",

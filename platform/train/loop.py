@@ -36,6 +36,7 @@ from .evaluation import evaluate
 from .flops import FlopModel
 from .ranking import RankingStep, ranking_evaluator
 from .ranking import SELECTION_METRIC as RANKING_SELECTION_METRIC
+from .sharding import batch_item_table, full_state_dict, shard_item_tables
 from .streaming import StreamWindows, add_to_stream, evaluate_window
 
 SELECTION_METRIC = "valid/ndcg@10"
@@ -79,11 +80,39 @@ class Worker:
     run_folder: Location  # the Train run's folder (local, or a prefix on an object store)
     train_spec: BatchSpec  # with Stochastic Length, if configured
     eval_spec: BatchSpec
+    sharded: bool  # the item tables are split row-wise over the workers (genrec.train.sharding)
+    _evaluation_model: torch.nn.Module | None = None  # rank 0, sharded: a whole copy, filled per evaluation
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
             dist.all_reduce(tensor)
         return tensor
+
+    def retrieval_loss(self, users: torch.Tensor, target_ids: torch.Tensor, negatives: torch.Tensor,
+                       normalizer: torch.Tensor) -> torch.Tensor:
+        """The sampled softmax of a batch: against the whole item table, or with sharded tables against
+        the rows of the batch's own candidates (the same loss: genrec.train.sharding.batch_item_table)."""
+        negatives = negatives.to(self.device)
+        if self.sharded:
+            items, target_ids, negatives = batch_item_table(self.core, target_ids, negatives)
+        else:
+            items = self.core.all_item_embeddings()
+        return sampled_softmax_loss(users, target_ids, items, negatives, temperature=self.cfg.train.temperature,
+                                    normalizer=normalizer)
+
+    def whole_model(self) -> torch.nn.Module | None:
+        """The model with whole tables, for evaluation and the best state, on rank 0 (None elsewhere).
+        Sharded, it is a collective: every rank calls it at the same points."""
+        if not self.sharded:
+            return self.core if self.rank == 0 else None
+        state = full_state_dict(self.core, self.rank)
+        if self.rank != 0:
+            return None
+        if self._evaluation_model is None:
+            self._evaluation_model = build_model(self.cfg).to(self.device)
+        self._evaluation_model.load_state_dict(state)
+        self._evaluation_model.train(self.core.training)
+        return self._evaluation_model
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -109,8 +138,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         scored = {}
         if windows:
             train_table, targets = windows.window(epoch)
+            model = worker.whole_model() if targets else None
             if worker.rank == 0 and targets:
-                scored = score_window(worker, train_table, epoch, progress)
+                scored = score_window(worker, model, train_table, epoch, progress)
         try:
             metrics = {**train_one_epoch(worker, epoch, train_table), **scored}
             # the run's compute so far, from the history so that it survives a resume (scaling sweeps read it)
@@ -121,10 +151,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 logger.say(message)
                 (worker.run_folder / NON_FINITE_MARKER).write_text(message)
             return
+        model = worker.whole_model() if windows or evaluates(cfg, epoch) else None
         if worker.rank == 0 and not windows:
-            evaluate_and_select(worker, splits, metrics, epoch, progress)
+            evaluate_and_select(worker, model, splits, metrics, epoch, progress)
         elif worker.rank == 0:  # one pass: the model that has seen every window so far is the result
-            progress.best_state = {k: v.detach().cpu().clone() for k, v in worker.core.state_dict().items()}
+            progress.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if logger:
             logger.log_epoch(metrics, epoch, progress.best)
         progress.epoch = epoch
@@ -154,17 +185,22 @@ def setup_and_resume(cfg: ExperimentConfig, run_folder: Location) -> tuple[Worke
     torch.manual_seed(t.seed)
     device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
     model = build_model(cfg)
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    sharded = cfg.model.embedding_sharding == "row_wise"
+    tables = shard_item_tables(model.to(device), world, device) if sharded else []
     hyper = dict(lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), **hyper)
+    # the sharded tables in a group of their own: AdamW's fused per-group update takes DTensors or tensors
+    groups = [[p for n, p in model.named_parameters() if (n in tables) == own] for own in (False, True)]
+    optimizer = torch.optim.AdamW([{"params": group} for group in groups if group], **hyper)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            progress = restore(folder, model, optimizer, hyper)
+            progress = restore(folder, model, optimizer, hyper, rank)
     else:
-        progress = Progress(best_state={k: v.clone() for k, v in model.state_dict().items()})
-    wrapped = ray.train.torch.prepare_model(model)  # DDP when world > 1, moved to the device
-    worker = Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, wrapped, model, optimizer, run_folder,
-                    batch_spec(cfg, training=True), batch_spec(cfg))
+        progress = Progress(best_state=full_state_dict(model, rank))
+    wrapped = ray.train.torch.prepare_model(model)  # DDP when world > 1 (the sharded tables left out), on the device
+    worker = Worker(cfg, rank, world, device, wrapped, model, optimizer, run_folder,
+                    batch_spec(cfg, training=True), batch_spec(cfg), sharded)
     return worker, progress
 
 
@@ -172,7 +208,7 @@ def train_one_epoch(w: Worker, epoch: int, train_table) -> dict:
     """One pass over the training data -> the epoch's metrics (_Diverged if the loss became nan/inf)."""
     import ray.train
 
-    cfg, t = w.cfg, w.cfg.train
+    cfg = w.cfg
     if train_table is not None:
         batches = replicated_batches(train_table, w.train_spec, cfg, epoch, w.rank, w.world)
     else:
@@ -189,9 +225,7 @@ def train_one_epoch(w: Worker, epoch: int, train_table) -> dict:
         else:
             users = w.model(batch["item_ids"], batch["timestamps"], batch["target_timestamps"], batch["offsets"])
             count = w.all_reduce(torch.tensor([float((batch["target_ids"] > 0).sum())], device=w.device))
-            loss = sampled_softmax_loss(users, batch["target_ids"], w.core.all_item_embeddings(),
-                                        negatives.to(w.device), temperature=t.temperature,
-                                        normalizer=count.clamp(min=1) / w.world)
+            loss = w.retrieval_loss(users, batch["target_ids"], negatives, count.clamp(min=1) / w.world)
         if w.all_reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0])).item():
             raise _Diverged(step, float(loss))
         w.optimizer.zero_grad(set_to_none=True)
@@ -211,9 +245,16 @@ def train_one_epoch(w: Worker, epoch: int, train_table) -> dict:
             **(ranking_step.epoch_metrics(w, steps, seconds) if ranking_step else {})}
 
 
-def evaluate_and_select(w: Worker, splits: dict, metrics: dict, epoch: int, progress: Progress) -> None:
-    """Rank 0: rank the validation split (every eval.every epochs); when it improves (or,
-    training on train+valid, always) rank the test split and keep this model as the best."""
+def evaluates(cfg: ExperimentConfig, epoch: int) -> bool:
+    """Whether epoch (0-based) ends with an evaluation (eval.every, the last epoch, eval.test_epochs)."""
+    ev = cfg.eval
+    return (epoch + 1) % ev.every == 0 or epoch + 1 == cfg.train.epochs or epoch + 1 in ev.test_epochs
+
+
+def evaluate_and_select(w: Worker, model: torch.nn.Module | None, splits: dict, metrics: dict, epoch: int,
+                        progress: Progress) -> None:
+    """Rank 0: rank the validation split (every eval.every epochs) with `model` (Worker.whole_model); when
+    it improves (or, training on train+valid, always) rank the test split and keep this model as the best."""
     cfg, ev = w.cfg, w.cfg.eval
     started = time.time()
 
@@ -221,7 +262,7 @@ def evaluate_and_select(w: Worker, splits: dict, metrics: dict, epoch: int, prog
         batches = evaluation_batches(splits[split], w.eval_spec, ev.batch_size)
         scores = ranking_evaluator(cfg) if is_ranking(cfg) else evaluate
         return {f"{split}/{'targets' if k == 'count' else k}": v
-                for k, v in scores(w.core, batches, ties=ev.ties).items()}
+                for k, v in scores(model, batches, ties=ev.ties).items()}
 
     if epoch + 1 in ev.test_epochs:
         metrics.update(rank("test"))
@@ -235,15 +276,15 @@ def evaluate_and_select(w: Worker, splits: dict, metrics: dict, epoch: int, prog
             test = {k: v for k, v in metrics.items() if k.startswith("test/")} or rank("test")
             progress.best = {**{k: v for k, v in metrics.items() if k.startswith("valid/")},
                              **test, "best_epoch": epoch + 1}
-            progress.best_state = {k: v.detach().cpu().clone() for k, v in w.core.state_dict().items()}
+            progress.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     metrics["eval_seconds"] = time.time() - started
 
 
-def score_window(w: Worker, table, window: int, progress: Progress) -> dict:
-    """Rank 0, one_pass mode: rank the window's events before training on them; from the
-    second window on, add them to the run's stream metrics. The latest model is the result."""
+def score_window(w: Worker, model: torch.nn.Module, table, window: int, progress: Progress) -> dict:
+    """Rank 0, one_pass mode: rank the window's events with `model` (Worker.whole_model) before training
+    on them; from the second window on, add them to the run's stream metrics. The latest model is the result."""
     started = time.time()
-    scored = evaluate_window(w.core, table, w.eval_spec, w.cfg.eval.batch_size, w.cfg.eval.ties, w.cfg.eval.window_users)
+    scored = evaluate_window(model, table, w.eval_spec, w.cfg.eval.batch_size, w.cfg.eval.ties, w.cfg.eval.window_users)
     if window > 0 and scored["window/targets"]:
         progress.best = {**progress.best, **add_to_stream(progress.best, scored), "best_epoch": window + 1}
     scored["eval_seconds"] = time.time() - started
@@ -285,8 +326,8 @@ def report(w: Worker, progress: Progress, metrics: dict, stopped: bool) -> None:
 
     summary = {**metrics, **{f"best/{k}": v for k, v in progress.best.items()}, "stopped_early": stopped}
     with tempfile.TemporaryDirectory() as folder:
-        if w.rank == 0:
-            save_checkpoint(Path(folder), w.core, w.optimizer, progress)
+        if w.rank == 0 or w.sharded:  # sharded: each rank writes its blocks; Ray Train merges the folders
+            save_checkpoint(Path(folder), w.core, w.optimizer, progress, w.rank, w.sharded)
             ray.train.report(summary, checkpoint=Checkpoint.from_directory(folder))
         else:
             ray.train.report(summary)

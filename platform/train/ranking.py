@@ -29,7 +29,6 @@ from ..config import ConfigError, ExperimentConfig
 from ..data.layout import ITEM, NO_ACTION
 from ..data.prepared import read_manifest, read_split
 from ..metrics import binary_metrics, metrics_from_ranks, regression_metrics
-from ..model import sampled_softmax_loss
 from ..model.jagged import concat_ranges, positions_in_sequence
 from ..model.ranking_losses import multitask_loss
 from .evaluation import TiePolicy, full_ranks
@@ -171,9 +170,7 @@ class RankingStep:
                                              self.weights.to(w.device), counts[0].clamp(min=1) / w.world)
         loss, retrieval = rank_loss, torch.zeros(())
         if users is not None and not pointwise and r.retrieval_weight > 0:
-            retrieval = sampled_softmax_loss(users, batch["target_ids"], w.core.all_item_embeddings(),
-                                             negatives.to(w.device), temperature=cfg.train.temperature,
-                                             normalizer=counts[1].clamp(min=1) / w.world)
+            retrieval = w.retrieval_loss(users, batch["target_ids"], negatives, counts[1].clamp(min=1) / w.world)
             loss = loss + r.retrieval_weight * retrieval
         self.sums += torch.cat([torch.stack([rank_loss.detach(), retrieval.detach()]).double().cpu() / w.world,
                                 ranked.sum().double().view(1).cpu(), per_task.double().cpu() / w.world])

@@ -27,6 +27,7 @@ from .evaluation import evaluate
 from .loop import (NON_FINITE_MARKER, STOP_REQUEST, NoModelSelectedError, NonFiniteLossError, selection_metric,
                    train_loop_per_worker)
 from .ranking import check_ranking_data, check_selection_tasks, ranking_evaluator
+from .sharding import resolve_sharding
 
 
 def _backend(cfg: ExperimentConfig) -> str:
@@ -36,8 +37,10 @@ def _backend(cfg: ExperimentConfig) -> str:
 
 
 def workers_view(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The config with paths made absolute (URIs stay as they are): Ray workers run in other directories."""
+    """The config with paths made absolute (URIs stay as they are): Ray workers run in other directories;
+    model.embedding_sharding auto resolved here, once (the checkpoints' format follows it)."""
     cfg = cfg.model_copy(deep=True)
+    cfg.model.embedding_sharding = resolve_sharding(cfg, read_manifest(cfg.data.output_dir)["num_items"])
     cfg.data.output_dir = str(location(cfg.data.output_dir, "data.output_dir"))
     cfg.train.storage_path = str(location(cfg.train.storage_path, "train.storage_path"))
     cfg.tracking.tracking_uri = tracking.tracking_uri(cfg)
@@ -57,7 +60,8 @@ def fit(cfg: ExperimentConfig, log=print, callbacks=(), mlflow_tags: dict | None
     marker = run_folder / NON_FINITE_MARKER
     marker.delete()
     trainer = torch_trainer(cfg, run_name, run_id, run_folder, callbacks)
-    log(f"[train] run {run_name!r}: {t.num_workers} worker(s), backend {_backend(cfg)}, storage {run_folder}")
+    tables = ", item table row-wise over the workers" if cfg.model.embedding_sharding == "row_wise" else ""
+    log(f"[train] run {run_name!r}: {t.num_workers} worker(s){tables}, backend {_backend(cfg)}, storage {run_folder}")
     result = fit_showing_progress(trainer, run_folder, log)
     if marker.is_file():
         raise NonFiniteLossError(f"{marker.read_text()} (checkpoints kept in {run_folder})")
@@ -116,7 +120,9 @@ def torch_trainer(cfg: ExperimentConfig, run_name: str, run_id: str, run_folder:
                            "run_folder": str(run_folder)},
         torch_config=TorchConfig(backend=_backend(cfg)),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
+                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {}),
+                                                           **({"memory": t.memory_per_worker_gb * 2**30}
+                                                              if t.memory_per_worker_gb else {})}),
         run_config=RunConfig(name=run_name, storage_path=run_folder.parent.uri,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
