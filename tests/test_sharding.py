@@ -17,7 +17,7 @@ from genrec.config import ConfigError, ExperimentConfig
 from genrec.model import sampled_softmax_loss
 from genrec.train.checkpoint import Progress, restore, save_checkpoint
 from genrec.train.sharding import (RowWiseEmbedding, batch_item_table, full_state_dict, item_table_bytes,
-                                   resolve_sharding, shard_item_tables)
+                                   optimizer_groups, resolve_sharding, shard_item_tables)
 
 V, D = 37, 8  # 38 rows: blocks of 19 on 2 workers
 
@@ -122,8 +122,7 @@ def _checkpoint_worker(rank, world, port, folder, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     model = _Items()
     names = shard_item_tables(model, world, torch.device("cpu"))
-    groups = [[p for n, p in model.named_parameters() if (n in names) == own] for own in (False, True)]
-    optimizer = torch.optim.AdamW([{"params": g} for g in groups], lr=0.1)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, names), lr=0.1)
     if world == 1:
         for step in range(3):
             model(torch.arange(step, V + 1)).square().sum().backward()

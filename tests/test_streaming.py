@@ -61,8 +61,11 @@ def stream(ray_cluster, tmp_path_factory):
         "data": {"source": {"kind": "synthetic", "num_users": 200, "num_items": 100, "mean_events_per_user": 15,
                             "max_events_per_user": 40, "duration_days": 120, "num_shards": 2, "path": str(root / "raw")},
                  "output_dir": str(root / "data"), "num_partitions": 2},
-        "model": {"kind": "hstu", "dim": 16, "num_blocks": 1, "num_heads": 1, "dropout": 0.0, "max_seq_len": 64},
-        "train": {"mode": "one_pass", "window_days": 30, "batch_size": 32, "num_negatives": 16,
+        # 2 workers with the item table split row-wise (model.embedding_sharding): each window is ranked
+        # with the whole table gathered on rank 0
+        "model": {"kind": "hstu", "dim": 16, "num_blocks": 1, "num_heads": 1, "dropout": 0.0, "max_seq_len": 64,
+                  "embedding_sharding": "row_wise"},
+        "train": {"mode": "one_pass", "window_days": 30, "batch_size": 32, "num_negatives": 16, "num_workers": 2,
                   "storage_path": str(root / "runs"), "cpus_per_worker": 0.5, "threads_per_worker": 1, "seed": 5,
                   "run_name": "one-pass"},
         "tracking": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "tests"},

@@ -36,7 +36,7 @@ from .evaluation import evaluate
 from .flops import FlopModel
 from .ranking import RankingStep, ranking_evaluator
 from .ranking import SELECTION_METRIC as RANKING_SELECTION_METRIC
-from .sharding import batch_item_table, full_state_dict, shard_item_tables
+from .sharding import full_state_dict, optimizer_groups, scoring_items, shard_item_tables
 from .streaming import StreamWindows, add_to_stream, evaluate_window
 
 SELECTION_METRIC = "valid/ndcg@10"
@@ -92,11 +92,7 @@ class Worker:
                        normalizer: torch.Tensor) -> torch.Tensor:
         """The sampled softmax of a batch: against the whole item table, or with sharded tables against
         the rows of the batch's own candidates (the same loss: genrec.train.sharding.batch_item_table)."""
-        negatives = negatives.to(self.device)
-        if self.sharded:
-            items, target_ids, negatives = batch_item_table(self.core, target_ids, negatives)
-        else:
-            items = self.core.all_item_embeddings()
+        items, target_ids, negatives = scoring_items(self.core, self.sharded, target_ids, negatives.to(self.device))
         return sampled_softmax_loss(users, target_ids, items, negatives, temperature=self.cfg.train.temperature,
                                     normalizer=normalizer)
 
@@ -189,9 +185,7 @@ def setup_and_resume(cfg: ExperimentConfig, run_folder: Location) -> tuple[Worke
     sharded = cfg.model.embedding_sharding == "row_wise"
     tables = shard_item_tables(model.to(device), world, device) if sharded else []
     hyper = dict(lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-    # the sharded tables in a group of their own: AdamW's fused per-group update takes DTensors or tensors
-    groups = [[p for n, p in model.named_parameters() if (n in tables) == own] for own in (False, True)]
-    optimizer = torch.optim.AdamW([{"params": group} for group in groups if group], **hyper)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, tables), **hyper)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:

@@ -157,6 +157,21 @@ def _gather_rows(table: DTensor, rank: int) -> torch.Tensor | None:
     return whole[: table.size(0)] if rank == 0 else None
 
 
+def optimizer_groups(model: nn.Module, sharded: list[str]) -> list[dict]:
+    """AdamW's parameter groups: the sharded tables in a group of their own (its fused per-group
+    update takes DTensors or plain tensors, not both)."""
+    groups = [[p for n, p in model.named_parameters() if (n in sharded) == own] for own in (False, True)]
+    return [{"params": group} for group in groups if group]
+
+
+def scoring_items(model: nn.Module, sharded: bool, target_ids: torch.Tensor, negative_ids: torch.Tensor):
+    """What the sampled softmax scores against: (items, target_ids, negative_ids) as sampled_softmax_loss
+    takes them; the whole L2-normalised table, or, sharded, the batch's table (batch_item_table)."""
+    if sharded:
+        return batch_item_table(model, target_ids, negative_ids)
+    return model.all_item_embeddings(), target_ids, negative_ids
+
+
 def batch_item_table(model: nn.Module, target_ids: torch.Tensor, negative_ids: torch.Tensor):
     """The sampled softmax's view of a sharded catalog: (the L2-normalised rows of this batch's targets
     and negatives [U + 1, D], row 0 zero; target_ids and negative_ids renumbered into it). The loss on

@@ -1,0 +1,164 @@
+"""Benchmark: how large a catalog one machine trains, replicated item tables vs row-wise sharded ones.
+
+    python benchmarks/embedding_scale.py [--items 1000000 10000000] [--dim 64] [--workers 2] [--steps 4]
+                                         [--quick]
+
+Each cell is a real training step of genrec's HSTU encoder (2 blocks, N = 50) with the training loop's
+loss (sampled softmax, 128 uniform negatives) and AdamW, in `workers` gloo processes on this machine:
+- replicated: every worker holds the whole item table, its gradient and AdamW's two moments; the dense
+  layers and the table are averaged by DDP (model.embedding_sharding: replicated);
+- row_wise: each worker holds a block of the table's rows and their AdamW state
+  (model.embedding_sharding: row_wise, genrec.train.sharding); the dense layers stay on DDP.
+Reported per worker: the peak resident memory minus the worker's memory before the model was built
+(the model, its gradients, its optimizer state and a step's activations; the worker's largest), and the
+median step time. A replicated cell that would need more memory than the machine has (estimated from
+its smallest cell, linearly in the items) is not run and says so. The largest catalog per mode: the
+per-worker budget (the machine's memory / workers) over the measured bytes per item (the slope between
+the two largest cells that ran), i.e. an estimate from measurements, not a run at that size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import socket
+import statistics
+import sys
+import time
+
+import psutil
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from genrec.model import EncoderConfig, build_encoder, sampled_softmax_loss
+from genrec.reports import machine
+from genrec.train.sharding import optimizer_groups, scoring_items, shard_item_tables
+
+GiB = 2**30
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _batch(num_items: int, users: int, length: int, negatives: int, generator: torch.Generator):
+    """A jagged batch of `users` sequences of `length` items (long-tail ids), its targets and negatives."""
+    ranks = torch.distributions.Pareto(1.0, 1.2).sample((users * length,)).clamp(max=num_items).long()
+    ids = ranks.clamp(1, num_items)
+    offsets = torch.arange(users + 1) * length
+    targets = torch.roll(ids, -1)
+    targets[offsets[1:] - 1] = 0  # each user's last position predicts nothing here
+    times = torch.arange(users * length) * 60
+    sampled = torch.randint(1, num_items + 1, (int((targets > 0).sum()), negatives), generator=generator)
+    return ids, times, times + 60, offsets, targets, sampled
+
+
+def _worker(rank: int, world: int, port: int, mode: str, num_items: int, dim: int, steps: int, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    before = psutil.Process().memory_info().rss
+    torch.manual_seed(0)
+    model = build_encoder(EncoderConfig(kind="hstu", num_items=num_items, num_positions=50, dim=dim, num_blocks=2,
+                                        num_heads=1, dropout=0.0))
+    sharded = mode == "row_wise"
+    tables = shard_item_tables(model, world, torch.device("cpu")) if sharded else []
+    optimizer = torch.optim.AdamW(optimizer_groups(model, tables), lr=1e-3)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    generator = torch.Generator().manual_seed(rank)
+    seconds = []
+    for _ in range(steps):
+        ids, times, target_times, offsets, targets, negatives = _batch(num_items, 64 // world, 50, 128, generator)
+        started = time.perf_counter()
+        users = wrapped(ids, times, target_times, offsets)
+        items, t, n = scoring_items(model, sharded, targets, negatives)
+        loss = sampled_softmax_loss(users, t, items, n)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        dist.barrier()
+        seconds.append(time.perf_counter() - started)
+    peaks = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(peaks, torch.tensor([float(_peak_rss() - before)], dtype=torch.float64))
+    if rank == 0:
+        out.put({"memory": max(float(p) for p in peaks), "step_s": statistics.median(seconds[1:] or seconds)})
+    dist.destroy_process_group()
+
+
+def measure(mode: str, workers: int, num_items: int, dim: int, steps: int) -> dict:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    out = context.Queue()
+    processes = [context.Process(target=_worker, args=(rank, workers, port, mode, num_items, dim, steps, out))
+                 for rank in range(workers)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join()
+    if any(p.exitcode != 0 for p in processes):
+        return {"error": f"exit codes {[p.exitcode for p in processes]} (out of memory?)"}
+    return out.get(timeout=10)
+
+
+def largest(cells: dict, mode: str, budget: float) -> str:
+    ran = sorted((items, cell["memory"]) for (m, items), cell in cells.items() if m == mode and "memory" in cell)
+    if len(ran) < 2:
+        return "n/a (fewer than two cells ran)"
+    (v1, m1), (v2, m2) = ran[-2], ran[-1]
+    per_item = (m2 - m1) / (v2 - v1)
+    return f"{(budget - (m2 - per_item * v2)) / per_item / 1e6:,.1f}M items ({per_item:,.0f} B per item)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--items", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="100k and 300k items, 2 steps (a check that it runs)")
+    args = parser.parse_args()
+    if args.quick:
+        args.items, args.steps = [100_000, 300_000], 2
+    total = psutil.virtual_memory().total
+    print(f"machine: {machine()}, {total / GiB:.0f} GiB; {args.workers} gloo workers, D = {args.dim}; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    cells = {}
+    for num_items in sorted(args.items):
+        for mode in ("replicated", "row_wise"):
+            smallest = next((cell for (m, _), cell in cells.items() if m == mode and "memory" in cell), None)
+            if smallest and mode == "replicated":
+                first = min(v for (m, v), c in cells.items() if m == mode and "memory" in c)
+                estimate = smallest["memory"] * num_items / first * args.workers
+                if estimate > 0.9 * psutil.virtual_memory().available:
+                    cells[(mode, num_items)] = {"error": f"not run: ~{estimate / GiB:.0f} GiB for {args.workers} "
+                                                         f"workers (estimated), {psutil.virtual_memory().available / GiB:.0f} available"}
+                    print(f"{mode:>10} {num_items:>11,} items: {cells[(mode, num_items)]['error']}", flush=True)
+                    continue
+            cells[(mode, num_items)] = measure(mode, args.workers, num_items, args.dim, args.steps)
+            cell = cells[(mode, num_items)]
+            shown = f"{cell['memory'] / GiB:6.2f} GiB/worker, step {cell['step_s']:.2f} s" if "memory" in cell \
+                else cell["error"]
+            print(f"{mode:>10} {num_items:>11,} items: {shown}", flush=True)
+    print(f"\n| items | replicated GiB/worker | row-wise GiB/worker | memory ratio | row-wise step / replicated |")
+    print("|---:|---:|---:|---:|---:|")
+    for num_items in sorted(args.items):
+        rep, row = cells[("replicated", num_items)], cells[("row_wise", num_items)]
+        rep_m = f"{rep['memory'] / GiB:.2f}" if "memory" in rep else "not run"
+        row_m = f"{row['memory'] / GiB:.2f}" if "memory" in row else "failed"
+        both = "memory" in rep and "memory" in row
+        ratio = f"{rep['memory'] / row['memory']:.2f}x" if both else "-"
+        step = f"{row['step_s'] / rep['step_s']:.2f}x" if both else "-"
+        print(f"| {num_items:,} | {rep_m} | {row_m} | {ratio} | {step} |")
+    budget = total / args.workers
+    print(f"\nlargest catalog at {budget / GiB:.0f} GiB per worker ({args.workers} workers on this machine), "
+          f"from the measured bytes per item:")
+    for mode in ("replicated", "row_wise"):
+        print(f"  {mode}: {largest(cells, mode, budget)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
