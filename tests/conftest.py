@@ -55,6 +55,9 @@ def ray_cluster(tmp_path_factory, s3):
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    # Train's preemption watcher is one more actor process per run (about 2 s of CPU to start, on 2 cores),
+    # polling node drains that a local cluster never has
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(num_cpus=2, object_store_memory=1 << 30, include_dashboard=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -157,7 +157,7 @@ eval: {{batch_size: 128}}
 tracking: {{tracking_uri: "sqlite:///{tmp_path / 'mlflow.db'}", experiment: autoscale}}
 ray: {{address: "{gcs}"}}
 """)
-    job_env = {**env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+    job_env = {**env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     job_env.pop("RAY_FAKE_CLUSTER")
     started = time.time()
     peak = 0

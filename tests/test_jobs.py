@@ -180,7 +180,7 @@ def post_when_up(url: str, body: dict, timeout: float) -> dict:
                 return json.loads(r.read())
         except OSError as error:
             last = error
-            time.sleep(2)
+            time.sleep(0.5)
     raise AssertionError(f"no answer from {url} after {timeout} s: {last}")
 
 

@@ -1,7 +1,6 @@
-"""Row-wise sharded item tables (model.embedding_sharding, genrec.train.sharding): the lookup, its gradient
-and the loss against a whole table, in two real gloo processes; then whole runs on a real local Ray
-cluster: 2 workers row-wise train the model 1 replicated worker trains, a run resumes on 1 worker, and
-the registered model evaluates as a replicated one does."""
+"""Row-wise sharded item tables (model.embedding_sharding, genrec.train.sharding): the lookup, its gradient,
+the loss against a whole table and the checkpoints, in real gloo processes. Whole sharded runs under Ray
+Train: tests/test_train.py (2 -> 1 workers, a killed run), test_generative.py (gr, dlrm), test_streaming.py."""
 
 import os
 import socket
@@ -13,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from genrec.config import ConfigError, ExperimentConfig
+from genrec.config import ExperimentConfig
 from genrec.model import sampled_softmax_loss
 from genrec.train.checkpoint import Progress, restore, save_checkpoint
 from genrec.train.sharding import (RowWiseEmbedding, batch_item_table, full_state_dict, item_table_bytes,
@@ -189,61 +188,3 @@ def test_auto_sharding_follows_the_table_size(tmp_path):
     assert resolve_sharding(one, 1_000_000, memory_per_worker=table) == "replicated"  # nobody to share with
     with pytest.raises(ValueError, match="embedding_sharding"):
         ExperimentConfig.model_validate({"name": "x", "data": data, "model": {"embedding_sharding": "column_wise"}})
-
-
-# ----------------------------------------------------------------------------- whole runs on Ray
-
-
-@pytest.fixture(scope="module")
-def tiny(ray_cluster, tmp_path_factory):
-    from genrec.data.pipeline import prepare
-
-    root = tmp_path_factory.mktemp("sharding")
-    cfg = ExperimentConfig.model_validate({
-        "name": "sharded",
-        "data": {"source": {"kind": "synthetic", "num_users": 200, "num_items": 301, "mean_events_per_user": 16,
-                            "num_shards": 2, "path": str(root / "raw")},
-                 "output_dir": str(root / "data"), "num_partitions": 2},
-        "model": {"kind": "hstu", "dim": 16, "num_blocks": 1, "num_heads": 1, "dropout": 0.0, "max_seq_len": 16},
-        "train": {"epochs": 3, "batch_size": 40, "num_negatives": 16, "storage_path": str(root / "runs"),
-                  "cpus_per_worker": 0.5, "threads_per_worker": 1, "seed": 5},
-        "tracking": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "tests"},
-    })
-    prepare(cfg.data, log=lambda *_: None)
-    return cfg
-
-
-def _variant(cfg, run_name, sharding, **train):
-    out = cfg.model_copy(deep=True)
-    out.model.embedding_sharding = sharding
-    out.train = out.train.model_copy(update={"run_name": run_name, **train})
-    return out
-
-
-def _curve(result):
-    return [h["train/loss"] for h in result["history"]]
-
-
-def test_row_wise_runs_train_resume_on_one_worker_and_register_the_same_model(tiny):
-    """2 workers row-wise = 1 replicated worker, epoch by epoch; the sharded run resumed on 1 worker ends
-    where the uninterrupted replicated run ends; its registered model (whole tables) evaluates to the
-    metrics the live run reported. (1 -> 2 workers: test_checkpoint_saved_by_one_worker_resumes_on_two.)"""
-    from genrec.train.trainer import evaluate_model, fit  # here: the spawned workers above import this module
-
-    cfg = tiny
-    reference = fit(_variant(cfg, "replicated", "replicated", num_workers=1, epochs=2), log=lambda *_: None)
-    lines = []
-    first = fit(_variant(cfg, "row-wise", "row_wise", num_workers=2, epochs=1), log=lines.append)
-    assert any("2 worker(s), item table row-wise over the workers" in line for line in lines)
-    assert _curve(first) == pytest.approx(_curve(reference)[:1], rel=1e-5)
-    resumed = fit(_variant(cfg, "row-wise", "row_wise", num_workers=1, epochs=2), log=lambda *_: None)  # 2 -> 1
-    assert _curve(resumed)[:1] == _curve(first)
-    assert _curve(resumed) == pytest.approx(_curve(reference), rel=1e-5)
-    assert resumed["best"] == pytest.approx(reference["best"], rel=1e-4)
-    # the registered artifact is an ordinary model: whole tables, loaded and evaluated as any other
-    uri = f"models:/{resumed['registered_model']}/{resumed['version']}"
-    metrics = evaluate_model(cfg, uri, "test")
-    assert metrics["ndcg@10"] == pytest.approx(resumed["best"]["test/ndcg@10"], rel=1e-5)
-    # switching a run's sharding is refused before any worker starts, naming the key
-    with pytest.raises(ConfigError, match=r"changed: model\.embedding_sharding"):
-        fit(_variant(cfg, "row-wise", "replicated", num_workers=1, epochs=3), log=lambda *_: None)

@@ -132,12 +132,21 @@ def test_fit_tracks_registers_and_resumes(tiny, s3):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
 
 
-def test_two_workers_match_one_worker(tiny):
+@pytest.fixture(scope="module")
+def one_worker_run(tiny):
+    """An uninterrupted 8-epoch run of one worker with local storage: the reference of the distributed and
+    the killed runs (each training run costs seconds of process start-up, so it is trained once)."""
     cfg, _ = tiny
-    one = fit(variant(cfg, "one-worker", num_workers=1), log=lambda *_: None)
+    return fit(variant(cfg, "uninterrupted-local", num_workers=1, epochs=8), log=lambda *_: None)
+
+
+def test_two_workers_match_one_worker(tiny, one_worker_run):
+    cfg, _ = tiny
+    epochs = cfg.train.epochs  # the reference's first epochs: a run's epochs do not depend on how many follow
+    one = one_worker_run["history"][:epochs]
     two = fit(variant(cfg, "two-workers", num_workers=2), log=lambda *_: None)
-    assert curve(one) == pytest.approx(curve(two), rel=1e-4)
-    assert one["best"]["valid/ndcg@10"] == pytest.approx(two["best"]["valid/ndcg@10"], rel=1e-3)
+    assert [h["train/loss"] for h in one] == pytest.approx(curve(two), rel=1e-4)
+    assert max(h["valid/ndcg@10"] for h in one) == pytest.approx(two["best"]["valid/ndcg@10"], rel=1e-3)
 
 
 def _train_workers():
@@ -145,15 +154,18 @@ def _train_workers():
     return [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
 
 
-def test_killed_worker_restarts_from_its_s3_checkpoint_with_the_local_runs_curve(tiny, s3):
+def test_killed_worker_restarts_from_its_s3_checkpoint_with_the_local_runs_curve(tiny, s3, one_worker_run):
     """Killed mid-run, the workers restart from the last checkpoint in the bucket; the run ends with the
-    curve of an uninterrupted run whose storage is a local folder (so s3 and local storage also agree)."""
+    curve of an uninterrupted run whose storage is a local folder (so s3 and local storage also agree).
+    The killed run has 2 workers with the item table split row-wise (model.embedding_sharding), the
+    reference 1 worker with the whole table: the sharded checkpoints restore the same model."""
     cfg, _ = tiny
-    epochs = 8
+    reference = one_worker_run
+    epochs = len(reference["history"])
     prefix, storage = s3_runs("chaos")
-    reference = fit(variant(cfg, "uninterrupted-local", epochs=epochs), log=lambda *_: None)
     outcome = {}
-    chaos = variant(cfg, "chaos", epochs=epochs, storage_path=storage)
+    chaos = variant(cfg, "chaos", epochs=epochs, storage_path=storage, num_workers=2)
+    chaos.model.embedding_sharding = "row_wise"
     thread = threading.Thread(target=lambda: outcome.update(fit(chaos, log=lambda *_: None)))
     thread.start()
     deadline = time.time() + 240
@@ -187,15 +199,44 @@ def test_unusable_storage_is_refused_in_one_line_naming_the_key(tiny, s3, monkey
         fit(variant(cfg, "read-only", storage_path=storage), log=lambda *_: None)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny):
+def test_row_wise_run_resumes_on_one_worker_and_registers_an_ordinary_model(tiny, one_worker_run):
+    """Sharded checkpoints written by 2 workers resume on 1 (1 -> 2: tests/test_sharding.py), ending where
+    the replicated reference is; the registered model (whole tables) evaluates to the live metrics."""
+    cfg, _ = tiny
+    sharded = variant(cfg, "row-wise", num_workers=2, epochs=1)
+    sharded.model.embedding_sharding = "row_wise"
+    lines = []
+    first = fit(sharded, log=lines.append)
+    assert any("2 worker(s), item table row-wise over the workers" in line for line in lines)
+    resumed = fit(variant(sharded, "row-wise", num_workers=1, epochs=2), log=lambda *_: None)
+    assert curve(resumed)[:1] == curve(first)
+    reference = one_worker_run["history"][:2]
+    assert curve(resumed) == pytest.approx([h["train/loss"] for h in reference], rel=1e-5)
+    assert [h["valid/ndcg@10"] for h in resumed["history"]] == \
+        pytest.approx([h["valid/ndcg@10"] for h in reference], rel=1e-4)
+    metrics = evaluate_model(cfg, f"models:/tiny/{resumed['version']}", "test")
+    assert metrics["ndcg@10"] == pytest.approx(resumed["best"]["test/ndcg@10"], rel=1e-5)
+    # switching a run's sharding is refused before any worker starts, naming the key
+    replicated = variant(cfg, "row-wise", epochs=3)
+    with pytest.raises(ConfigError, match=r"changed: model\.embedding_sharding"):
+        fit(replicated, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tiny):
+    """A one-epoch run, registered: what the artifact test loads, and what the non-finite test continues."""
+    cfg, _ = tiny
+    return fit(variant(cfg, "one-epoch", epochs=1), log=lambda *_: None)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, one_epoch_run):
     from genrec.train.loop import NonFiniteLossError
 
     cfg, root = tiny
-    fit(variant(cfg, "diverges", epochs=1), log=lambda *_: None)
-    good = sorted((root / "runs" / "diverges").glob("checkpoint_*"))
+    good = sorted((root / "runs" / "one-epoch").glob("checkpoint_*"))
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 2.*Last good checkpoint: epoch 1"):
-        fit(variant(cfg, "diverges", epochs=3, lr=1e30), log=lambda *_: None)
-    assert sorted((root / "runs" / "diverges").glob("checkpoint_*")) == good
+        fit(variant(cfg, "one-epoch", epochs=3, lr=1e30), log=lambda *_: None)
+    assert sorted((root / "runs" / "one-epoch").glob("checkpoint_*")) == good
 
 
 def test_streaming_data_mode_trains_from_ray_data_shards(tiny):
@@ -229,12 +270,12 @@ def test_in_batch_negatives_option_reaches_the_training_batches(tiny):
     assert len(drawn[False]) > len(drawn[True]) and not drawn[False] <= drawn[True]
 
 
-def test_model_artifact_round_trip_through_folder_and_registry(tiny, tmp_path):
+def test_model_artifact_round_trip_through_folder_and_registry(tiny, one_epoch_run, tmp_path):
     from genrec.config import ConfigError
     from genrec.artifact import load_model, save_model_folder
 
     cfg, _ = tiny
-    result = fit(variant(cfg, "artifact", epochs=1), log=lambda *_: None)
+    result = one_epoch_run
     from_registry, saved_cfg = load_model(f"models:/tiny/{result['version']}", cfg.tracking.tracking_uri)
     assert saved_cfg.model == cfg.model and not from_registry.training
     folder = save_model_folder(tmp_path / "model", saved_cfg, from_registry.state_dict())
