@@ -34,6 +34,7 @@ bench: install
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/mfalcon.py
 	$(PY) benchmarks/retrieval_ann.py
+	$(PY) benchmarks/embedding_scale.py
 	# the Serve app on the demo model (`make demo` registers it) under a bounded load, then a replica killed
 	$(PY) benchmarks/serve_load.py --requests 1000 --concurrency 32
 
