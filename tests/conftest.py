@@ -75,7 +75,9 @@ def ml1m_dir():
 @pytest.fixture(scope="session")
 def tiny_registered_model(ray_cluster, tmp_path_factory):
     """A tiny HSTU (2 blocks, N = 16) trained 2 epochs on a small synthetic world and registered in a
-    sqlite MLflow store: what the serving tests load by registry URI. Trained once per session."""
+    sqlite MLflow store: what the serving tests load by registry URI. Trained once per session, on 2
+    workers with the item table split row-wise (model.embedding_sharding): the artifact of a sharded
+    run is an ordinary model, served as any other."""
     from genrec.config import ExperimentConfig
     from genrec.data.pipeline import prepare
     from genrec.train.trainer import fit
@@ -87,9 +89,10 @@ def tiny_registered_model(ray_cluster, tmp_path_factory):
         "data": {"source": {"kind": "synthetic", "num_users": 200, "num_items": 120, "mean_events_per_user": 14,
                             "num_shards": 2, "path": str(root / "raw")},
                  "output_dir": str(root / "data"), "num_partitions": 2},
-        "model": {"kind": "hstu", "dim": 16, "num_blocks": 2, "num_heads": 1, "dropout": 0.0, "max_seq_len": 16},
+        "model": {"kind": "hstu", "dim": 16, "num_blocks": 2, "num_heads": 1, "dropout": 0.0, "max_seq_len": 16,
+                  "embedding_sharding": "row_wise"},
         "train": {"epochs": 2, "batch_size": 64, "num_negatives": 16, "storage_path": str(root / "runs"),
-                  "cpus_per_worker": 0.5, "threads_per_worker": 1, "seed": 5},
+                  "cpus_per_worker": 0.5, "threads_per_worker": 1, "seed": 5, "num_workers": 2},
         "tracking": {"tracking_uri": tracking_uri, "experiment": "tests", "registered_model": "tiny-serve"},
     })
     prepare(cfg.data, log=lambda *_: None)

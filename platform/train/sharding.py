@@ -152,9 +152,9 @@ def _gather_rows(table: DTensor, rank: int) -> torch.Tensor | None:
     mesh, local = table.device_mesh, table.to_local().detach()
     block = -(-table.size(0) // mesh.size())
     padded = F.pad(local, (0, 0, 0, block - local.size(0)))
-    whole = torch.empty(block * mesh.size(), table.size(1), dtype=local.dtype) if rank == 0 else None
-    dist.gather(padded.cpu(), list(whole.chunk(mesh.size())) if rank == 0 else None, dst=0, group=mesh.get_group())
-    return whole[: table.size(0)] if rank == 0 else None
+    whole = padded.new_empty(block * mesh.size(), table.size(1)) if rank == 0 else None  # on the workers' device
+    dist.gather(padded, list(whole.chunk(mesh.size())) if rank == 0 else None, dst=0, group=mesh.get_group())
+    return whole[: table.size(0)].cpu() if rank == 0 else None
 
 
 def optimizer_groups(model: nn.Module, sharded: list[str]) -> list[dict]:
