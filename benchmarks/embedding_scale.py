@@ -104,6 +104,19 @@ def measure(mode: str, workers: int, num_items: int, dim: int, steps: int) -> di
     return out.get(timeout=10)
 
 
+def would_not_fit(cells: dict, num_items: int, workers: int) -> str | None:
+    """Why a replicated cell is not run: its memory, linear in the items from the smallest replicated cell
+    that ran, would exceed 90% of what this machine has available (None: run it)."""
+    ran = sorted((items, cell["memory"]) for (m, items), cell in cells.items() if m == "replicated" and "memory" in cell)
+    if not ran:
+        return None
+    estimate = ran[0][1] * num_items / ran[0][0] * workers
+    available = psutil.virtual_memory().available
+    if estimate <= 0.9 * available:
+        return None
+    return f"not run: ~{estimate / GiB:.0f} GiB for {workers} workers (estimated), {available / GiB:.0f} available"
+
+
 def largest(cells: dict, mode: str, budget: float) -> str:
     ran = sorted((items, cell["memory"]) for (m, items), cell in cells.items() if m == mode and "memory" in cell)
     if len(ran) < 2:
@@ -129,17 +142,9 @@ def main() -> None:
     cells = {}
     for num_items in sorted(args.items):
         for mode in ("replicated", "row_wise"):
-            smallest = next((cell for (m, _), cell in cells.items() if m == mode and "memory" in cell), None)
-            if smallest and mode == "replicated":
-                first = min(v for (m, v), c in cells.items() if m == mode and "memory" in c)
-                estimate = smallest["memory"] * num_items / first * args.workers
-                if estimate > 0.9 * psutil.virtual_memory().available:
-                    cells[(mode, num_items)] = {"error": f"not run: ~{estimate / GiB:.0f} GiB for {args.workers} "
-                                                         f"workers (estimated), {psutil.virtual_memory().available / GiB:.0f} available"}
-                    print(f"{mode:>10} {num_items:>11,} items: {cells[(mode, num_items)]['error']}", flush=True)
-                    continue
-            cells[(mode, num_items)] = measure(mode, args.workers, num_items, args.dim, args.steps)
-            cell = cells[(mode, num_items)]
+            skip = would_not_fit(cells, num_items, args.workers) if mode == "replicated" else None
+            cell = cells[(mode, num_items)] = {"error": skip} if skip else \
+                measure(mode, args.workers, num_items, args.dim, args.steps)
             shown = f"{cell['memory'] / GiB:6.2f} GiB/worker, step {cell['step_s']:.2f} s" if "memory" in cell \
                 else cell["error"]
             print(f"{mode:>10} {num_items:>11,} items: {shown}", flush=True)

@@ -82,6 +82,7 @@ class Worker:
     eval_spec: BatchSpec
     sharded: bool  # the item tables are split row-wise over the workers (genrec.train.sharding)
     _evaluation_model: torch.nn.Module | None = None  # rank 0, sharded: a whole copy, filled per evaluation
+    _evaluation_model_current: bool = False  # sharded, on every rank alike: no step since it was filled
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -101,13 +102,15 @@ class Worker:
         Sharded, it is a collective: every rank calls it at the same points."""
         if not self.sharded:
             return self.core if self.rank == 0 else None
-        state = full_state_dict(self.core, self.rank)
-        if self.rank != 0:
-            return None
-        if self._evaluation_model is None:
-            self._evaluation_model = build_model(self.cfg).to(self.device)
-        self._evaluation_model.load_state_dict(state)
-        self._evaluation_model.train(self.core.training)
+        if not self._evaluation_model_current:  # e.g. one pass ranks the next window with the last one's model
+            state = full_state_dict(self.core, self.rank)
+            if self.rank == 0:
+                if self._evaluation_model is None:
+                    self._evaluation_model = build_model(self.cfg).to(self.device)
+                self._evaluation_model.load_state_dict(state)
+            self._evaluation_model_current = True
+        if self.rank == 0:
+            self._evaluation_model.train(self.core.training)
         return self._evaluation_model
 
 
@@ -209,6 +212,7 @@ def train_one_epoch(w: Worker, epoch: int, train_table) -> dict:
         batches = streaming_batches(ray.train.get_dataset_shard("train"), w.train_spec, cfg, epoch, w.rank, w.world)
     started = time.time()
     w.model.train()
+    w._evaluation_model_current = False
     loss_sum, steps, examples, tokens, flops = 0.0, 0, 0, 0, 0.0
     flop_model = FlopModel.from_config(cfg)
     ranking_step = RankingStep(cfg) if is_ranking(cfg) else None  # interleaved batches, multi-task loss
@@ -239,10 +243,14 @@ def train_one_epoch(w: Worker, epoch: int, train_table) -> dict:
             **(ranking_step.epoch_metrics(w, steps, seconds) if ranking_step else {})}
 
 
+def validates(cfg: ExperimentConfig, epoch: int) -> bool:
+    """Whether epoch (0-based) ends with ranking the validation split (every eval.every, and the last)."""
+    return (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.train.epochs
+
+
 def evaluates(cfg: ExperimentConfig, epoch: int) -> bool:
-    """Whether epoch (0-based) ends with an evaluation (eval.every, the last epoch, eval.test_epochs)."""
-    ev = cfg.eval
-    return (epoch + 1) % ev.every == 0 or epoch + 1 == cfg.train.epochs or epoch + 1 in ev.test_epochs
+    """Whether epoch ends with any evaluation: validation, or the test split of eval.test_epochs."""
+    return validates(cfg, epoch) or epoch + 1 in cfg.eval.test_epochs
 
 
 def evaluate_and_select(w: Worker, model: torch.nn.Module | None, splits: dict, metrics: dict, epoch: int,
@@ -260,7 +268,7 @@ def evaluate_and_select(w: Worker, model: torch.nn.Module | None, splits: dict, 
 
     if epoch + 1 in ev.test_epochs:
         metrics.update(rank("test"))
-    if (epoch + 1) % ev.every == 0 or epoch + 1 == cfg.train.epochs:
+    if validates(cfg, epoch):
         valid_started = time.time()
         metrics.update(rank("valid"))
         metrics["valid_seconds"] = time.time() - valid_started  # one full ranking of the split

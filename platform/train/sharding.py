@@ -141,9 +141,10 @@ def full_state_dict(model: nn.Module, rank: int) -> dict | None:
     is sharded (each table is gathered block by block), a copy of the state otherwise."""
     state = {}
     for key, value in model.state_dict().items():
-        whole = _gather_rows(value, rank) if isinstance(value, DTensor) else value.detach().cpu().clone()
-        if rank == 0:
-            state[key] = whole
+        if isinstance(value, DTensor):
+            state[key] = _gather_rows(value, rank)
+        elif rank == 0:
+            state[key] = value.detach().cpu().clone()
     return state if rank == 0 else None
 
 
@@ -158,8 +159,8 @@ def _gather_rows(table: DTensor, rank: int) -> torch.Tensor | None:
 
 
 def optimizer_groups(model: nn.Module, sharded: list[str]) -> list[dict]:
-    """AdamW's parameter groups: the sharded tables in a group of their own (its fused per-group
-    update takes DTensors or plain tensors, not both)."""
+    """AdamW's parameter groups: the sharded tables in a group of their own (a group's foreach update,
+    the default on CUDA, takes DTensors or plain tensors, not both)."""
     groups = [[p for n, p in model.named_parameters() if (n in sharded) == own] for own in (False, True)]
     return [{"params": group} for group in groups if group]
 

@@ -40,7 +40,8 @@ def workers_view(cfg: ExperimentConfig) -> ExperimentConfig:
     """The config with paths made absolute (URIs stay as they are): Ray workers run in other directories;
     model.embedding_sharding auto resolved here, once (the checkpoints' format follows it)."""
     cfg = cfg.model_copy(deep=True)
-    cfg.model.embedding_sharding = resolve_sharding(cfg, read_manifest(cfg.data.output_dir)["num_items"])
+    if cfg.model.embedding_sharding == "auto":  # it depends on the catalog's size
+        cfg.model.embedding_sharding = resolve_sharding(cfg, read_manifest(cfg.data.output_dir)["num_items"])
     cfg.data.output_dir = str(location(cfg.data.output_dir, "data.output_dir"))
     cfg.train.storage_path = str(location(cfg.train.storage_path, "train.storage_path"))
     cfg.tracking.tracking_uri = tracking.tracking_uri(cfg)
