@@ -35,6 +35,8 @@ bench: install
 	$(PY) benchmarks/mfalcon.py
 	$(PY) benchmarks/retrieval_ann.py
 	$(PY) benchmarks/embedding_scale.py
+	# 1M and 10M events prepared (vs polars' streaming engine), trained and served; --full is 10M and 100M (long)
+	$(PY) benchmarks/large_log.py
 	# the Serve app on the demo model (`make demo` registers it) under a bounded load, then a replica killed
 	$(PY) benchmarks/serve_load.py --requests 1000 --concurrency 32
 

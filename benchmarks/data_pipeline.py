@@ -2,6 +2,7 @@
 
     python benchmarks/data_pipeline.py [--events 1000000 10000000] [--formats csv parquet] [--repeat N]
     python benchmarks/data_pipeline.py --stages    # CPU seconds of each genrec stage, in one process
+    python benchmarks/data_pipeline.py --events 100000000 --formats csv --sides polars-streaming genrec-ray
 
 Input: a generated behaviour log shaped like the public e-commerce one (user, item,
 category, behavior in pv/cart/fav/buy, ts in Unix seconds; ~100 events per user,
@@ -9,12 +10,14 @@ Zipf-like items), with planted same-impression actions (merged into a bitmask),
 exact duplicates (dropped) and bad rows (rejected with their row numbers), as CSV
 with a header and as Parquet. Generation is not timed.
 
-Three sides do the same work (validate with rejects, drop duplicates, merge
+Four sides do the same work (validate with rejects, drop duplicates, merge
 same-impression actions into a bitmask, vocabularies, time-sorted sequences with the
 source-order tie-break, leave-one-out splits, Parquet out):
 
-- polars: the script a user would write (`polars_prepare` below), one process,
-  polars' own threads on every core;
+- polars: the script a user would write (`polars_prepare` below: one lazy query), one process,
+  polars' own threads on every core, its in-memory engine (the whole log in memory);
+- polars-streaming: the same query on polars' streaming engine (scanned, processed and sunk to
+  Parquet in batches where its operators allow): polars' answer for logs larger than memory;
 - genrec in-process: genrec's own functions (read_chunk, build_sequences,
   make_splits) run one after the other in one process, no Ray;
 - genrec Ray: `genrec.data.pipeline.prepare` on a local 2-CPU Ray cluster.
@@ -47,18 +50,41 @@ T0, SPAN = 1_511_539_200, 9 * 86_400  # 2017-11-25, nine days
 T_MIN, T_MAX = T0, T0 + SPAN
 
 
-def generate(events: int, folder: Path) -> None:
-    """behaviour.csv and behaviour.parquet with the same rows (same generator, same seed)."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
+GENERATED_CHUNK = 10_000_000  # rows generated at a time: the generator's memory stays flat above it
+
+
+def generate(events: int, folder: Path, items: int | None = None) -> None:
+    """behaviour.csv and behaviour.parquet with the same rows (same generator, same seed), written in
+    chunks of GENERATED_CHUNK rows (users and items drawn from the whole log's ranges in every chunk;
+    duplicates and same-impression actions planted within a chunk). A catalog of events / 25 items,
+    unless `items` fixes it."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    chunks = -(-events // GENERATED_CHUNK)
+    users, items = max(1, events // 100), items or max(10, events // 25)
+    csv_writer = parquet_writer = None
+    for k in range(chunks):
+        rows = min(GENERATED_CHUNK, events - k * GENERATED_CHUNK)
+        table = _generated_chunk(rows, users, items, seed=0 if chunks == 1 else [0, k])
+        if csv_writer is None:
+            csv_writer = pacsv.CSVWriter(folder / "behaviour.csv", table.schema,
+                                         write_options=pacsv.WriteOptions(quoting_style="none"))
+            parquet_writer = pq.ParquetWriter(folder / "behaviour.parquet", table.schema)
+        csv_writer.write_table(table)
+        parquet_writer.write_table(table, row_group_size=1 << 20)
+    csv_writer.close()
+    parquet_writer.close()
+
+
+def _generated_chunk(events: int, users: int, items: int, seed):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rng = np.random.default_rng(seed)
     base = int(events * 0.97)
-    users = max(1, events // 100)
-    items = max(10, events // 25)
     user = rng.integers(1, users + 1, base)
     item = (items * rng.random(base) ** 2.5).astype(np.int64) + 1  # a few items take most events
     ts = T0 + rng.integers(0, SPAN, base)
@@ -69,7 +95,7 @@ def generate(events: int, folder: Path) -> None:
     item = np.concatenate([item, item[pick_m], item[pick_d]])
     ts = np.concatenate([ts, ts[pick_m], ts[pick_d]])
     action = np.concatenate([action, (action[pick_m] + 1 + rng.integers(0, 3, n_merge)) % 4, action[pick_d]])
-    order = rng.permutation(len(user))  # extra events land anywhere in the file
+    order = rng.permutation(len(user))  # extra events land anywhere in the chunk
     user, item, ts, action = user[order], item[order], ts[order], action[order]
     table = pa.table({
         "user": pc.cast(pa.array(user), pa.string()),
@@ -87,10 +113,7 @@ def generate(events: int, folder: Path) -> None:
         mask[np.sort(bad[kind::3])] = True
         column = columns[name].combine_chunks()
         columns[name] = pc.replace_with_mask(column, pa.array(mask), edit(column.filter(pa.array(mask))))
-    table = pa.table(columns)
-    folder.mkdir(parents=True, exist_ok=True)
-    pacsv.write_csv(table, folder / "behaviour.csv", pacsv.WriteOptions(quoting_style="none"))
-    pq.write_table(table, folder / "behaviour.parquet", row_group_size=1 << 20)
+    return pa.table(columns)
 
 
 def genrec_data_config(fmt: str, folder: Path, out: Path) -> dict:
@@ -104,12 +127,11 @@ def genrec_data_config(fmt: str, folder: Path, out: Path) -> dict:
 
 # ----------------------------------------------------------------------------- the three sides
 
-def polars_prepare(path: Path, out: Path) -> dict:
-    """What a user would write with polars: one process, the same rules and outputs."""
+def polars_plan(raw):
+    """What a user would write with polars, as one lazy query: {output name: LazyFrame} and
+    {count name: LazyFrame of one number}. `raw` has a "row" column (the source row number)."""
     import polars as pl
 
-    read = pl.read_csv(path, infer_schema=False) if path.suffix == ".csv" else pl.read_parquet(path)
-    raw = read.with_row_index("row", offset=2 if path.suffix == ".csv" else 1)  # CSV row 1 is the header
     typed = raw.with_columns(
         pl.col("user").cast(pl.Int64, strict=False).alias("user_id"),
         pl.col("item").cast(pl.Int64, strict=False).alias("item_id"),
@@ -141,12 +163,37 @@ def polars_prepare(path: Path, out: Path) -> dict:
     evaluated = sequences.filter(n >= 3)
     valid = evaluated.with_columns([pl.col(c).list.head(n - 1) for c in lists]).with_columns(eval_start=n - 1)
     test = evaluated.with_columns(eval_start=n - 1)
+    outputs = {"sequences": sequences, "train": train, "valid": valid, "test": test, "rejects": rejects,
+               "users": users, "items": items}
+    counts = {"input_rows": raw, "rejected": rejects, "users": sequences, "ok": ok, "deduped": deduped,
+              "merged_rows": merged}
+    return outputs, {name: frame.select(pl.len()) for name, frame in counts.items()}
+
+
+def polars_prepare(path: Path, out: Path, streaming: bool = False) -> dict:
+    """polars_plan on `path`: with polars' in-memory engine (the whole log in memory), or with its
+    streaming engine (scan, process and sink in batches: what polars offers for logs larger than memory)."""
+    import polars as pl
+
+    scan = pl.scan_csv(path, infer_schema=False) if path.suffix == ".csv" else pl.scan_parquet(path)
+    raw = scan.with_row_index("row", offset=2 if path.suffix == ".csv" else 1)  # CSV row 1 is the header
+    outputs, counts = polars_plan(raw)
     out.mkdir(parents=True)
-    for name, frame in (("sequences", sequences), ("train", train), ("valid", valid), ("test", test),
-                        ("rejects", rejects), ("users", users), ("items", items)):
-        frame.write_parquet(out / f"{name}.parquet")
-    return {"input_rows": raw.height, "rejected": rejects.height, "users": sequences.height,
-            "duplicates": ok.height - deduped.height, "merged": deduped.height - merged.height}
+    if streaming:
+        sinks = [frame.sink_parquet(out / f"{name}.parquet", lazy=True) for name, frame in outputs.items()]
+        numbers = pl.collect_all([*sinks, *counts.values()], engine="streaming")[len(sinks):]
+    else:
+        frames = pl.collect_all([*outputs.values(), *counts.values()], engine="in-memory")
+        for name, frame in zip(outputs, frames):
+            frame.write_parquet(out / f"{name}.parquet")
+        numbers = frames[len(outputs):]
+    n = {name: frame.item() for name, frame in zip(counts, numbers)}
+    return {"input_rows": n["input_rows"], "rejected": n["rejected"], "users": n["users"],
+            "duplicates": n["ok"] - n["deduped"], "merged": n["deduped"] - n["merged_rows"]}
+
+
+def polars_streaming_prepare(path: Path, out: Path) -> dict:
+    return polars_prepare(path, out, streaming=True)
 
 
 def genrec_in_process(path: Path, out: Path) -> dict:
@@ -245,43 +292,60 @@ def stage_profile(path: Path, out: Path) -> None:
     print(f"| total | {sum(times.values()):.2f} |")
 
 
-SIDES = {"polars": polars_prepare, "genrec-1proc": genrec_in_process, "genrec-ray": genrec_ray}
+SIDES = {"polars": polars_prepare, "polars-streaming": polars_streaming_prepare, "genrec-1proc": genrec_in_process,
+         "genrec-ray": genrec_ray}
 
 
 # ----------------------------------------------------------------------------- measuring
 
-def measured(side: str, path: Path, out: Path) -> dict:
-    """Run one side in a subprocess, sampling the PSS of its whole process tree."""
+def sampled_run(command: list[str], worker_name: str | None = None) -> dict:
+    """Run `command`, sampling every 0.2 s the PSS of its whole process tree: its exit code and standard
+    output (through a file; standard error is this process's), wall and CPU seconds (user + system of the whole tree, which a
+    shared machine's load distorts less), the peak of the tree's summed PSS, the largest PSS of any one
+    process whose name contains `worker_name` (e.g. Ray Train's workers), and the load average."""
+    import tempfile
+
     import psutil
 
     load = os.getloadavg()[0]
     started = time.time()
-    proc = subprocess.Popen([sys.executable, __file__, "--run", side, "--input", str(path), "--out", str(out)],
-                            stdout=subprocess.PIPE, text=True)
-    root = psutil.Process(proc.pid)
-    peak = 0
-    cpu = {}  # pid -> user + system seconds, last seen: the CPU time of the whole tree, load-independent
-    while proc.poll() is None:
-        total = 0
-        try:
-            for p in [root, *root.children(recursive=True)]:
-                try:
-                    total += p.memory_full_info().pss
-                    times = p.cpu_times()
-                    cpu[p.pid] = times.user + times.system
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-        except psutil.NoSuchProcess:
-            break
-        peak = max(peak, total)
-        time.sleep(0.2)
-    output = proc.stdout.read()
-    if proc.returncode != 0:
-        print(f"{side} failed on {path}:\n{output}", flush=True)
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(command, stdout=log, text=True)
+        root = psutil.Process(proc.pid)
+        peak = worker_peak = 0
+        cpu = {}  # pid -> user + system seconds, last seen: the CPU time of the whole tree, load-independent
+        while proc.poll() is None:
+            total = 0
+            try:
+                for p in [root, *root.children(recursive=True)]:
+                    try:
+                        pss = p.memory_full_info().pss
+                        total += pss
+                        if worker_name and worker_name in p.name():
+                            worker_peak = max(worker_peak, pss)
+                        times = p.cpu_times()
+                        cpu[p.pid] = times.user + times.system
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        pass
+            except psutil.NoSuchProcess:
+                break
+            peak = max(peak, total)
+            time.sleep(0.2)
+        log.seek(0)
+        output = log.read()
+    return {"returncode": proc.returncode, "output": output, "wall_s": time.time() - started,
+            "peak_gib": peak / (1 << 30), "worker_peak_gib": worker_peak / (1 << 30), "cpu_s": sum(cpu.values()),
+            "load": (load, os.getloadavg()[0])}
+
+
+def measured(side: str, path: Path, out: Path) -> dict | None:
+    """Run one side in a subprocess (sampled_run): its summary, wall, CPU, peak memory and load."""
+    run = sampled_run([sys.executable, __file__, "--run", side, "--input", str(path), "--out", str(out)])
+    if run["returncode"] != 0:
+        print(f"{side} failed on {path}:\n{run['output'][-4000:]}", flush=True)
         return None
-    result = json.loads(output.strip().splitlines()[-1])
-    result.update(wall_s=time.time() - started, peak_gib=peak / (1 << 30), cpu_s=sum(cpu.values()),
-                  load=(load, os.getloadavg()[0]))
+    result = json.loads(run["output"].strip().splitlines()[-1])
+    result.update({k: run[k] for k in ("wall_s", "peak_gib", "cpu_s", "load")})
     return result
 
 
@@ -385,8 +449,9 @@ def main() -> None:
                 rows.append((events, fmt, path.stat().st_size, results))
             print(f"done: {events:,} rows, {fmt}", {s: round(r["wall_s"], 1) for s, r in results.items()}, flush=True)
     print()
-    print(f"Baseline: a single-process polars {__import__('polars').__version__} script (polars_prepare) on the same "
-          f"input; machine: {machine()}; load average (1 min) now {os.getloadavg()[0]:.1f}")
+    print(f"Baseline: a single-process polars {__import__('polars').__version__} script (polars_prepare: its in-memory "
+          f"engine, or with polars-streaming its streaming engine; the ratios are to the in-memory side where it ran) on "
+          f"the same input; machine: {machine()}; load average (1 min) now {os.getloadavg()[0]:.1f}")
     print(f"wall and cpu: the median of {args.repeat} run(s) per side, sides taking turns; best: the fastest run (on a "
           "shared machine the closest to an idle one); cpu = user + system seconds of the whole process tree; load = the "
           "1-minute load average over the side's runs (lowest start, highest end)")
@@ -395,7 +460,7 @@ def main() -> None:
           "| best / polars | cpu / polars | peak GiB | load | rejected | duplicates | merged | users | same sequences |")
     print("|---:|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|:---:|")
     for events, fmt, size, results in rows:
-        polars = results.get("polars", {})
+        polars = results.get("polars") or results.get("polars-streaming") or {}  # the baseline: in-memory if run
         for side, r in results.items():
             ratio = f"{r['wall_s'] / polars['wall_s']:.2f}" if polars else "-"
             cpu_ratio = f"{r['cpu_s'] / polars['cpu_s']:.2f}" if polars else "-"
@@ -409,11 +474,14 @@ def main() -> None:
     events, fmt, _, results = max(rows, key=lambda row: row[0])
     if events < 100_000_000:  # not run: a straight line from the largest size measured
         scale = 100_000_000 / events
-        guesses = ", ".join(f"{side} ~{r['wall_s'] * scale:,.0f} s" + (f" and ~{r['peak_gib'] * scale:.0f} GiB" if side != "genrec-ray" else "")
+        in_memory = ("polars", "genrec-1proc")  # the sides whose memory grows with the log
+        guesses = ", ".join(f"{side} ~{r['wall_s'] * scale:,.0f} s" + (f" and ~{r['peak_gib'] * scale:.0f} GiB"
+                                                                        if side in in_memory else "")
                             for side, r in results.items())
-        print(f"\n100M rows ({fmt}), extrapolated linearly from {events:,} (not run): {guesses}; the single-process "
-              f"sides hold the whole log in memory, the Ray pipeline holds one chunk or one partition per task "
-              f"(raise data.num_partitions with the data to keep partitions at the measured size).")
+        print(f"\n100M rows ({fmt}), extrapolated linearly from {events:,} (not run): {guesses}; polars and "
+              f"genrec-1proc hold the whole log in memory, polars-streaming processes it in batches where its "
+              f"operators allow, the Ray pipeline holds one chunk or one partition per task (raise "
+              f"data.num_partitions with the data to keep partitions at the measured size).")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ loss (sampled softmax, 128 uniform negatives) and AdamW, in `workers` gloo proce
 - replicated: every worker holds the whole item table, its gradient and AdamW's two moments; the dense
   layers and the table are averaged by DDP (model.embedding_sharding: replicated);
 - row_wise: each worker holds a block of the table's rows and their AdamW state
-  (model.embedding_sharding: row_wise, genrec.train.sharding); the dense layers stay on DDP.
+  (model.embedding_sharding: row_wise, genrec.train.sharding); the dense layers stay on DDP;
+- row_wise_sparse: row_wise, with the table's rows updated only where a step touched them
+  (train.embedding_optimizer: row_sparse_adamw, genrec.train.optim).
 Reported per worker: the peak resident memory minus the worker's memory before the model was built
 (the model, its gradients, its optimizer state and a step's activations; the worker's largest), and the
 median step time. A replicated cell that would need more memory than the machine has (estimated from
@@ -34,7 +36,8 @@ import torch.multiprocessing as mp
 
 from genrec.model import EncoderConfig, build_encoder, sampled_softmax_loss
 from genrec.reports import machine
-from genrec.train.sharding import optimizer_groups, scoring_items, shard_item_tables
+from genrec.train.optim import build_optimizer
+from genrec.train.sharding import item_table_names, optimizer_groups, scoring_items, shard_item_tables
 
 GiB = 2**30
 
@@ -63,9 +66,11 @@ def _worker(rank: int, world: int, port: int, mode: str, num_items: int, dim: in
     torch.manual_seed(0)
     model = build_encoder(EncoderConfig(kind="hstu", num_items=num_items, num_positions=50, dim=dim, num_blocks=2,
                                         num_heads=1, dropout=0.0))
-    sharded = mode == "row_wise"
+    sharded = mode.startswith("row_wise")
     tables = shard_item_tables(model, world, torch.device("cpu")) if sharded else []
-    optimizer = torch.optim.AdamW(optimizer_groups(model, tables), lr=1e-3)
+    item_tables = [model.get_parameter(f"{name}.weight") for name in item_table_names(model)]
+    optimizer = build_optimizer(optimizer_groups(model, tables), item_tables,
+                                "row_sparse_adamw" if mode == "row_wise_sparse" else "adamw", lr=1e-3)
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     generator = torch.Generator().manual_seed(rank)
     seconds = []
@@ -84,6 +89,7 @@ def _worker(rank: int, world: int, port: int, mode: str, num_items: int, dim: in
     dist.all_gather(peaks, torch.tensor([float(_peak_rss() - before)], dtype=torch.float64))
     if rank == 0:
         out.put({"memory": max(float(p) for p in peaks), "step_s": statistics.median(seconds[1:] or seconds)})
+    dist.barrier()  # no worker closes its connections while a peer still reads
     dist.destroy_process_group()
 
 
@@ -102,6 +108,13 @@ def measure(mode: str, workers: int, num_items: int, dim: int, steps: int) -> di
     if any(p.exitcode != 0 for p in processes):
         return {"error": f"exit codes {[p.exitcode for p in processes]} (out of memory?)"}
     return out.get(timeout=10)
+
+
+MODES = ("replicated", "row_wise", "row_wise_sparse")
+
+
+def _ratio(top: dict, bottom: dict, key: str) -> str:
+    return f"{top[key] / bottom[key]:.2f}x" if key in top and key in bottom else "-"
 
 
 def would_not_fit(cells: dict, num_items: int, workers: int) -> str | None:
@@ -141,23 +154,22 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     cells = {}
     for num_items in sorted(args.items):
-        for mode in ("replicated", "row_wise"):
+        for mode in MODES:
             skip = would_not_fit(cells, num_items, args.workers) if mode == "replicated" else None
             cell = cells[(mode, num_items)] = {"error": skip} if skip else \
                 measure(mode, args.workers, num_items, args.dim, args.steps)
             shown = f"{cell['memory'] / GiB:6.2f} GiB/worker, step {cell['step_s']:.2f} s" if "memory" in cell \
                 else cell["error"]
-            print(f"{mode:>10} {num_items:>11,} items: {shown}", flush=True)
-    print(f"\n| items | replicated GiB/worker | row-wise GiB/worker | memory ratio | row-wise step / replicated |")
-    print("|---:|---:|---:|---:|---:|")
+            print(f"{mode:>15} {num_items:>11,} items: {shown}", flush=True)
+    print("\n| items | replicated GiB/worker | row-wise GiB/worker | memory ratio | row-wise step / replicated "
+          "| row-wise + row_sparse_adamw step / replicated | row_sparse_adamw step / adamw, row-wise |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for num_items in sorted(args.items):
-        rep, row = cells[("replicated", num_items)], cells[("row_wise", num_items)]
+        rep, row, sparse = (cells[(mode, num_items)] for mode in MODES)
         rep_m = f"{rep['memory'] / GiB:.2f}" if "memory" in rep else "not run"
         row_m = f"{row['memory'] / GiB:.2f}" if "memory" in row else "failed"
-        both = "memory" in rep and "memory" in row
-        ratio = f"{rep['memory'] / row['memory']:.2f}x" if both else "-"
-        step = f"{row['step_s'] / rep['step_s']:.2f}x" if both else "-"
-        print(f"| {num_items:,} | {rep_m} | {row_m} | {ratio} | {step} |")
+        print(f"| {num_items:,} | {rep_m} | {row_m} | {_ratio(rep, row, 'memory')} | {_ratio(row, rep, 'step_s')} "
+              f"| {_ratio(sparse, rep, 'step_s')} | {_ratio(sparse, row, 'step_s')} |")
     budget = total / args.workers
     print(f"\nlargest catalog at {budget / GiB:.0f} GiB per worker ({args.workers} workers on this machine), "
           f"from the measured bytes per item:")

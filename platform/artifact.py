@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -106,7 +107,12 @@ def load_model_folder(folder: str | Path) -> tuple[Model, ExperimentConfig]:
             raise FileNotFoundError(f"{folder} is not a genrec model folder: no {name}")
     cfg = ExperimentConfig.model_validate_json((folder / CONFIG).read_text())
     model = build_model(cfg, json.loads((folder / MANIFEST).read_text()))
-    model.load_state_dict(torch.load(folder / WEIGHTS, weights_only=True))
+    # the weights memory-mapped and assigned, not copied into the model's own freshly built tables: at a
+    # 4M-item catalog the copy held a second 1 GiB table while a serving replica loaded. Only torch.save's
+    # zip format maps; anything else is read as before, so a damaged file fails with the unpickler's error
+    weights = folder / WEIGHTS
+    state = torch.load(weights, weights_only=True, mmap=zipfile.is_zipfile(weights))
+    model.load_state_dict(state, assign=True)
     return model.eval(), cfg
 
 

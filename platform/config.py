@@ -395,6 +395,10 @@ class TrainConfig(Strict):
     lr: float = Field(1e-3, gt=0)
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = Field(0.0, ge=0)
+    embedding_optimizer: Literal["adamw", "row_sparse_adamw"] = Field(
+        "adamw", description="adamw: every row of the item tables moves every step (the paper's recipe); "
+        "row_sparse_adamw: only the rows a step's gradient touches (lazy AdamW, as TorchRec's fused "
+        "optimizers), at a cost that follows the batch, not the catalog (README Large catalogs)")
     num_negatives: int = Field(128, gt=0)
     temperature: float = Field(0.05, gt=0)
     in_batch_negatives: bool = False
@@ -422,6 +426,8 @@ class TrainConfig(Strict):
         "event in it ranked) before it is trained on, as in the paper's streaming tables")
     window_days: float = Field(7.0, gt=0, description="one_pass mode: the width of a time window")
     early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without a better valid NDCG@10")
+    steps_per_epoch: int | None = Field(None, gt=0, description="an epoch ends after this many steps (default: one "
+                                        "pass over the training split), e.g. a first look at a very large log")
     storage_path: str = Field("outputs/ray_results", description="checkpoints and run folders: a local path, a "
                               "shared mount, or an object-store URI (s3://bucket/prefix; relative paths follow GENREC_ROOT)")
     run_name: str | None = Field(None, description="default: the experiment name; the same name resumes")
@@ -448,6 +454,10 @@ class EvalConfig(Strict):
     test_epochs: list[int] = Field(
         default_factory=list,
         description="also rank the test split after these epochs, whatever validation says (fixed-epoch figures)")
+    users: float = Field(
+        1.0, gt=0, le=1, description="share of the valid and test users ranked (a fixed sample by user id, the "
+        "same in every epoch, run and jobs/evaluate.py; for logs whose held-out users are too many to rank each "
+        "epoch); the run's 'evaluation:' line says how many")
     window_users: float = Field(
         1.0, gt=0, le=1, description="train.mode one_pass: share of users whose events each window ranks (a "
         "fixed sample by user id, the same in every window and run); training always uses every event")
@@ -466,6 +476,11 @@ class RayConfig(Strict):
     object_store_memory_gb: float | None = 2.0
     verbose: bool = Field(False, description="also show Ray's own logs (workers, Train, Data) on the terminal; "
                           "they always go to Ray's log files (<temp dir>/session_latest/logs)")
+
+    def joins_cluster(self) -> bool:
+        """Whether a job joins a running cluster (address, or a submitted job's RAY_ADDRESS), which may add
+        nodes, rather than starting a local one of fixed size (genrec.runtime.init_ray)."""
+        return bool(self.address or os.environ.get("RAY_ADDRESS"))
 
 
 class SweepFamily(Strict):
@@ -514,6 +529,34 @@ class SweepConfig(Strict):
     search: SearchConfig | None = None
 
 
+REFRESH_METRICS = ("ndcg@10", "ndcg@200", "hr@10", "hr@50", "hr@200", "mrr")  # genrec.metrics' retrieval metrics
+
+
+class RefreshConfig(Strict):
+    """jobs/refresh.py: continue the registered model behind an alias on the events since its data cutoff, and
+    move the alias to the result only if it is not worse (genrec.train.refresh)."""
+
+    model: str = Field(pattern=r"^models:/[^/@]+@[A-Za-z0-9_-]+$", description="models:/<name>@<alias>: the "
+                       "model continued; the alias is what moves when the gate passes")
+    files: bool = Field(True, description="read the files of data.source that the model's data did not read "
+                        "(not in its manifest's source checksums)")
+    events_db: str | None = Field(None, description="also read the events a Serve app logged (its "
+                                  "store.events_db, kind embedded) since the model's data cutoff")
+    chunks: int = Field(4, gt=1, description="the new window is cut into this many chunks of equal time, each "
+                        "ranked before it is trained on; the gate compares chunks 2..N")
+    gate_metric: Literal[REFRESH_METRICS] = "ndcg@10"
+    gate_margin: float = Field(0.0, ge=0, lt=1, description="the new model may be worse than the current one on "
+                               "gate_metric by at most this share of the current value (0: not worse at all)")
+    output_dir: str = Field("outputs/data/refreshed", description="each refresh publishes its prepared data (old "
+                            "histories + the new window) in a folder of its own under this one")
+
+    @model_validator(mode="after")
+    def _reads_something(self):
+        if not self.files and self.events_db is None:
+            raise ValueError("a refresh with files: false and no events_db reads no events")
+        return self
+
+
 class ExperimentConfig(Strict):
     """A whole experiment: data, model, batching, training, evaluation, tracking, Ray."""
 
@@ -527,6 +570,8 @@ class ExperimentConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     ranking: RankingConfig = Field(default_factory=RankingConfig)
     sweep: SweepConfig | None = Field(None, description="jobs/sweep.py only: the scaling sweep or search")
+    refresh: RefreshConfig | None = Field(None, description="jobs/refresh.py only: which model to keep fresh, "
+                                          "from which events, and the gate")
 
     @model_validator(mode="after")
     def _batches_fit_the_model(self):

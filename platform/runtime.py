@@ -53,9 +53,8 @@ def init_ray(cfg: RayConfig) -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = cfg.verbose
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, **quiet)
+    if cfg.joins_cluster():
+        ray.init(address=cfg.address or os.environ["RAY_ADDRESS"], **quiet)
         return
     # Ray Train V2 re-routes print() through its logger and also tees it to the wrapped stdout.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")

@@ -15,8 +15,10 @@ from torch.distributed.tensor import DTensor
 from genrec.config import ExperimentConfig
 from genrec.model import sampled_softmax_loss
 from genrec.train.checkpoint import Progress, restore, save_checkpoint
+from genrec.train.optim import RowSparseAdamW
+from genrec.train.evaluation import full_ranks
 from genrec.train.sharding import (RowWiseEmbedding, batch_item_table, full_state_dict, item_table_bytes,
-                                   optimizer_groups, resolve_sharding, shard_item_tables)
+                                   local_catalog, optimizer_groups, resolve_sharding, shard_item_tables)
 
 V, D = 37, 8  # 38 rows: blocks of 19 on 2 workers
 
@@ -25,6 +27,14 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _leave():
+    """Every worker reaches this point before any closes its gloo connections: a worker that leaves while
+    its peer still reads the last collective's messages can abort the peer on exit ("terminate called
+    without an active exception", seen once in CI)."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 class _Items(nn.Module):
@@ -41,10 +51,17 @@ class _Items(nn.Module):
         return self.dense(self.embedding.items(ids))
 
 
-def _steps(model, batches, world, rank):
-    """Five SGD steps of the sampled softmax, each worker on its slice of the global batch; the loss as
-    the training loop scales it (sum over my targets / global count x world)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+def _optimizer(model, kind):
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.5)
+    table = model.embedding.items.weight
+    return RowSparseAdamW(optimizer_groups(model, ["embedding.items.weight"]), [table], lr=0.1, weight_decay=0.1)
+
+
+def _steps(model, batches, world, rank, kind="sgd"):
+    """Five steps (SGD, or RowSparseAdamW for the table) of the sampled softmax, each worker on its slice
+    of the global batch; the loss as the training loop scales it (sum over my targets / global count x world)."""
+    optimizer = _optimizer(model, kind)
     losses = []
     for history, targets, negatives in batches:
         mine = slice(rank * len(targets) // world, (rank + 1) * len(targets) // world)
@@ -75,7 +92,7 @@ def _batches():
              torch.randint(1, V + 1, (6, 5), generator=g)) for _ in range(5)]
 
 
-def _worker(rank, world, port, out):
+def _worker(rank, world, port, out, kind):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -87,21 +104,23 @@ def _worker(rank, world, port, out):
     ids = torch.tensor([[0, 5, 37], [19, 18, 5]]) if rank == 0 else torch.tensor([[1, 2, 3]])  # other sizes per rank
     assert torch.equal(table(ids), torch.where(ids.unsqueeze(-1) > 0, whole[ids], 0.0))
     assert table.weight.to_local().shape == (19, D)
-    losses = _steps(model, _batches(), world, rank)
+    losses = _steps(model, _batches(), world, rank, kind)
     state = full_state_dict(model, rank)
     if rank == 0:
         out.put((losses, {k: v.numpy() for k, v in state.items()}))  # by value: this process ends first
-    dist.destroy_process_group()
+    _leave()
 
 
-def test_two_row_wise_workers_take_the_steps_of_one_whole_table():
+@pytest.mark.parametrize("kind", ["sgd", "row_sparse_adamw"])
+def test_two_row_wise_workers_take_the_steps_of_one_whole_table(kind):
     """Same seeds, batches and negatives: 5 steps on 2 workers with the table split row-wise give the
-    losses (fp32, to 1e-6) and weights (to 1e-5: sums in another order) of one worker with the whole table."""
+    losses (fp32, to 1e-6) and weights (to 1e-5: sums in another order) of one worker with the whole table;
+    with RowSparseAdamW each block updates its touched rows as the whole table does."""
     reference = _Items()
-    expected = _steps(reference, _batches(), 1, 0)
+    expected = _steps(reference, _batches(), 1, 0, kind)
     context = mp.get_context("spawn")
     out, port = context.Queue(), _free_port()
-    processes = [context.Process(target=_worker, args=(rank, 2, port, out)) for rank in range(2)]
+    processes = [context.Process(target=_worker, args=(rank, 2, port, out, kind)) for rank in range(2)]
     for p in processes:
         p.start()
     losses, state = out.get(timeout=120)
@@ -137,7 +156,7 @@ def _checkpoint_worker(rank, world, port, folder, out):
     state.update({f"{n}.{k}": whole(v) for n, p in model.named_parameters() for k, v in optimizer.state[p].items()})
     if rank == 0:
         out.put(state)
-    dist.destroy_process_group()
+    _leave()
 
 
 def test_checkpoint_saved_by_one_worker_resumes_on_two(tmp_path):
@@ -159,6 +178,50 @@ def test_checkpoint_saved_by_one_worker_resumes_on_two(tmp_path):
     assert saved.keys() == restored.keys() and "embedding.items.weight.exp_avg_sq" in saved
     for key in saved:
         assert (saved[key] == restored[key]).all(), key
+
+
+def _ranking_worker(rank, world, port, out):
+    """Each worker ranks the same queries against its block (local_catalog); the summed ranks must be the
+    whole table's, for both tie policies, with history exclusions and item blocks smaller than a block."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = _Items()
+    with torch.no_grad():
+        model.embedding.items.weight[30] = model.embedding.items.weight[5]  # a tie across the two blocks
+    whole = torch.nn.functional.normalize(model.embedding.items.weight.detach(), dim=-1, eps=1e-6)
+    shard_item_tables(model, world, torch.device("cpu"))
+    g = torch.Generator().manual_seed(2)
+    queries = torch.randn(9, D, generator=g)
+    queries[0] = whole[5]  # its target 30 ties with item 5
+    targets = torch.tensor([30, 1, 18, 19, 37, 5, 2, 25, 11])
+    history, history_rows = torch.tensor([7, 3, 20, 37, 19]), torch.tensor([0, 1, 1, 4, 4])
+    with torch.no_grad():
+        catalog = local_catalog(model)
+    results = []
+    for ties in ("pessimistic", "optimistic"):
+        expected = full_ranks(queries, targets, whole, history, history_rows, ties=ties)
+        ranks = full_ranks(queries, targets, history=history, history_rows=history_rows, item_block=7, ties=ties,
+                           **catalog)
+        results.append((expected.tolist(), ranks.tolist()))
+    if rank == 0:
+        out.put(results)
+    _leave()
+
+
+def test_ranking_spread_over_blocks_equals_the_whole_table():
+    context = mp.get_context("spawn")
+    out, port = context.Queue(), _free_port()
+    processes = [context.Process(target=_ranking_worker, args=(rank, 2, port, out)) for rank in range(2)]
+    for p in processes:
+        p.start()
+    results = out.get(timeout=120)
+    for p in processes:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    (pessimistic, pessimistic_spread), (optimistic, optimistic_spread) = results
+    assert pessimistic_spread == pessimistic and optimistic_spread == optimistic
+    assert (optimistic[0], pessimistic[0]) == (1, 2)  # query 0 is item 5, which ties with its target 30 (other block)
 
 
 def test_batch_table_loss_equals_whole_table_loss():

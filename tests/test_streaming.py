@@ -14,9 +14,11 @@ from genrec.config import ConfigError, ExperimentConfig, load_config
 from genrec.data.batches import build_batch
 from genrec.data.pipeline import prepare
 from genrec.data.prepared import read_split
+from genrec.metrics import metrics_from_ranks
 from genrec.model import EncoderConfig, HSTULayer, build_encoder
 from genrec.train.batching import batch_spec
-from genrec.train.streaming import StreamWindows, add_to_stream, evaluate_window, sampled_users
+from genrec.train.streaming import (Popularity, StreamWindows, add_to_stream, evaluate_window, popularity_stream,
+                                   sampled_users)
 from genrec.train.trainer import fit
 
 DAY = 86_400
@@ -61,11 +63,12 @@ def stream(ray_cluster, tmp_path_factory):
         "data": {"source": {"kind": "synthetic", "num_users": 200, "num_items": 100, "mean_events_per_user": 15,
                             "max_events_per_user": 40, "duration_days": 120, "num_shards": 2, "path": str(root / "raw")},
                  "output_dir": str(root / "data"), "num_partitions": 2},
-        # 2 workers with the item table split row-wise (model.embedding_sharding): each window is ranked
-        # with the whole table gathered on rank 0
+        # 2 workers with the item table split row-wise (model.embedding_sharding), each ranking every window
+        # against its own block, and updating only the rows a step touched (train.embedding_optimizer)
         "model": {"kind": "hstu", "dim": 16, "num_blocks": 1, "num_heads": 1, "dropout": 0.0, "max_seq_len": 64,
                   "embedding_sharding": "row_wise"},
         "train": {"mode": "one_pass", "window_days": 30, "batch_size": 32, "num_negatives": 16, "num_workers": 2,
+                  "embedding_optimizer": "row_sparse_adamw",
                   "storage_path": str(root / "runs"), "cpus_per_worker": 0.5, "threads_per_worker": 1, "seed": 5,
                   "run_name": "one-pass"},
         "tracking": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "tests"},
@@ -117,6 +120,38 @@ def test_window_ranking_can_sample_a_fixed_share_of_users(stream):
     torch.manual_seed(0)
     scored = evaluate_window(build_model(cfg), second, batch_spec(cfg), 256, "pessimistic", users=0.5)
     assert scored["window/targets"] == expected > 0
+
+
+def test_popularity_baseline_ranks_the_runs_own_targets_by_earlier_counts(stream):
+    """jobs/stream_baseline.py: the same targets as the run (windows 2..W), each ranked by the events before
+    its window; checked for window 2 against a plain-Python ranking (pessimistic ties, the user's recent
+    items excluded, the target itself never)."""
+    cfg, result, _ = stream
+    table = read_split(cfg.data.output_dir, "sequences")
+    spec = batch_spec(cfg)
+    baseline = popularity_stream(table, cfg.train.window_days, spec, 256, "pessimistic")
+    assert baseline["stream/targets"] == result["best"]["stream/targets"]
+    windows = StreamWindows(table, cfg.train.window_days)
+    start, end = windows.edges[1], windows.edges[2]
+    items = table["items"].to_pylist()
+    stamps = table["timestamps"].to_pylist()
+    counts = np.zeros(spec.num_items + 1)
+    for row_items, row_stamps in zip(items, stamps):
+        for item, t in zip(row_items, row_stamps):
+            counts[item] += t < start
+    ranks = []
+    for row_items, row_stamps in zip(items, stamps):
+        for k in range(1, len(row_items)):
+            if start <= row_stamps[k] < end:
+                target, recent = row_items[k], set(row_items[max(0, k - spec.keep_items):k]) - {row_items[k]}
+                ranks.append(sum(1 for item in range(1, spec.num_items + 1)
+                                 if item not in recent and counts[item] >= counts[target]))
+    second, _ = windows.window(1)
+    scored = evaluate_window(Popularity(counts), second, spec, 256, "pessimistic")
+    expected = metrics_from_ranks(torch.tensor(ranks))
+    assert scored["window/targets"] == len(ranks)
+    assert scored["window/hr@10"] == pytest.approx(expected["hr@10"]) and \
+        scored["window/ndcg@10"] == pytest.approx(expected["ndcg@10"])
 
 
 def test_one_pass_logs_each_window_to_mlflow(stream):

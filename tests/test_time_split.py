@@ -16,7 +16,7 @@ from genrec.data.sequences import _user_fraction, make_splits
 from genrec.model import EncoderConfig, build_encoder
 from genrec.data.layout import TOKEN_TYPES
 from genrec.model.generative import GenerativeConfig, GenerativeRecommender, TokenTypes
-from genrec.train.batching import evaluation_batches
+from genrec.train.batching import batch_spec, evaluated_users, evaluation_batches, evaluation_split, sampled_users
 from genrec.train.evaluation import evaluate
 from genrec.train.ranking import TaskLabels, evaluate_ranking
 
@@ -135,6 +135,13 @@ def test_ranking_evaluation_scores_every_impression_after_the_cutoff(time_splits
         assert math.isfinite(scored["a1/ne"]) and 0 < scored["a1/auc"] < 1 and scored["hr@200"] > 0
 
 
+def same_rows(a: pa.Table, b: pa.Table) -> bool:
+    """Equal tables, a missing value (NaN) equal to itself."""
+    values = [np.asarray(t["values"].combine_chunks().flatten()) for t in (a, b)]
+    return a.drop_columns(["values"]).equals(b.drop_columns(["values"])) and \
+        np.array_equal(*values, equal_nan=True) and a["values"].combine_chunks().offsets == b["values"].combine_chunks().offsets
+
+
 def test_the_training_loop_scores_every_target_and_says_so(ray_cluster, tmp_path):
     from genrec.data.pipeline import prepare
     from genrec.data.prepared import read_split
@@ -160,6 +167,14 @@ def test_the_training_loop_scores_every_target_and_says_so(ray_cluster, tmp_path
                for s, t in (("valid", valid), ("test", test))}
     most = max(len(r) - e for r, e in zip(test["items"].to_pylist(), test["eval_start"].to_pylist()))
     assert most > 2 * cfg.model.max_seq_len  # users with many more targets than N
+    # what evaluation reads, a batch of rows at a time: every target's window, or those of a fixed share of users
+    keep = batch_spec(cfg).keep_items
+    read = evaluation_split(cfg.data.output_dir, "test", keep)
+    assert same_rows(read, target_windows(test, keep)) and same_rows(target_windows(read, keep), read)
+    assert same_rows(evaluation_split(cfg.data.output_dir, "test", keep, rows=3), read)  # many batches a file
+    half = evaluation_split(cfg.data.output_dir, "test", keep, users=0.5)
+    assert same_rows(half, target_windows(evaluated_users(test, 0.5), keep)) and 0 < half.num_rows < read.num_rows
+    assert not sampled_users(test, 0.5).num_rows  # why not the split's own hash: it would keep no test user
     lines = []
     result = fit(cfg, log=lines.append)
     (first,) = result["history"]

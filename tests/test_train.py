@@ -246,6 +246,26 @@ def test_streaming_data_mode_trains_from_ray_data_shards(tiny):
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses) and losses[1] < losses[0]
     # every training user is seen once per epoch across the two workers' shards
     assert result["history"][0]["train/examples_per_s"] * result["history"][0]["train/epoch_seconds"] == pytest.approx(240)
+    # workers holding every CPU would leave none to Ray Data's read tasks: the run would wait forever
+    import ray
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    with pytest.raises(ConfigError, match=r"train.data_mode='streaming' .* train.cpus_per_worker=1 leave 0 of"):
+        fit(variant(cfg, "streaming-no-cpu", data_mode="streaming", num_workers=cpus, cpus_per_worker=1))
+    # train.steps_per_epoch: a first look at a large log ends the epoch after that many steps on every worker
+    capped = fit(variant(cfg, "streaming-capped", epochs=1, data_mode="streaming", num_workers=2, steps_per_epoch=2),
+                 log=lambda *_: None)["history"][0]
+    assert capped["train/examples_per_s"] * capped["train/epoch_seconds"] == pytest.approx(2 * cfg.train.batch_size)
+
+
+def test_a_long_epoch_knows_its_steps_and_says_how_far_it_is(tiny):
+    from genrec.train.loop import planned_steps, progress_line
+
+    cfg, _ = tiny
+    assert planned_steps(cfg, None) == -(-240 // 32)  # the manifest's training users over the global batch
+    assert planned_steps(variant(cfg, None, steps_per_epoch=3), None) == 3
+    assert progress_line(0, 2, 8, 6400, 10.0) == "epoch 1: step 2 of 8 (25%), ~640 events/s, epoch ETA 30 s"
+    assert progress_line(1, 10, 1000, 1e6, 60.0).endswith("epoch ETA 99 min")
 
 
 def test_in_batch_negatives_option_reaches_the_training_batches(tiny):

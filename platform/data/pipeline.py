@@ -410,7 +410,7 @@ def _run_stages(cfg: DataConfig, plan: SourcePlan, out: Location, version: Locat
     return summary
 
 
-def _reasons(staging: Location) -> dict:
+def rejects_by_reason(staging: Location) -> dict:
     """Rejects counted by the kind of reason: its text up to the details, numbers as N."""
     reasons: dict = {}
     for f in (staging / REJECTS).list_files(suffixes=(".parquet",)):
@@ -439,7 +439,7 @@ def _check_accepted(chunks: list[dict], staging: Location, out: Location, cfg: D
     if sum(c["accepted"] for c in chunks):
         return
     total = sum(c["input_rows"] for c in chunks)
-    reasons = _reasons(staging)
+    reasons = rejects_by_reason(staging)
     kept = out.parent / f"{out.name}.rejects"
     if (staging / REJECTS).is_dir():
         _move(staging / REJECTS, kept)
@@ -457,7 +457,7 @@ def _check_accepted(chunks: list[dict], staging: Location, out: Location, cfg: D
 def _summary(cfg, plan, chunks, seq_stats, vocab, cutoff, staging: Location, universe: str) -> dict:
     total = lambda rows, key: int(sum(r[key] for r in rows))  # noqa: E731
     rejected = total(chunks, "rejected")
-    reasons = _reasons(staging)
+    reasons = rejects_by_reason(staging)
     summary = {
         "input_rows": total(chunks, "input_rows"),
         "accepted": total(chunks, "accepted"),

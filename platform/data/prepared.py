@@ -21,6 +21,7 @@ import json
 import os
 import uuid
 from datetime import datetime, timezone
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -87,6 +88,17 @@ def split_uris(folder: str | os.PathLike | Location, split: str) -> list[str]:
 def read_table(loc: Location, columns: list[str] | None = None) -> pa.Table:
     """One Parquet file from any storage."""
     return pq.read_table(loc.path, filesystem=loc.fs, columns=columns)
+
+
+def read_row_batches(loc: Location, columns: list[str] | None = None, rows: int = 16_384) -> Iterator[pa.Table]:
+    """One Parquet file from any storage, `rows` rows at a time: memory follows the batch, not the file (a
+    prepared file holds a partition of users, which grows with the log)."""
+    with loc.fs.open_input_file(loc.path) as stream:
+        file = pq.ParquetFile(stream)
+        if not file.metadata.num_rows:  # no batch: the file's empty table, so its schema still reaches concat
+            yield file.read(columns=columns)
+        for batch in file.iter_batches(batch_size=rows, columns=columns):
+            yield pa.Table.from_batches([batch])
 
 
 def write_table(table: pa.Table, loc: Location, **options) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
@@ -151,6 +152,33 @@ def fetched(source: ModelSource) -> Iterator[Path]:
         yield folder
 
 
+class ItemIds:
+    """Raw item id <-> dense id, in arrays rather than Python dicts (a dict of a 4M-item catalog's ids took
+    most of a GiB in every ingress replica): raw ids are keyed as text (7 and "7" alike), found by a binary
+    search of their sorted UTF-8 bytes."""
+
+    def __init__(self, index: np.ndarray, raw: pa.ChunkedArray, num_items: int) -> None:
+        by_dense, known = np.zeros(num_items + 1, dtype=np.int64), np.zeros(num_items + 1, dtype=bool)
+        by_dense[index], known[index] = np.arange(len(index)), True
+        self._raw = raw.take(pa.array(by_dense[1:], mask=~known[1:]))  # dense id d's raw id at d - 1
+        text = np.array([str(r).encode() for r in raw.to_pylist()], dtype=bytes)
+        order = np.argsort(text, kind="stable")
+        self._keys, self._dense = text[order], index[order]
+
+    def dense(self, raw) -> int | None:
+        """A raw id (any type: keyed as text) -> its dense id, or None for an item the model does not know."""
+        key = str(raw).encode()
+        at = int(np.searchsorted(self._keys, key))
+        return int(self._dense[at]) if at < len(self._keys) and self._keys[at] == key else None
+
+    def raw(self, dense: int):
+        return self._raw[dense - 1].as_py() if 0 < dense <= len(self._raw) else None
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ItemIds) and np.array_equal(self._keys, other._keys) and \
+            np.array_equal(self._dense, other._dense)
+
+
 class Catalog:
     """What the ingress needs of a model folder, without its weights: raw <-> dense item
     ids, item metadata, the action vocabulary, the model's N, the training data's folder."""
@@ -164,12 +192,8 @@ class Catalog:
         self.num_items = int(manifest["num_items"])
         self.kept_items = cfg.kept_items
         items = pq.read_table(folder / VOCAB / "items.parquet")
-        index = np.asarray(items["index"].to_pylist(), dtype=np.int64)
-        raw = items["item_id"].to_pylist()
-        self.raw_ids: list = [None] * (self.num_items + 1)
-        for i, r in zip(index, raw):
-            self.raw_ids[i] = r
-        self.dense = {str(r): int(i) for i, r in zip(index, raw)}  # ids are keyed as text: 7 and "7" alike
+        index = items["index"].to_numpy().astype(np.int64)
+        self.ids = ItemIds(index, items["item_id"], self.num_items)
         self.titles = dict(zip(index.tolist(), items["title"].to_pylist())) if "title" in items.column_names else {}
         self.genres = dict(zip(index.tolist(), items["genres"].to_pylist())) if "genres" in items.column_names else {}
 
@@ -188,7 +212,7 @@ class Catalog:
         return self.actions[action] if 0 <= action < len(self.actions) else str(action)
 
     def item(self, dense: int) -> dict:
-        return {"item_id": self.raw_ids[dense], "title": self.titles.get(dense), "genres": self.genres.get(dense)}
+        return {"item_id": self.ids.raw(dense), "title": self.titles.get(dense), "genres": self.genres.get(dense)}
 
 
 def serving_device(setting: str) -> str:

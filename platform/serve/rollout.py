@@ -83,7 +83,7 @@ def pinned(source: ModelSource) -> ModelSource:
 def check_same_catalog(retrieval: Catalog, ranker: Catalog, uri: str) -> None:
     """A ranker scores the items retrieval found by their dense ids, and reads the stored actions by id: both
     models must come from the same prepared data (the same vocabularies)."""
-    if ranker.dense != retrieval.dense or ranker.actions != retrieval.actions:
+    if ranker.ids != retrieval.ids or ranker.actions != retrieval.actions:
         raise ModelLoadError(f"ranker {uri}: its item or action vocabulary differs from the retrieval model's "
                              f"({ranker.num_items} vs {retrieval.num_items} items, actions {ranker.actions} vs "
                              f"{retrieval.actions}); train both on the same prepared data")

@@ -18,9 +18,10 @@ import pyarrow as pa
 import torch
 
 from ..config import ExperimentConfig
-from ..data.batches import build_batch, target_windows
+from ..data.batches import build_batch, count_targets, target_windows
 from ..data.jagged import select_sequences
 from ..data.loader import BatchSpec, iter_torch_batches, to_torch
+from ..data.prepared import read_row_batches, split_files
 from ..model import sample_negatives
 
 Batch = dict[str, torch.Tensor]
@@ -37,6 +38,45 @@ def evaluation_batches(table: pa.Table, spec: BatchSpec, batch_size: int) -> Ite
     """Batches that score every target of an evaluation table (rows with eval_start), each from its
     user's most recent spec.keep_items events (genrec.data.batches.target_windows); in order."""
     return iter_torch_batches(target_windows(table, spec.keep_items), spec, batch_size, shuffle=False)
+
+
+def sampled_users(table: pa.Table, share: float) -> pa.Table:
+    """The rows of a fixed share of users, chosen by a hash of the user id (so the same users in every
+    window and every run); all rows when share is 1."""
+    users = table["user"].to_numpy().astype(np.uint64)
+    return _users_below(table, users * np.uint64(0x9E3779B97F4A7C15), share)  # Fibonacci hashing
+
+
+def evaluated_users(table: pa.Table, share: float) -> pa.Table:
+    """The rows of a fixed share of users (eval.users), by a splitmix64 hash of the user id: not the
+    Fibonacci hash that sampled_users and the time split's valid/test assignment use, since sampling
+    by that same number again would keep only users on one side of the split's threshold (on a time
+    split, none of the test users)."""
+    x = table["user"].to_numpy().astype(np.uint64)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return _users_below(table, x ^ (x >> np.uint64(31)), share)
+
+
+def _users_below(table: pa.Table, hashed: np.ndarray, share: float) -> pa.Table:
+    """The rows whose 64-bit user hash, read as a fraction of 2**64 (its top 24 bits), is below `share`."""
+    if share >= 1:
+        return table
+    return table.filter(pa.array((hashed >> np.uint64(40)) < np.uint64(round(share * (1 << 24)))))
+
+
+def evaluation_split(folder, split: str, keep_items: int, users: float = 1.0, rows: int = 16_384) -> pa.Table:
+    """What evaluation ranks of a split (valid, test): the rows of a fixed `users` share of its users
+    (evaluated_users), each cut to the windows its targets are scored from (target_windows), read a batch
+    of rows at a time: memory follows the evaluated targets' windows, not the split's files."""
+    return pa.concat_tables(target_windows(evaluated_users(batch, users), keep_items)
+                            for f in split_files(folder, split) for batch in read_row_batches(f, rows=rows))
+
+
+def split_target_count(folder, split: str) -> int:
+    """The number of targets in a split, counted a batch of rows at a time."""
+    return sum(count_targets(batch) for f in split_files(folder, split)
+               for batch in read_row_batches(f, columns=["items", "eval_start"]))
 
 
 def epoch_rng(seed: int, epoch: int, rank: int | None = None) -> np.random.Generator:

@@ -13,12 +13,14 @@ so 1 and 2 workers train the same model; batches and seeds: see batching.py.
 
 from __future__ import annotations
 
+import io
 import math
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 
@@ -26,20 +28,23 @@ from ..artifact import build_model, is_ranking
 from ..config import ExperimentConfig
 from ..data.batches import count_targets
 from ..data.loader import BatchSpec
-from ..data.prepared import SEQUENCES, read_split
+from ..data.prepared import SEQUENCES, read_manifest, read_split
 from ..errors import GenrecError
 from ..model import sampled_softmax_loss
 from ..storage import Location, location
-from .batching import batch_spec, evaluation_batches, replicated_batches, streaming_batches
+from .batching import batch_spec, evaluation_batches, evaluation_split, replicated_batches, streaming_batches
 from .checkpoint import Progress, restore, save_checkpoint
-from .evaluation import evaluate
+from .evaluation import evaluate, whole_catalog
 from .flops import FlopModel
 from .ranking import RankingStep, ranking_evaluator
 from .ranking import SELECTION_METRIC as RANKING_SELECTION_METRIC
-from .sharding import full_state_dict, optimizer_groups, scoring_items, shard_item_tables
+from .optim import build_optimizer
+from .sharding import (full_state_dict, item_table_names, local_catalog, optimizer_groups, scoring_items,
+                       shard_item_tables)
 from .streaming import StreamWindows, add_to_stream, evaluate_window
 
 SELECTION_METRIC = "valid/ndcg@10"
+PROGRESS_EVERY_S = 60  # an epoch (or window) longer than this shows a progress line this often
 
 
 def selection_metric(cfg: ExperimentConfig) -> str:
@@ -58,6 +63,22 @@ class NonFiniteLossError(GenrecError, FloatingPointError):
 
 class NoModelSelectedError(GenrecError):
     """No evaluation ever selected a model (its selection metric was never a number): nothing is registered."""
+
+
+@dataclass(frozen=True)
+class StartingPoint:
+    """Where a run without a checkpoint of its own starts (a refresh, genrec.train.refresh): the weights in
+    `state`, a torch file on storage ({"model": state dict, "optimizer": state dict or None}; the optimizer's
+    only for replicated tables), and in one_pass mode the time its first window starts (earlier events are
+    history only: never ranked, never trained on). A run with a checkpoint resumes from it instead."""
+
+    state: str
+    window_start: int | None = None
+
+
+def read_starting_state(start: StartingPoint) -> dict:
+    """The state a StartingPoint names, from wherever it is stored (the run's folder: local or an object store)."""
+    return torch.load(io.BytesIO(location(start.state, "train.storage_path").read_bytes()), weights_only=True)
 
 
 class _Diverged(Exception):
@@ -82,7 +103,6 @@ class Worker:
     eval_spec: BatchSpec
     sharded: bool  # the item tables are split row-wise over the workers (genrec.train.sharding)
     _evaluation_model: torch.nn.Module | None = None  # rank 0, sharded: a whole copy, filled per evaluation
-    _evaluation_model_current: bool = False  # sharded, on every rank alike: no step since it was filled
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -102,14 +122,11 @@ class Worker:
         Sharded, it is a collective: every rank calls it at the same points."""
         if not self.sharded:
             return self.core if self.rank == 0 else None
-        if not self._evaluation_model_current:  # e.g. one pass ranks the next window with the last one's model
-            state = full_state_dict(self.core, self.rank)
-            if self.rank == 0:
-                if self._evaluation_model is None:
-                    self._evaluation_model = build_model(self.cfg).to(self.device)
-                self._evaluation_model.load_state_dict(state)
-            self._evaluation_model_current = True
+        state = full_state_dict(self.core, self.rank)
         if self.rank == 0:
+            if self._evaluation_model is None:
+                self._evaluation_model = build_model(self.cfg).to(self.device)
+            self._evaluation_model.load_state_dict(state)
             self._evaluation_model.train(self.core.training)
         return self._evaluation_model
 
@@ -120,9 +137,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from .tracking import MetricLogger
 
     cfg = ExperimentConfig.model_validate(loop_config["experiment"])
-    worker, progress = setup_and_resume(cfg, location(loop_config["run_folder"], "train.storage_path"))
-    windows = StreamWindows(read_split(cfg.data.output_dir, SEQUENCES), cfg.train.window_days) \
-        if cfg.train.mode == "one_pass" else None
+    start = StartingPoint(**loop_config["start"]) if loop_config.get("start") else None
+    worker, progress = setup_and_resume(cfg, location(loop_config["run_folder"], "train.storage_path"), start)
+    windows = StreamWindows(read_split(cfg.data.output_dir, SEQUENCES), cfg.train.window_days,
+                            start.window_start if start else None) if cfg.train.mode == "one_pass" else None
     total = len(windows) if windows else cfg.train.epochs
     logger = MetricLogger(cfg, worker.run_folder, loop_config.get("mlflow_run_id"), progress.epoch + 1, total,
                           "window" if windows else "epoch") if worker.rank == 0 else None
@@ -130,18 +148,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         logger.say(f"resumed from checkpoint after {'window' if windows else 'epoch'} {progress.epoch + 1}")
     train_table = read_split(cfg.data.output_dir, train_split_name(cfg)) \
         if cfg.train.data_mode == "replicated" and not windows else None
-    splits = {s: read_split(cfg.data.output_dir, s) for s in ("valid", "test")} if worker.rank == 0 and not windows else {}
+    splits = {s: evaluation_split(cfg.data.output_dir, s, worker.eval_spec.keep_items, cfg.eval.users)
+              for s in ("valid", "test")} if worker.rank == 0 and not windows else {}
     if logger and splits:
-        logger.say(evaluation_targets_line(splits, worker.eval_spec.keep_items))
+        logger.say(evaluation_targets_line(cfg, splits, worker.eval_spec.keep_items))
     for epoch in range(progress.epoch + 1, total):
         scored = {}
         if windows:
             train_table, targets = windows.window(epoch)
-            model = worker.whole_model() if targets else None
-            if worker.rank == 0 and targets:
-                scored = score_window(worker, model, train_table, epoch, progress)
+            if targets and (worker.rank == 0 or worker.sharded):
+                scored = score_window(worker, train_table, epoch, progress)
         try:
-            metrics = {**train_one_epoch(worker, epoch, train_table), **scored}
+            metrics = {**train_one_epoch(worker, epoch, train_table, logger.say if logger else None), **scored}
             # the run's compute so far, from the history so that it survives a resume (scaling sweeps read it)
             metrics["train/cumulative_flops"] = metrics["train/flops"] + sum(h.get("train/flops", 0.0) for h in progress.history)
         except _Diverged as diverged:  # every rank stops; the last good checkpoint stays the run's latest
@@ -150,11 +168,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 logger.say(message)
                 (worker.run_folder / NON_FINITE_MARKER).write_text(message)
             return
-        model = worker.whole_model() if windows or evaluates(cfg, epoch) else None
-        if worker.rank == 0 and not windows:
-            evaluate_and_select(worker, model, splits, metrics, epoch, progress)
-        elif worker.rank == 0:  # one pass: the model that has seen every window so far is the result
-            progress.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if windows:  # one pass: the model that has seen every window so far is the result
+            progress.best_state = full_state_dict(worker.core, worker.rank)
+        else:
+            model = worker.whole_model() if evaluates(cfg, epoch) else None
+            if worker.rank == 0:
+                evaluate_and_select(worker, model, splits, metrics, epoch, progress)
         if logger:
             logger.log_epoch(metrics, epoch, progress.best)
         progress.epoch = epoch
@@ -174,8 +193,9 @@ def train_split_name(cfg: ExperimentConfig) -> str:
     return "train" if cfg.train.train_on == "train" else "valid"
 
 
-def setup_and_resume(cfg: ExperimentConfig, run_folder: Location) -> tuple[Worker, Progress]:
-    """Threads, seed, device, model and optimizer; then the latest checkpoint, if any."""
+def setup_and_resume(cfg: ExperimentConfig, run_folder: Location,
+                     start: StartingPoint | None = None) -> tuple[Worker, Progress]:
+    """Threads, seed, device, model and optimizer; then the latest checkpoint, if any, else `start`'s state."""
     import ray.train
 
     ctx = ray.train.get_context()
@@ -184,16 +204,24 @@ def setup_and_resume(cfg: ExperimentConfig, run_folder: Location) -> tuple[Worke
     torch.manual_seed(t.seed)
     device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
     model = build_model(cfg)
+    checkpoint = ray.train.get_checkpoint()
+    initial = read_starting_state(start) if start and not checkpoint else None
+    if initial:  # whole tables, before any sharding
+        model.load_state_dict(initial["model"])
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     sharded = cfg.model.embedding_sharding == "row_wise"
     tables = shard_item_tables(model.to(device), world, device) if sharded else []
     hyper = dict(lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-    optimizer = torch.optim.AdamW(optimizer_groups(model, tables), **hyper)
-    checkpoint = ray.train.get_checkpoint()
+    item_tables = [model.get_parameter(f"{name}.weight") for name in item_table_names(model)]
+    optimizer = build_optimizer(optimizer_groups(model, tables), item_tables, t.embedding_optimizer, **hyper)
     if checkpoint:
         with checkpoint.as_directory() as folder:
             progress = restore(folder, model, optimizer, hyper, rank)
     else:
+        if initial and initial.get("optimizer") and not sharded:
+            optimizer.load_state_dict(initial["optimizer"])
+            for group in optimizer.param_groups:
+                group.update(hyper)  # the run's settings, not those the state was trained with
         progress = Progress(best_state=full_state_dict(model, rank))
     wrapped = ray.train.torch.prepare_model(model)  # DDP when world > 1 (the sharded tables left out), on the device
     worker = Worker(cfg, rank, world, device, wrapped, model, optimizer, run_folder,
@@ -201,8 +229,9 @@ def setup_and_resume(cfg: ExperimentConfig, run_folder: Location) -> tuple[Worke
     return worker, progress
 
 
-def train_one_epoch(w: Worker, epoch: int, train_table) -> dict:
-    """One pass over the training data -> the epoch's metrics (_Diverged if the loss became nan/inf)."""
+def train_one_epoch(w: Worker, epoch: int, train_table, say=None) -> dict:
+    """One pass over the training data (or train.steps_per_epoch steps) -> the epoch's metrics (_Diverged if
+    the loss became nan/inf). say: rank 0's logger; an epoch longer than PROGRESS_EVERY_S shows progress."""
     import ray.train
 
     cfg = w.cfg
@@ -210,9 +239,9 @@ def train_one_epoch(w: Worker, epoch: int, train_table) -> dict:
         batches = replicated_batches(train_table, w.train_spec, cfg, epoch, w.rank, w.world)
     else:
         batches = streaming_batches(ray.train.get_dataset_shard("train"), w.train_spec, cfg, epoch, w.rank, w.world)
-    started = time.time()
+    planned = planned_steps(cfg, train_table)
+    started = last_said = time.time()
     w.model.train()
-    w._evaluation_model_current = False
     loss_sum, steps, examples, tokens, flops = 0.0, 0, 0, 0, 0.0
     flop_model = FlopModel.from_config(cfg)
     ranking_step = RankingStep(cfg) if is_ranking(cfg) else None  # interleaved batches, multi-task loss
@@ -234,6 +263,11 @@ def train_one_epoch(w: Worker, epoch: int, train_table) -> dict:
         examples += len(batch["users"])
         tokens += len(batch["item_ids"])
         flops += flop_model.batch(batch["offsets"], batch["target_ids"])
+        if say and time.time() - last_said >= PROGRESS_EVERY_S:
+            last_said = time.time()
+            say(progress_line(epoch, steps, planned, tokens * w.world, last_said - started))
+        if steps == cfg.train.steps_per_epoch:  # the same step on every worker: each has its share of a batch
+            break
     # the global loss and counts, as one worker would see them
     loss_sum, examples, tokens, flops = w.all_reduce(
         torch.tensor([loss_sum, examples, tokens, flops], dtype=torch.float64)).tolist()
@@ -241,6 +275,23 @@ def train_one_epoch(w: Worker, epoch: int, train_table) -> dict:
     return {"epoch": epoch + 1, "train/loss": loss_sum / max(steps, 1), "train/examples_per_s": examples / seconds,
             "train/tokens_per_s": tokens / seconds, "train/epoch_seconds": seconds, "train/flops": flops,
             **(ranking_step.epoch_metrics(w, steps, seconds) if ranking_step else {})}
+
+
+def planned_steps(cfg: ExperimentConfig, train_table) -> int:
+    """Steps in an epoch: the training users (of the table, or from the manifest when streaming) over the
+    global batch, at most train.steps_per_epoch. One pass mode: the window's users."""
+    users = train_table.num_rows if train_table is not None else \
+        read_manifest(cfg.data.output_dir)[f"{'train' if train_split_name(cfg) == 'train' else 'valid'}_users"]
+    steps = -(-users // cfg.train.batch_size)
+    return min(steps, cfg.train.steps_per_epoch or steps)
+
+
+def progress_line(epoch: int, steps: int, planned: int, events: float, seconds: float) -> str:
+    """Within a long epoch: how far, how fast (events: all workers', from rank 0's count x workers), how long."""
+    eta = seconds / steps * max(planned - steps, 0)
+    left = f"{eta:.0f} s" if eta < 120 else f"{eta / 60:.0f} min"
+    return (f"epoch {epoch + 1}: step {steps:,} of {planned:,} ({steps / planned:.0%}), ~{events / seconds:,.0f} "
+            f"events/s, epoch ETA {left}")
 
 
 def validates(cfg: ExperimentConfig, epoch: int) -> bool:
@@ -282,23 +333,28 @@ def evaluate_and_select(w: Worker, model: torch.nn.Module | None, splits: dict, 
     metrics["eval_seconds"] = time.time() - started
 
 
-def score_window(w: Worker, model: torch.nn.Module, table, window: int, progress: Progress) -> dict:
-    """Rank 0, one_pass mode: rank the window's events with `model` (Worker.whole_model) before training
-    on them; from the second window on, add them to the run's stream metrics. The latest model is the result."""
+def score_window(w: Worker, table, window: int, progress: Progress) -> dict:
+    """One_pass mode: rank the window's events with the model before training on them (rank 0; with sharded
+    tables every worker, each against its own block: genrec.train.sharding.local_catalog); from the second
+    window on, add them to the run's stream metrics. The latest model is the result."""
     started = time.time()
-    scored = evaluate_window(model, table, w.eval_spec, w.cfg.eval.batch_size, w.cfg.eval.ties, w.cfg.eval.window_users)
+    ev = w.cfg.eval
+    scored = evaluate_window(w.core, table, w.eval_spec, ev.batch_size, ev.ties, ev.window_users,
+                             catalog=local_catalog if w.sharded else whole_catalog)
     if window > 0 and scored["window/targets"]:
         progress.best = {**progress.best, **add_to_stream(progress.best, scored), "best_epoch": window + 1}
     scored["eval_seconds"] = time.time() - started
     return scored
 
 
-def evaluation_targets_line(splits: dict, max_seq_len: int) -> str:
-    """What evaluation scores: every target of valid and test, each from its most recent events."""
-    counts = ", ".join(f"{split} {count_targets(table):,} targets of {table.num_rows:,} users"
-                       for split, table in splits.items())
+def evaluation_targets_line(cfg: ExperimentConfig, splits: dict, max_seq_len: int) -> str:
+    """What evaluation scores: every target of valid and test (of the eval.users sample), each from its
+    most recent events."""
+    counts = ", ".join(f"{split} {count_targets(table):,} targets of {pc.count_distinct(table['user']).as_py():,} "
+                       f"users" for split, table in splits.items())
+    sample = f"; a fixed {cfg.eval.users:.1%} of the users (eval.users)" if cfg.eval.users < 1 else ""
     return f"evaluation: {counts} (every event from each user's eval_start on, each scored from its " \
-           f"user's most recent {max_seq_len} events before it)"
+           f"user's most recent {max_seq_len} events before it{sample})"
 
 
 def patience_started(cfg: ExperimentConfig, best: dict) -> bool:

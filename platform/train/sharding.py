@@ -31,9 +31,9 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from ..config import ExperimentConfig
 from ..model.encoder import L2_NORM_EPS
+from ..model.growth import ITEM_TABLES
+from .optim import record_touched_rows
 
-# Where each model kind keeps its item table (SequentialEncoder: embedding.items; gr, dlrm: items).
-ITEM_TABLES = ("embedding.items", "items")
 # Bytes per table entry while training: the fp32 weight, its gradient and AdamW's two moments.
 TRAINING_BYTES_PER_ENTRY = 16
 
@@ -65,13 +65,37 @@ class RowWiseEmbedding(nn.Module):
         every = funcol.all_gather_single(padded, 0, self.mesh)  # [workers x longest]
         local = every - self.first_row
         mine = (local >= 0) & (local < self.weight.to_local().size(0)) & (every > 0)
-        rows = F.embedding(torch.where(mine, local, 0), self.weight.to_local()) * mine.unsqueeze(1)
+        rows = _OwnedRows.apply(self.weight, torch.where(mine, local, 0), mine) * mine.unsqueeze(1)
         rows = _ScaledGradient.apply(rows, self.gradient_scale)
         rows = funcol.reduce_scatter_single(rows, "sum", 0, self.mesh)  # [longest, D]: the rows of my ids
         return rows[: unique.numel()][inverse].view(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, row-wise over {self.mesh.size()} workers"
+
+
+class _OwnedRows(torch.autograd.Function):
+    """block[index] of a Shard(0) table, whose backward adds the rows' gradient into the table's .grad in
+    place (allocating it, zero, when there is none) instead of returning a gradient the size of the block
+    for autograd to allocate, fill and add to the last one: with two lookups a step (the history and the
+    sampled softmax's candidates) that was five passes over the block per step, whatever the batch."""
+
+    @staticmethod
+    def forward(ctx, weight: DTensor, index: torch.Tensor, owned: torch.Tensor) -> torch.Tensor:
+        """index: rows of this worker's block; owned: which of them are real lookups (the rest are masked)."""
+        ctx.weight = weight
+        ctx.save_for_backward(index, owned)
+        return weight.to_local()[index]
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor):
+        index, owned = ctx.saved_tensors
+        weight = ctx.weight
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        weight.grad.to_local().index_add_(0, index, gradient)
+        record_touched_rows(weight, index[owned])  # RowSparseAdamW reads these rows, not the whole block
+        return None, None, None
 
 
 class _ScaledGradient(torch.autograd.Function):
@@ -156,6 +180,22 @@ def _gather_rows(table: DTensor, rank: int) -> torch.Tensor | None:
     whole = padded.new_empty(block * mesh.size(), table.size(1)) if rank == 0 else None  # on the workers' device
     dist.gather(padded, list(whole.chunk(mesh.size())) if rank == 0 else None, dst=0, group=mesh.get_group())
     return whole[: table.size(0)].cpu() if rank == 0 else None
+
+
+def local_catalog(model: nn.Module) -> dict:
+    """This worker's block of the model's sharded item table, L2-normalised, as full_ranks ranks against
+    it (genrec.train.evaluation.evaluate's catalog): every worker ranks the same queries against its own
+    rows and the workers' counts are summed, so the ranking is spread over the workers and the whole
+    table is never gathered."""
+    table = model.get_submodule(item_table_names(model)[0])
+    group = table.mesh.get_group()
+
+    def sum_over_workers(tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, group=group)
+        return tensor
+
+    return {"items": F.normalize(table.weight.to_local(), dim=-1, eps=L2_NORM_EPS), "first_id": table.first_row,
+            "total_rows": table.num_embeddings, "sum_over_workers": sum_over_workers}
 
 
 def optimizer_groups(model: nn.Module, sharded: list[str]) -> list[dict]:

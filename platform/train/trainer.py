@@ -10,6 +10,7 @@ are printed here, so a terminal shows them without Ray's own logs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import threading
@@ -17,15 +18,14 @@ from pathlib import Path, PurePosixPath
 
 from ..artifact import is_ranking, load_model
 from ..config import ConfigError, ExperimentConfig
-from ..data.batches import count_targets
-from ..data.prepared import read_manifest, read_split, split_uris
+from ..data.prepared import read_manifest, split_uris
 from ..storage import Location, check_writable, location
 from . import tracking
-from .batching import batch_spec, evaluation_batches
+from .batching import batch_spec, evaluation_batches, evaluation_split, split_target_count
 from .checkpoint import read_progress
 from .evaluation import evaluate
-from .loop import (NON_FINITE_MARKER, STOP_REQUEST, NoModelSelectedError, NonFiniteLossError, selection_metric,
-                   train_loop_per_worker)
+from .loop import (NON_FINITE_MARKER, STOP_REQUEST, NoModelSelectedError, NonFiniteLossError, StartingPoint,
+                   selection_metric, train_loop_per_worker)
 from .ranking import check_ranking_data, check_selection_tasks, ranking_evaluator
 from .sharding import resolve_sharding
 
@@ -48,9 +48,11 @@ def workers_view(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
-def fit(cfg: ExperimentConfig, log=print, callbacks=(), mlflow_tags: dict | None = None) -> dict:
+def fit(cfg: ExperimentConfig, log=print, callbacks=(), mlflow_tags: dict | None = None,
+        start: StartingPoint | None = None) -> dict:
     """callbacks: Ray Train callbacks (a sweep passes Tune's report callback); mlflow_tags: set on the
-    run when it is created (a sweep's trials name their parent run)."""
+    run when it is created (a sweep's trials name their parent run); start: the weights (and first window)
+    a run without a checkpoint starts from (a refresh, genrec.train.refresh), else a fresh model."""
     check_before_workers(cfg, log)
     cfg = workers_view(cfg)
     t = cfg.train
@@ -60,7 +62,7 @@ def fit(cfg: ExperimentConfig, log=print, callbacks=(), mlflow_tags: dict | None
     run_id = tracking.start_or_resume_run(cfg, run_name, mlflow_tags)
     marker = run_folder / NON_FINITE_MARKER
     marker.delete()
-    trainer = torch_trainer(cfg, run_name, run_id, run_folder, callbacks)
+    trainer = torch_trainer(cfg, run_name, run_id, run_folder, callbacks, start)
     tables = ", item table row-wise over the workers" if cfg.model.embedding_sharding == "row_wise" else ""
     log(f"[train] run {run_name!r}: {t.num_workers} worker(s){tables}, backend {_backend(cfg)}, storage {run_folder}")
     result = fit_showing_progress(trainer, run_folder, log)
@@ -102,9 +104,34 @@ def check_before_workers(cfg: ExperimentConfig, log) -> None:
     for warning in check_selection_tasks(cfg):  # refuses when no task could select a model
         log(f"[train] warning: {warning}")
     tracking.check_registered_kind(cfg)  # the registered name must not hold another model.kind
+    check_streaming_cpus(cfg, log)
 
 
-def torch_trainer(cfg: ExperimentConfig, run_name: str, run_id: str, run_folder: Location, callbacks=()):
+def check_streaming_cpus(cfg: ExperimentConfig, log) -> None:
+    """The streaming data mode reads the split with Ray Data tasks while the workers train; with every CPU
+    held by a training worker those tasks never start and the run waits forever, saying nothing. Refused
+    on a local cluster; a warning on a joined one, which may add nodes."""
+    import ray
+
+    t = cfg.train
+    if t.data_mode != "streaming" or not ray.is_initialized():
+        return
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    left = cpus - t.num_workers * t.cpus_per_worker
+    if left >= 1:
+        return
+    message = (f"train.data_mode='streaming' reads the training split with Ray Data tasks (1 CPU each) while the "
+               f"workers train, and {t.num_workers} worker(s) x train.cpus_per_worker={t.cpus_per_worker:g} leave "
+               f"{max(left, 0):g} of the cluster's {cpus:g} CPUs: lower train.cpus_per_worker or train.num_workers "
+               f"so that at least 1 CPU is left")
+    if cfg.ray.joins_cluster():
+        log(f"[train] warning: {message} (or let the cluster add nodes)")
+    else:
+        raise ConfigError(message)
+
+
+def torch_trainer(cfg: ExperimentConfig, run_name: str, run_id: str, run_folder: Location, callbacks=(),
+                  start: StartingPoint | None = None):
     """The Ray Train run: the per-worker loop, its workers and where its checkpoints go (Ray Train keeps
     them on any storage pyarrow reaches, and finds them there again when the run name comes back)."""
     import ray.data
@@ -118,7 +145,7 @@ def torch_trainer(cfg: ExperimentConfig, run_name: str, run_id: str, run_folder:
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "mlflow_run_id": run_id,
-                           "run_folder": str(run_folder)},
+                           "run_folder": str(run_folder), "start": dataclasses.asdict(start) if start else None},
         torch_config=TorchConfig(backend=_backend(cfg)),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {}),
@@ -153,7 +180,7 @@ def result_lines(cfg: ExperimentConfig, best: dict, history: list, registered: s
                 f"events ranked, windows 2..{len(history)}); {registered}"]
     lines = [f"[train] epoch {epoch} (eval.test_epochs):{tracking.scores_text(cfg, scores, 'test')}"
              for epoch, scores in tested_epochs(cfg, history).items()]
-    total = count_targets(read_split(cfg.data.output_dir, "test"))
+    total = split_target_count(cfg.data.output_dir, "test")
     return lines + [f"[train] best epoch {best.get('best_epoch')}:{tracking.scores_text(cfg, best, 'test')} "
                     f"({best.get('test/targets', 0):,.0f} of {total:,} test targets scored); {registered}"]
 
@@ -252,6 +279,8 @@ def evaluate_model(cfg: ExperimentConfig, model_uri: str, split: str) -> dict:
         raise ConfigError(f"batching.layout={cfg.batching.layout!r} does not fit model {model_uri} "
                           f"(model.kind={model_cfg.model.kind!r}, which reads the {model_cfg.batching.layout!r} layout)")
     run_cfg = model_cfg.model_copy(update={"data": cfg.data, "batching": cfg.batching, "eval": cfg.eval})
-    batches = evaluation_batches(read_split(cfg.data.output_dir, split), batch_spec(run_cfg), cfg.eval.batch_size)
+    spec = batch_spec(run_cfg)
+    batches = evaluation_batches(evaluation_split(cfg.data.output_dir, split, spec.keep_items, cfg.eval.users), spec,
+                                 cfg.eval.batch_size)
     scores = ranking_evaluator(run_cfg) if is_ranking(model_cfg) else evaluate
     return scores(model, batches, ties=cfg.eval.ties)

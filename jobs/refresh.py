@@ -1,0 +1,37 @@
+"""Recipe: keep a registered model fresh: continue it on the events since its data cutoff, move its alias if not worse.
+
+    python jobs/refresh.py --config configs/synthetic/refresh.yaml
+    ray job submit --working-dir . -- python jobs/refresh.py --config configs/synthetic/refresh.yaml
+
+The config is the experiment's (data.source: where new event files appear; train, eval, tracking, Ray) with a
+`refresh:` section: the model (models:/<name>@<alias>), the sources (new files of data.source, a Serve app's
+events_db), the chunks and the gate. The model's own shape comes from the registered version. Run it on a
+schedule: a refresh with nothing new since the cutoff does nothing.
+
+Exit status: 0 when the alias moved to the new version (or nothing was new), 3 when the gate kept the alias
+on the current version (the new version is registered, tagged with why), 2 for a user error (one line).
+"""
+
+import json
+
+from genrec.errors import GenrecError
+from genrec.runtime import init_ray, load_job_config, run_job
+from genrec.train.refresh import KEPT, refresh
+from genrec.train.trainer import check_storage
+
+GATE_KEPT_EXIT = 3  # not an error of the job, but a scheduler should see that the model did not move
+
+
+def main(args) -> int:
+    cfg = load_job_config(args)
+    if cfg.refresh is None:
+        raise GenrecError(f"{args.config}: no refresh section (refresh.model: models:/<name>@<alias>, ...)")
+    check_storage(cfg)  # before Ray starts
+    init_ray(cfg.ray)
+    result = refresh(cfg)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("history", "current_windows")}, indent=1))
+    return GATE_KEPT_EXIT if result["outcome"] == KEPT else 0
+
+
+if __name__ == "__main__":
+    run_job(main, __doc__.splitlines()[0])

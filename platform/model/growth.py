@@ -1,0 +1,94 @@
+"""Growing a trained model to a larger item vocabulary: a grown vocabulary (genrec.data.vocabulary) keeps
+every old dense id and appends the new ones after them, so the item table keeps every trained row as it is
+and gains rows at the end.
+
+    replaced = grow_item_tables(model, num_items)    # a live model (tell its optimizer: optim.grow_optimizer_rows)
+    state = grow_state_dict(state, num_items)        # or a saved / gathered state dict
+
+Only the item table grows: the action, context, token-type, position and age tables of the rankers are
+sized by the action and context vocabularies and the sequence length, which a new item or user leaves as
+they are. No model kind has a user table (a user is their history). A row-wise sharded table
+(genrec.train.sharding) is refused: grow the model before sharding it, or grow the whole state dict
+(full_state_dict) and load it into a model built with the new size.
+
+New rows start as the mean of the trained rows (not the padding row 0), unless given. A new item has no
+evidence yet, and the mean is the neutral guess on both sides of the table: as a retrieval target its
+direction is the catalog's centre, so it scores like a typical item for every user instead of at a random
+direction's whim (too high for some users, invisible to others); as an input its vector is shorter than
+a trained row's (averaging cancels the items' specific directions), so a never-trained item in a history
+adds a weak, generic signal. All new rows start equal and part at their first gradient, each row its own.
+"""
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+# Where each model kind keeps its item table: SequentialEncoder (hstu, sasrec) embedding.items;
+# GenerativeRecommender (gr) and DLRMRanker (dlrm) items (genrec.train.sharding splits these too).
+ITEM_TABLES = ("embedding.items", "items")
+STATE_KEYS = tuple(f"{name}.weight" for name in ITEM_TABLES)
+
+
+def mean_row(weight: torch.Tensor) -> torch.Tensor:
+    """[R, D] table -> [D]: the mean of its trained rows 1..R-1 (row 0 is padding), in fp32 at least."""
+    if weight.size(0) < 2:
+        raise ValueError("an item table with no item row has no trained rows to start new rows from")
+    return weight[1:].to(torch.promote_types(weight.dtype, torch.float32)).mean(0).to(weight.dtype)
+
+
+def grow_rows(weight: torch.Tensor, num_rows: int, new_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """[R, D] -> [num_rows, D]: the R rows unchanged, then num_rows - R new ones, `new_rows` ([D], one row for
+    all, or [num_rows - R, D]) or else the mean of the trained rows (see the module's docstring)."""
+    added = num_rows - weight.size(0)
+    if added < 0:
+        raise ValueError(f"a table of {weight.size(0)} rows cannot grow to {num_rows}: growth keeps every row")
+    rows = (mean_row(weight) if new_rows is None else new_rows).to(weight.dtype).to(weight.device)
+    return torch.cat([weight.detach(), rows.expand(added, weight.size(1))])
+
+
+def item_table(model: nn.Module) -> tuple[str, nn.Module]:
+    """(dotted name, module) of the model's item table."""
+    modules = dict(model.named_modules())
+    for name in ITEM_TABLES:
+        if name in modules:
+            return name, modules[name]
+    raise ValueError(f"{type(model).__name__} has no item table (looked for {', '.join(ITEM_TABLES)})")
+
+
+@torch.no_grad()
+def grow_item_tables(model: nn.Module, num_items: int,
+                     new_rows: torch.Tensor | None = None) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """Grow the model's item table to items 1..num_items (row 0 stays padding) in place, and record the
+    new size in its config (what build_model and a saved model's manifest say). Returns the replaced
+    parameters as (old, new) pairs, for the optimizer (genrec.train.optim.grow_optimizer_rows); none when
+    the table already has that size."""
+    name, table = item_table(model)
+    if not isinstance(table, nn.Embedding):
+        raise TypeError(f"{name} is a {type(table).__name__}, not an nn.Embedding: a row-wise sharded table "
+                        "does not grow in place; grow the model before sharding it, or gather its whole "
+                        "state dict (genrec.train.sharding.full_state_dict), grow that (grow_state_dict) and "
+                        "load it into a model built with the new item count")
+    if table.num_embeddings == num_items + 1:
+        return []
+    old = table.weight
+    table.weight = nn.Parameter(grow_rows(old, num_items + 1, new_rows), requires_grad=old.requires_grad)
+    table.num_embeddings = num_items + 1
+    model.config = _with_num_items(model.config, num_items)
+    return [(old, table.weight)]
+
+
+def _with_num_items(config, num_items: int):
+    """An EncoderConfig, or a ranker's GenerativeConfig (its encoder's), sized for num_items."""
+    if hasattr(config, "encoder"):
+        return dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, num_items=num_items))
+    return dataclasses.replace(config, num_items=num_items)
+
+
+def grow_state_dict(state: dict, num_items: int, new_rows: torch.Tensor | None = None) -> dict:
+    """A model's whole state dict with its item table grown to items 1..num_items, as grow_item_tables
+    grows a live model's: it loads into a model built for num_items."""
+    keys = [key for key in STATE_KEYS if key in state]
+    if not keys:
+        raise ValueError(f"the state dict has no item table (looked for {', '.join(STATE_KEYS)})")
+    return {**state, keys[0]: grow_rows(state[keys[0]], num_items + 1, new_rows)}
