@@ -2,13 +2,21 @@
 continues on the events since its data cutoff, and the alias moves only past the gate.
 
 The first tests need no Ray: the sequences a window appends to, the gate's arithmetic, one-pass windows that
-start at a given time, and the serving log read back as raw-id events. The rest run the whole refresh on a
+start at a given time, and the serving log read back as raw-id events. The rest run the whole loop on a
 real local Ray cluster and a sqlite MLflow store, on a tiny world whose event log (CSV files) grows by new
 files: every user walks a ring of items one step per event, and the new window's ring holds items never seen.
+A Serve app follows the alias (model.watch_s) and logs events over HTTP, one of them on an item no file has;
+after the refresh it answers from the new version, with the new items, and no logged event counted twice.
 """
 
 import json
+import socket
+import sqlite3
+import time
+from contextlib import closing
+from pathlib import Path
 
+import httpx
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -19,6 +27,7 @@ from genrec.config import ConfigError, ExperimentConfig, load_config
 from genrec.data.prepared import DATA_PREFIX, MANIFEST, SEQUENCES, VOCAB, read_manifest, read_rejects, read_split, \
     read_vocab, version_name, write_table
 from genrec.data.vocabulary import read_vocabulary, vocabulary_fingerprint
+from genrec.serve.deploy import load_serve_file, start
 from genrec.serve.store import EmbeddedHistoryStore
 from genrec.storage import location
 from genrec.train.refresh import (KEPT, PROMOTED, CurrentModel, RefreshError, append_sequences, judge,
@@ -111,27 +120,46 @@ def test_the_serving_log_becomes_raw_id_events_with_every_bad_row_rejected_for_i
     store.append("7", np.array([1, 3]), np.array([1, 2]), np.array([105, 120]))  # t=105: before the cutoff 110
     store.append("9", np.array([2, 5, 1]), np.array([2, 2, 3]), np.array([130, 131, 132]))  # 5: no item; 3: two actions
     store.append("alice", np.array([1]), np.array([1]), np.array([140]))  # user ids are integers here
+    # items the model does not know, logged by raw id: out of the served history, into the next refresh
+    logged = store.append("8", np.array([0, 2, 0]), np.array([1, 1, 1]), np.array([150, 151, 152]),
+                          new_items=["40", None, "forty"])
+    assert logged.events == 3 and logged.history_length == 2  # the base event and item 2's
+    assert store.history("8").items.tolist() == [2, 2]
     new = serving_log_events(tmp_path / "events.sqlite", _current(prepared), read_vocabulary(prepared), 10**10)
-    assert new.input_rows == 5 and new.events.num_rows + new.rejects.num_rows == 5
+    assert new.input_rows == 8 and new.events.num_rows + new.rejects.num_rows == 8
     assert new.sources["serving_log"]["skipped_at_or_before_cutoff"] == 1
-    assert new.sources["serving_log"]["through_seq"] == 6  # every row of the log was looked at
+    assert new.sources["serving_log"]["through_seq"] == 9  # every row of the log was looked at
+    assert len(new.sources["serving_log"]["log_id"]) == 32
     rows = new.events.select(["user_id", "item_id", "timestamp", "action"]).to_pylist()
     assert rows == [{"user_id": 7, "item_id": 30, "timestamp": 120, "action": 1},  # mask 2 -> action 1 (like)
-                    {"user_id": 9, "item_id": 20, "timestamp": 130, "action": 1}]
+                    {"user_id": 9, "item_id": 20, "timestamp": 130, "action": 1},
+                    {"user_id": 8, "item_id": 40, "timestamp": 150, "action": 0},  # the new item, as an int id
+                    {"user_id": 8, "item_id": 20, "timestamp": 151, "action": 0}]
     reasons = sorted(new.rejects["reason"].to_pylist())
     assert reasons[0] == "action mask 3 is not one action"
     assert reasons[1] == "item 5 is not a dense id of the model's vocabulary (1..3)"
-    assert reasons[2].startswith("user_id is not an integer") and "alice" in new.rejects["raw"].to_pylist()[-1]
+    assert reasons[2] == "new item 'forty' is not a int64 id, as the vocabulary's item ids are"
+    assert reasons[3].startswith("user_id is not an integer")
+    assert any("alice" in raw for raw in new.rejects["raw"].to_pylist())
 
-    # published: user 9 is new (dense id 3), the mask of action 1 comes back, every old history kept
+    # published: user 9 is new (dense id 3), item 40 is new (dense id 4), the mask of action 1 comes back,
+    # every old history kept
     manifest = publish_window(_current(prepared), read_vocabulary(prepared), new, location(tmp_path / "window"))
     assert read_split(tmp_path / "window", SEQUENCES).select(["user", "items", "actions", "timestamps"]).to_pylist() == [
         {"user": 1, "items": [1, 3], "actions": [0, 2], "timestamps": [100, 120]},
-        {"user": 2, "items": [2], "actions": [0], "timestamps": [110]},
+        {"user": 2, "items": [2, 4, 2], "actions": [0, 1, 1], "timestamps": [110, 150, 151]},
         {"user": 3, "items": [2], "actions": [2], "timestamps": [130]}]
-    assert manifest["refresh"]["window"] == [120, 130] and manifest["vocabulary"]["version"] == 1
+    assert manifest["refresh"]["window"] == [120, 151] and manifest["vocabulary"]["version"] == 1
     assert manifest["vocabulary"]["ancestors"] == [vocabulary_fingerprint(prepared)]
-    assert read_rejects(tmp_path / "window").num_rows == 3
+    assert manifest["serving_log"] == {k: new.sources["serving_log"][k] for k in ("log_id", "through_seq")}
+    assert read_rejects(tmp_path / "window").num_rows == 4
+
+    # a store over the published data reads the log (written for the vocabulary it extends) and skips the
+    # rows the refresh put into the data; a row logged after them is history again
+    store.append("8", np.array([1]), np.array([1]), np.array([160]))
+    after = EmbeddedHistoryStore(tmp_path / "window", tmp_path / "events.sqlite")
+    assert after.history("8").items.tolist() == [2, 4, 2, 1] and after.history("8").timestamps[-1] == 160
+    assert after.history("7").items.tolist() == [1, 3]  # its t=105 row: before the cutoff, skipped by both
 
     other = _prepared_folder(tmp_path / "other", items=(10, 20, 40))  # another vocabulary's log: refused
     with pytest.raises(RefreshError, match="written for another vocabulary"):
@@ -139,7 +167,7 @@ def test_the_serving_log_becomes_raw_id_events_with_every_bad_row_rejected_for_i
     # unless the model's vocabulary extends the log's (its ids mean the same items)
     accepted = serving_log_events(tmp_path / "events.sqlite", _current(other, [vocabulary_fingerprint(prepared)]),
                                   read_vocabulary(other), 10**10)
-    assert accepted.events.num_rows == 2
+    assert accepted.events.num_rows == 5  # the 4 above and user 8's event at 160
     (tmp_path / "notes.sqlite").write_text("not a database")
     with pytest.raises(RefreshError, match="not a genrec events log"):
         serving_log_events(tmp_path / "notes.sqlite", _current(prepared), read_vocabulary(prepared), 10**10)
@@ -199,10 +227,23 @@ def _config(root, **train) -> ExperimentConfig:
     })
 
 
+TOKEN = "refresh-test-token-0123456789"
+NEVER_IN_A_FILE = 120  # an item only the Serve app's log has (a user clicked it before any file named it)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def world(ray_cluster, tmp_path_factory):
-    """Version 1 of `fresh` behind @production: an HSTU trained one pass over 40 days of 120 users' walks; then
-    20 more days in a new file (15 new items, 15 new users, 5 bad rows) and a serving log (one new user)."""
+    """Version 1 of `fresh` behind @production: an HSTU trained one pass over 40 days of 120 users' walks, and
+    a Serve app that follows the alias; then 20 more days in a new file (15 new items, 15 new users, 5 bad
+    rows) and the app's event log (a new user; a new item no file has; a row naming no item of the vocabulary)."""
+    from ray import serve
+
     from genrec.data.pipeline import prepare
     from genrec.train.trainer import fit
 
@@ -217,10 +258,22 @@ def world(ray_cluster, tmp_path_factory):
     t = START + 45 * DAY
     bad = [row.format(t=t, late=cutoff - 100) for row in BAD_ROWS]
     _write_log(root / "log" / "day-040.csv", _walks(range(1, 136), NEW_RING, 40.5, 20, 8, seed=2) + bad)
+    tree = load_serve_file(Path(__file__).resolve().parents[1] / "configs" / "serve" / "demo.yaml", [
+        "model.uri=models:/fresh@production", f"model.tracking_uri={cfg.tracking.tracking_uri}", "model.watch_s=1",
+        f"store.events_db={root / 'events.sqlite'}", f"auth.token={TOKEN}", "retrieval.candidates=30",
+        *(f"deployments.{d}.{key}" for d in ("Ingress", "Retrieval", "Ranking")
+          for key in ("num_replicas=1", "autoscaling_config=null"))])
+    http = httpx.Client(base_url=start(tree, port=_free_port()), timeout=60, headers={"Authorization": f"Bearer {TOKEN}"})
+    posted = [http.post("/v1/events", json={"user_id": "900", "events": [  # a new user
+                  {"item_id": i, "timestamp": t + 60 * k} for k, i in enumerate((1, 2, 3))]}),
+              http.post("/v1/events", json={"user_id": 5, "events": [
+                  {"item_id": NEVER_IN_A_FILE, "timestamp": t + 30}]})]
     store = EmbeddedHistoryStore(cfg.data.output_dir, root / "events.sqlite")
-    store.append("900", np.array([1, 2, 3]), np.array([0, 0, 0]), np.array([t, t + 60, t + 120]))  # a new user
-    store.append("5", np.array([99]), np.array([0]), np.array([t]))  # no item 99 in the vocabulary
-    return {"root": root, "cfg": cfg, "first": first, "client": client, "cutoff": cutoff}
+    store.append("5", np.array([99]), np.array([0]), np.array([t]))  # a bad row: no dense id 99 in the vocabulary
+    yield {"root": root, "cfg": cfg, "first": first, "client": client, "cutoff": cutoff, "http": http,
+           "posted": [p.json() for p in posted], "t": t}
+    http.close()
+    serve.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -241,13 +294,14 @@ def test_a_refresh_with_new_items_grows_the_vocabulary_and_moves_the_alias(world
     assert result["window"] == manifest["refresh"]["window"] == [min(new_stamps), max(new_stamps)]
     old, new = read_vocab(world["cfg"].data.output_dir, "items"), read_vocab(data, "items")
     assert new.slice(0, old.num_rows).equals(old)  # every old id kept
-    assert set(new["item_id"].to_pylist()[old.num_rows:]) == set(NEW_ITEMS) and result["new_items"] == 15
-    assert manifest["num_items"] == 75 and result["new_users"] == 16  # 15 from the file, "900" from the log
+    assert set(new["item_id"].to_pylist()[old.num_rows:]) == {*NEW_ITEMS, NEVER_IN_A_FILE}
+    assert result["new_items"] == 16 and manifest["num_items"] == 76
+    assert result["new_users"] == 16  # 15 from the file, "900" from the log
     assert manifest["vocabulary"]["version"] == 1
     assert manifest["vocabulary"]["ancestors"] == [vocabulary_fingerprint(world["cfg"].data.output_dir)]
     # the new version is the model trained on the grown table: its table has a row for every new item
     model, model_cfg = load_model("models:/fresh@production", world["cfg"].tracking.tracking_uri)
-    assert model.embedding.items.weight.shape == (76, 16) and model_cfg.data.output_dir == data
+    assert model.embedding.items.weight.shape == (77, 16) and model_cfg.data.output_dir == data
     # it started from version 1's weights: chunk 1 (ranked before any training) scores as the frozen model's
     history, current = result["history"], result["current_windows"]
     assert len(history) == len(current) == 4
@@ -280,11 +334,42 @@ def test_the_new_version_records_its_lineage(world, first_refresh):
     assert [m.step for m in steps] == [i + 1 for i, c in enumerate(result["current_windows"]) if "window/ndcg@10" in c]
 
 
+def test_the_serve_app_follows_the_alias_to_the_grown_model_and_serves_the_new_items(world, first_refresh):
+    """Before the refresh the app logged a click on an item it did not know (named in new_items, kept out of
+    the history); after it, the app rolls out the new version by itself (model.watch_s), ranks and retrieves
+    the new items, and each logged event is in the user's history exactly once."""
+    result, _ = first_refresh
+    http, t = world["http"], world["t"]
+    assert world["posted"] == [{"user_id": "900", "appended": 3, "history_length": 3, "new_items": []},
+                               {"user_id": 5, "appended": 1, "history_length": 16, "new_items": [NEVER_IN_A_FILE]}]
+    deadline = time.time() + 120
+    while (answer := http.post("/v1/retrieve", json={"user_id": 5, "k": 10}).json())["model"]["version"] != \
+            result["version"]:
+        assert time.time() < deadline, f"the app still answers from version {answer['model']['version']}"
+        time.sleep(0.5)
+    # the new items are the app's now: ranked as known items, and retrieved after a walk through them
+    ranked = http.post("/v1/rank", json={"user_id": 5, "candidates": [NEW_ITEMS[0], NEVER_IN_A_FILE, 1]}).json()
+    assert ranked["unknown_items"] == [] and len(ranked["items"]) == 3
+    walk = [{"item_id": i, "timestamp": t + k} for k, i in enumerate(NEW_RING[28:36])]
+    retrieved = http.post("/v1/retrieve", json={"history": walk, "k": 10}).json()
+    assert {i["item_id"] for i in retrieved["items"]} & set(NEW_ITEMS), retrieved
+    # the log's events are in the new data's histories: the store skips the rows the refresh read
+    history = http.get("/v1/users/900/history", params={"limit": 100}).json()["events"]
+    assert [(e["item_id"], e["timestamp"]) for e in history] == [(1, t), (2, t + 60), (3, t + 120)]
+    clicks = [e for e in http.get("/v1/users/5/history", params={"limit": 100}).json()["events"]
+              if e["item_id"] == NEVER_IN_A_FILE]
+    assert [e["timestamp"] for e in clicks] == [t + 30]
+    # and a click after the refresh is history at once, once
+    again = http.post("/v1/events", json={"user_id": "900", "events": [{"item_id": NEVER_IN_A_FILE,
+                                                                        "timestamp": t + 500}]}).json()
+    assert again == {"user_id": "900", "appended": 1, "history_length": 4, "new_items": []}
+
+
 def test_bad_new_rows_are_rejected_with_their_reasons_and_every_row_is_counted(world, first_refresh):
     result, lines = first_refresh
     record = read_manifest(result["data"])["refresh"]
     assert record["input_rows"] == record["accepted"] + record["rejected"]
-    assert record["input_rows"] == 135 * 8 + len(BAD_ROWS) + 4  # the file's rows and the log's 4 events
+    assert record["input_rows"] == 135 * 8 + len(BAD_ROWS) + 5  # the file's rows and the log's 5 events
     assert record["rejected"] == len(BAD_ROWS) + 1
     rejects = read_rejects(result["data"])
     reasons = dict(zip(rejects["raw"].to_pylist(), rejects["reason"].to_pylist()))
@@ -323,4 +408,6 @@ def test_the_gate_keeps_the_alias_when_the_new_model_is_worse(world, first_refre
     tags = client.get_model_version("fresh", worse["version"]).tags
     assert tags["genrec.gate"] == "refused" and "worse by more than refresh.gate_margin=0" in tags["genrec.gate_reason"]
     assert any(line.startswith("[refresh] kept: production stays on version") for line in lines)
-    assert read_manifest(worse["data"])["refresh"]["sources"]["serving_log"]["skipped_at_or_before_cutoff"] == 4
+    with closing(sqlite3.connect(root / "events.sqlite")) as db:
+        (logged,) = db.execute("SELECT COUNT(*) FROM events").fetchone()
+    assert read_manifest(worse["data"])["refresh"]["sources"]["serving_log"]["skipped_at_or_before_cutoff"] == logged

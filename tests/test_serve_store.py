@@ -25,7 +25,7 @@ import pytest
 import redis
 
 from genrec.config import ConfigError
-from genrec.data.prepared import data_location, read_split, read_vocab
+from genrec.data.prepared import data_location, read_manifest, read_split, read_vocab
 from genrec.errors import GenrecError
 from genrec.serve.deploy import load_serve_file, start
 from genrec.serve.redis_store import RedisHistoryStore
@@ -298,6 +298,27 @@ def test_an_events_file_of_the_old_schema_is_migrated_and_a_foreign_one_refused(
         EmbeddedHistoryStore(data, not_sqlite)
 
 
+@pytest.mark.parametrize("kind", ["embedded", "redis"])
+def test_events_on_items_this_version_does_not_know_are_not_history(kind, world, tmp_path, redis_server):
+    """A dense id past this version's vocabulary (logged by a grown version, read after a rollback to this one)
+    stays out of the history, and out of its length; the embedded store logs a new item by its raw id for the
+    next refresh (genrec.train.refresh), the redis store refuses it."""
+    data, base = world
+    store = open_store(kind, data, tmp_path, redis_server, prefix=f"new-{uuid.uuid4().hex}")
+    user = min(base, key=lambda u: len(base[u]))
+    n, num_items = len(base[user]), read_manifest(data)["num_items"]
+    assert store.append(user, *events((num_items + 1, 1, 100), (5, 1, 101))) == Appended(2, n + 1)
+    assert store.history(user).items.tolist() == [*base[user], 5]
+    if kind == "redis":
+        with pytest.raises(GenrecError, match="does not log events on items the model does not know"):
+            store.append(user, *events((0, 1, 102)), new_items=["brand-new"])
+        return
+    first = store.append(user, *events((0, 1, 102), (0, 1, 102)), new_items=["brand-new", "other-new"])
+    assert first == Appended(2, n + 1)  # two items at one time: two events (their raw ids tell them apart)
+    assert store.append(user, *events((0, 1, 102)), new_items=["brand-new"]) == Appended(1, n + 1)  # a retry
+    assert store.history(user).items.tolist() == [*base[user], 5]
+
+
 # ---------------------------------------------------------------------------- through the Serve app
 
 @pytest.mark.parametrize("kind", ["embedded", "redis"])
@@ -362,7 +383,7 @@ def test_every_request_sees_the_events_before_it_whatever_ingress_replica_answer
         item = catalog[i % len(catalog)]
         written = http.post("/v1/events", json={"user_id": user, "events": [
             {"item_id": item, "timestamp": now + i, "event_id": f"click-{i}"}]})
-        assert written.json() == {"user_id": user, "appended": 1, "history_length": n + i + 1}
+        assert written.json() == {"user_id": user, "appended": 1, "history_length": n + i + 1, "new_items": []}
         shown = http.get(f"/v1/users/{user}/history", params={"limit": 1})
         assert [(e["item_id"], e["timestamp"]) for e in shown.json()["events"]] == [(item, now + i)]
         answer = http.post("/v1/retrieve", json={"user_id": user, "k": 3})
@@ -385,8 +406,8 @@ def test_a_retried_post_answers_the_same_and_stores_once(app, world, redis_serve
                                             {"item_id": catalog[1], "event_id": "view-2"}]}
     by_key = {"user_id": user, "events": [{"item_id": catalog[2], "timestamp": int(time.time())}]}
     first = [http.post("/v1/events", json=body).json() for body in (with_ids, by_key)]
-    assert first == [{"user_id": user, "appended": 2, "history_length": n + 2},
-                     {"user_id": user, "appended": 1, "history_length": n + 3}]
+    assert first == [{"user_id": user, "appended": 2, "history_length": n + 2, "new_items": []},
+                     {"user_id": user, "appended": 1, "history_length": n + 3, "new_items": []}]
     time.sleep(1.1)  # a retry of with_ids gets another request time: the ids still make it the same event
     again = [http.post("/v1/events", json=body).json() for body in (with_ids, by_key) for _ in range(2)]
     assert again == [first[0], first[0], first[1], first[1]]

@@ -31,6 +31,7 @@ from .schema import REJECT_SCHEMA
 
 MANIFEST = "manifest.json"
 DATA_PREFIX = "data_prefix"  # the manifest field naming the version folder
+SERVING_LOG = "serving_log"  # the manifest field of a refresh's data: {log_id, through_seq} of the log it read
 VERSION_PREFIX = "v-"
 SPLITS = ("train", "valid", "test")
 SEQUENCES = "sequences"

@@ -43,7 +43,7 @@ def dense_ids(live: Live, ids) -> tuple[list[int], list]:
     """Raw item ids -> (dense indices of the known ones, the unknown raw ids)."""
     known, unknown = [], []
     for raw in ids:
-        dense = live.catalog.dense.get(str(raw))
+        dense = live.catalog.ids.dense(raw)
         if dense is None:
             unknown.append(raw)
         else:
@@ -51,26 +51,40 @@ def dense_ids(live: Live, ids) -> tuple[list[int], list]:
     return known, unknown
 
 
-def request_history(live: Live, events: list[s.Event], now: int, field: str, strict: bool) -> tuple[History, list]:
-    """Request events -> dense History; unknown items are dropped (strict: 422), unknown actions 422."""
+def request_history(live: Live, events: list[s.Event], now: int, field: str) -> tuple[History, list]:
+    """Request events -> (dense History of the known items' events, the unknown raw item ids); an unknown
+    action is a 422."""
+    encoded = encode_events(live, events, now, field)
+    known = encoded.items > 0
+    history = History(encoded.items[known], encoded.actions[known], encoded.timestamps[known])
+    return history, [n for n in encoded.new_items if n is not None]
+
+
+@dataclasses.dataclass
+class EncodedEvents:
+    """Request events in the store's terms, one entry per event: dense item ids (0 for an item the model does
+    not know: its raw id, as text, in new_items), action ids, timestamps."""
+
+    items: np.ndarray
+    actions: np.ndarray
+    timestamps: np.ndarray
+    new_items: list
+
+
+def encode_events(live: Live, events: list[s.Event], now: int, field: str) -> EncodedEvents:
     catalog = live.catalog
-    items, actions, stamps, unknown = [], [], [], []
+    items, actions, stamps, new_items = [], [], [], []
     for i, e in enumerate(events):
         action = catalog.action_id(e.action)
         if action is None:
             raise s.api_error(422, ("body", field, i, "action"),
                               f"unknown action {e.action!r}; known: {catalog.actions}", "unknown_action")
-        dense = catalog.dense.get(str(e.item_id))
-        if dense is None:
-            unknown.append(e.item_id)
-            continue
-        items.append(dense)
+        dense = catalog.ids.dense(e.item_id)
+        items.append(dense or 0)
+        new_items.append(None if dense is not None else str(e.item_id))
         actions.append(action)
         stamps.append(now if e.timestamp is None else e.timestamp)
-    if strict and unknown:
-        raise s.api_error(422, ("body", field), f"unknown item ids {unknown[:20]} (not in the model's catalog)",
-                          "unknown_item")
-    return History(*(np.asarray(a, dtype=np.int64) for a in (items, actions, stamps))), unknown
+    return EncodedEvents(*(np.asarray(a, dtype=np.int64) for a in (items, actions, stamps)), new_items)
 
 
 @dataclasses.dataclass
@@ -88,7 +102,7 @@ def read_query(live: Live, q: s.UserQuery) -> Query:
     now = int(time.time()) if q.request_time is None else q.request_time
     if q.history is not None:
         user = None
-        history, unknown = request_history(live, q.history, now, "history", strict=False)
+        history, unknown = request_history(live, q.history, now, "history")
     else:
         user, unknown = user_key(q.user_id), []
         history = live.store.history(user)

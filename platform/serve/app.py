@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ServeConfig
 from . import schemas as s
-from .answers import Recommender, model_ref, request_history
+from .answers import Recommender, encode_events, model_ref
 from .page import PAGE
 from .rollout import ModelVersions
 from .store import StoreUnavailable, user_key
@@ -248,12 +248,19 @@ class Ingress:
                      credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> s.EventsAnswer:
         """Append events to a user's history (needs `Authorization: Bearer <token>`); the next request sees them.
         Idempotent: an event already stored (the same event_id, else item, action and timestamp) is not stored
-        again, so a retry answers as the first write did."""
+        again, so a retry answers as the first write did. An event on an item the model does not know yet (a new
+        item of the catalog) is logged for the next refresh and named in `new_items` (the embedded store; the
+        redis store answers 422)."""
         authorize(credentials, self.token, self.cfg.auth.token_env)  # before the body is read: no token, no parsing
         body = await read_body(request, s.EventsRequest)
         live = self.versions.live
-        history, _ = request_history(live, body.events, int(time.time()), "events", strict=True)
-        # strict: every event is in the history, in order, so the event ids line up
-        appended = await asyncio.to_thread(live.store.append, user_key(body.user_id), history.items,
-                                           history.actions, history.timestamps, [e.event_id for e in body.events])
-        return s.EventsAnswer(user_id=body.user_id, appended=appended.events, history_length=appended.history_length)
+        events = encode_events(live, body.events, int(time.time()), "events")
+        new_items = [e.item_id for e, n in zip(body.events, events.new_items) if n is not None]
+        if new_items and not live.store.logs_new_items:
+            raise s.api_error(422, ("body", "events"), f"unknown item ids {new_items[:20]} (not in the model's "
+                              f"catalog; the {self.cfg.store.kind} store logs only events on known items)",
+                              "unknown_item")
+        appended = await asyncio.to_thread(live.store.append, user_key(body.user_id), events.items, events.actions,
+                                           events.timestamps, [e.event_id for e in body.events], events.new_items)
+        return s.EventsAnswer(user_id=body.user_id, appended=appended.events, new_items=new_items,
+                              history_length=appended.history_length)

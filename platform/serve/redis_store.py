@@ -5,7 +5,8 @@ little-endian int64) and `<prefix>:{<user>}:ids` (a hash: event identity -> its 
 braces keep both in one Redis Cluster slot. One Lua script appends the events whose identity is new and
 records their positions: Redis runs a script whole, alone, so two replicas writing the same retry at once
 store it once, and the AOF holds the script's writes as one transaction (all of an acknowledged write or
-none of it after a restart).
+none of it after a restart). It logs only events on items the model knows (logs_new_items is False): the
+API refuses the others with a 422 (the embedded store keeps them for the next refresh).
 
 Durability is the server's: with `appendonly yes` and `appendfsync always` Redis fsyncs the AOF before it
 answers, so an acknowledged event is never lost (`make redis` runs it so). The store checks the server's
@@ -118,11 +119,14 @@ class RedisHistoryStore(PreparedHistoryStore):
     def _keys(self, user: str) -> tuple[str, str]:
         return f"{self.prefix}:{{{user}}}:log", f"{self.prefix}:{{{user}}}:ids"
 
-    def _logged(self, user: str) -> np.ndarray:
-        rows = self._call(self.redis.lrange, self._keys(user)[0], 0, -1)
-        return np.frombuffer(b"".join(rows), dtype="<i8").astype(np.int64).reshape(-1, 3)
+    def _logged(self, user: str, last: int = -1) -> np.ndarray:
+        """The user's logged events on items of this vocabulary, of the first `last` log entries (all: -1)."""
+        rows = self._call(self.redis.lrange, self._keys(user)[0], 0, last - 1 if last > 0 else -1)
+        logged = np.frombuffer(b"".join(rows), dtype="<i8").astype(np.int64).reshape(-1, 3)
+        return logged[(logged[:, 0] >= 1) & (logged[:, 0] <= self._num_items)]
 
-    def _log(self, user: str, rows: np.ndarray, identities: list[str]) -> int:
+    def _log(self, user: str, rows: np.ndarray, identities: list[str], new_items=None) -> int:
         packed = rows.astype("<i8")
         args = [a for key, row in zip(identities, packed) for a in (key, row.tobytes())]
-        return int(self._call(self._append, keys=self._keys(user), args=args))
+        last = int(self._call(self._append, keys=self._keys(user), args=args))
+        return len(self._logged(user, last))  # entries on items another version knows are not history here

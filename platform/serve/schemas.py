@@ -194,6 +194,10 @@ class EventsAnswer(BaseModel):
                                       "the history now, whether this write or an earlier one stored them")
     history_length: int = Field(description="the user's history up to and including the last of these events "
                                             "(the whole history when they were just appended)")
+    new_items: list[int | str] = Field(default_factory=list, description=(
+        "raw ids of this write's items the model does not know yet (new items of the catalog): their events "
+        "are logged for the next refresh (jobs/refresh.py), which adds the items to the model, and are not "
+        "part of the history until a version that knows them"))
 
 
 class HistoryEvent(BaseModel):

@@ -48,8 +48,8 @@ from ..config import ExperimentConfig, SyntheticSource, TimeSplit
 from ..data.adapters import canonical_events, plan_source, read_chunk
 from ..data.jagged import concat_ranges, offsets_from_lengths
 from ..data.pipeline import rejects_by_reason
-from ..data.prepared import (DATA_PREFIX, KEY, MANIFEST, REJECTS, SEQUENCES, VOCAB, read_split, read_table,
-                             version_name, write_table)
+from ..data.prepared import (DATA_PREFIX, KEY, MANIFEST, REJECTS, SEQUENCES, SERVING_LOG, VOCAB, read_split,
+                             read_table, version_name, write_table)
 from ..data.schema import EVENT_SCHEMA, REJECT_SCHEMA, ROW_BITS
 from ..data.sequences import LIST_COLUMNS, build_sequences, list_lengths, make_splits
 from ..data.tasks import run_tasks
@@ -211,21 +211,26 @@ def _no_events(rules: Rules) -> pa.Table:
 
 def serving_log_events(path: Path, current: CurrentModel, vocab: Vocabulary, timestamp_max: int) -> NewEvents:
     """The events a Serve app logged (its embedded store: sqlite table `events`, dense item ids of the
-    vocabulary the log records) after the cutoff, as raw-id canonical events through the same rules. The
-    log's vocabulary may be the model's or any it extends (their ids mean the same items); events at or
-    before the cutoff are the model's past (or consumed by an earlier refresh) and are skipped, not rejected."""
+    vocabulary the log records, the raw id of an item the model did not know) after the cutoff, as raw-id
+    canonical events through the same rules. The log's vocabulary may be the model's or any it extends
+    (their ids mean the same items); events at or before the cutoff are the model's past (or consumed by an
+    earlier refresh) and are skipped, not rejected."""
     if not path.is_file():
         raise RefreshError(f"refresh.events_db={path}: no such file")
     try:
         with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            recorded = db.execute("SELECT value FROM meta WHERE key = 'vocabulary'").fetchone()
+            meta = dict(db.execute("SELECT key, value FROM meta"))
+            columns = {row[1] for row in db.execute("PRAGMA table_info(events)")}
+            new_item = "new_item" if "new_item" in columns else "NULL"  # a log from before new items were logged
             # one statement, one snapshot of a log the app may be appending to
-            logged = db.execute("SELECT seq, user, item, action, timestamp FROM events ORDER BY seq").fetchall()
+            logged = db.execute(f"SELECT seq, user, item, action, timestamp, {new_item} FROM events "
+                                "ORDER BY seq").fetchall()
     except sqlite3.DatabaseError as err:
         raise RefreshError(f"refresh.events_db={path}: not a genrec events log ({err})") from None
-    if recorded is None or recorded[0] not in current.vocabularies:
+    recorded = meta.get("vocabulary")
+    if recorded not in current.vocabularies:
         raise RefreshError(f"refresh.events_db={path}: the log was written for another vocabulary "
-                           f"({recorded[0][:12] if recorded else 'none recorded'}) than version {current.version}'s "
+                           f"({recorded[:12] if recorded else 'none recorded'}) than version {current.version}'s "
                            f"({current.fingerprint[:12]}) or one it extends: its item ids would name other items")
     actions, bitmask = current.manifest["actions"], current.manifest.get("action_encoding") == "bitmask"
     rules = Rules(id_kind="int" if pa.types.is_integer(vocab.users.schema.field("user_id").type) else "string",
@@ -233,32 +238,55 @@ def serving_log_events(path: Path, current: CurrentModel, vocab: Vocabulary, tim
                   actions=tuple((name, i) for i, name in enumerate(actions)), num_action_ids=len(actions))
     rows = [row for row in logged if row[4] > current.cutoff]
     events, rejects = _log_rows(rows, vocab, bitmask, rules, str(path))
-    # the log's rows through this seq are in the refreshed data or were refused: what a store serving it skips
-    through = logged[-1][0] if logged else 0
-    return NewEvents(events, rejects, len(rows), {"serving_log": {
+    # the log's rows through this seq are in the refreshed data or were refused: a store serving it skips them
+    consumed = {"log_id": meta.get("log_id"), "through_seq": logged[-1][0] if logged else 0}
+    return NewEvents(events, rejects, len(rows), {SERVING_LOG: {
         "path": str(path), "events": len(rows), "skipped_at_or_before_cutoff": len(logged) - len(rows),
-        "through_seq": through}})
+        **consumed}})
 
 
 def _log_rows(rows: list, vocab: Vocabulary, bitmask: bool, rules: Rules, where: str) -> tuple[pa.Table, pa.Table]:
-    """Logged (seq, user, item, action, timestamp) rows -> (canonical events, rejects): dense item ids back
-    to raw ids, one-bit action masks back to action ids; a row naming no item of the vocabulary or more
-    than one action is rejected with its reason before the rules run."""
+    """Logged (seq, user, item, action, timestamp, new item) rows -> (canonical events, rejects): dense item
+    ids back to raw ids (a new item's raw id as logged, converted to the vocabulary's id type), one-bit
+    action masks back to action ids; a row naming no item or more than one action is rejected with its
+    reason before the rules run."""
     seq, item, action, stamp = (np.asarray([r[k] for r in rows], dtype=np.int64).reshape(-1) for k in (0, 2, 3, 4))
     users = pa.array([str(r[1]) for r in rows], pa.string())
-    known = (item >= 1) & (item <= vocab.num_items)
+    item_type = vocab.items.schema.field("item_id").type
+    new_raw = [_raw_id(r[5], item_type) if r[5] is not None else None for r in rows]
+    is_new = np.array([n is not None for n in new_raw], dtype=bool)
+    known = ((item >= 1) & (item <= vocab.num_items)) | is_new
     one_action = (action > 0) & (action & (action - 1) == 0) if bitmask else np.ones(len(rows), bool)
     index = np.log2(np.where(one_action, action, 1)).astype(np.int64) if bitmask else action
     bad = ~(known & one_action)
-    reasons = [f"item {i} is not a dense id of the model's vocabulary (1..{vocab.num_items})" if not k else
-               f"action mask {a} is not one action" for i, a, k in zip(item[bad], action[bad], known[bad])]
+    reasons = [_item_reason(r[5], i, vocab.num_items, item_type) if not k else f"action mask {a} is not one action"
+               for r, i, a, k in zip((r for r, b in zip(rows, bad) if b), item[bad], action[bad], known[bad])]
     keep = ~bad
-    by_seq = {r[0]: dict(zip(("seq", "user", "item", "action", "timestamp"), r)) for r in rows}
+    by_seq = {r[0]: dict(zip(("seq", "user", "item", "action", "timestamp", "new_item"), r)) for r in rows}
     raw = lambda numbers: [json.dumps(by_seq[int(n)]) for n in numbers]  # noqa: E731
-    columns = {"user_id": users.filter(pa.array(keep)), "item_id": vocab.items["item_id"].take(pa.array(item[keep] - 1)),
+    old_raw = vocab.items["item_id"].take(pa.array(np.where(is_new, 1, item)[keep] - 1))
+    raw_items = pa.array([n if new else o for n, new, o in
+                          zip(np.asarray(new_raw, dtype=object)[keep], is_new[keep], old_raw.to_pylist())], item_type)
+    columns = {"user_id": users.filter(pa.array(keep)), "item_id": raw_items,
                "timestamp": pa.array(stamp[keep]), "action": pa.array(index[keep])}
     events, rejects, _ = canonical_events(columns, seq[keep], raw, rules, None, where, LOG_FILE_INDEX, seq[bad], reasons)
     return events, rejects
+
+
+def _raw_id(text: str, item_type: pa.DataType):
+    """A new item's raw id as the log holds it (text) -> the vocabulary's id type; None when it does not convert."""
+    if not pa.types.is_integer(item_type):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _item_reason(new_item: str | None, item: int, num_items: int, item_type: pa.DataType) -> str:
+    if new_item is not None:
+        return f"new item {new_item!r} is not a {item_type} id, as the vocabulary's item ids are"
+    return f"item {item} is not a dense id of the model's vocabulary (1..{num_items})"
 
 
 # ----------------------------------------------------------------------------- the refreshed data
@@ -339,6 +367,9 @@ def window_manifest(current: CurrentModel, vocab: Vocabulary, grown: Vocabulary,
     stamps = sequences["timestamps"].combine_chunks().values
     split = TimeSplit(kind="time", cutoff=current.cutoff).model_dump()
     files = record["sources"].get("files", {})
+    if SERVING_LOG in record["sources"]:  # else the parent's record stands: its rows are in this data too
+        log = record["sources"][SERVING_LOG]
+        manifest[SERVING_LOG] = {"log_id": log["log_id"], "through_seq": log["through_seq"]}
     manifest.update({"users": sequences.num_rows, "sequence_events": len(stamps),
                      "timestamps": [pc.min(stamps).as_py(), pc.max(stamps).as_py()],
                      "split": {**split, "cutoff_used": current.cutoff}, **counts, "warnings": [],
