@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo serve test bench mlflow redis clean
+.PHONY: install demo serve loop test bench mlflow redis clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ demo: install
 # Writes (/v1/events, clicks on the page) need GENREC_SERVE_TOKEN set (16+ characters).
 serve: install
 	$(PY) jobs/serve.py --config configs/serve/demo.yaml --set ranker.uri=models:/demo-gr/latest
+
+# The loop on the demo model (after make demo): serve it behind @production, post events on items it has never
+# had, refresh it (jobs/refresh.py), watch the app roll the new version out and retrieve the new items.
+loop: install
+	$(PY) jobs/loop_demo.py --config configs/refresh-demo.yaml
 
 test: install
 	$(PY) -m pytest tests

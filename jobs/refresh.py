@@ -1,12 +1,13 @@
 """Recipe: keep a registered model fresh: continue it on the events since its data cutoff, move its alias if not worse.
 
-    python jobs/refresh.py --config configs/synthetic/refresh.yaml
-    ray job submit --working-dir . -- python jobs/refresh.py --config configs/synthetic/refresh.yaml
+    python jobs/refresh.py --config configs/refresh-demo.yaml     # the demo model, from its Serve app's event log
+    ray job submit --working-dir . -- python jobs/refresh.py --config my-refresh.yaml
 
 The config is the experiment's (data.source: where new event files appear; train, eval, tracking, Ray) with a
 `refresh:` section: the model (models:/<name>@<alias>), the sources (new files of data.source, a Serve app's
 events_db), the chunks and the gate. The model's own shape comes from the registered version. Run it on a
-schedule: a refresh with nothing new since the cutoff does nothing.
+schedule: a refresh with nothing new since the cutoff does nothing. benchmarks/refresh_rounds.py writes such
+a config for a CSV event log that grows by new files (outputs/bench-refresh/<world>/<model>-seed<seed>/refresh-job.yaml).
 
 Exit status: 0 when the alias moved to the new version (or nothing was new), 3 when the gate kept the alias
 on the current version (the new version is registered, tagged with why), 2 for a user error (one line).

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .embeddings import init_table
 from .generative import GenerativeConfig, TokenTypes
 from .jagged import jagged_to_padded, max_length, padded_index
 from .relative_bias import NUM_TIME_BUCKETS, time_buckets
@@ -73,7 +74,7 @@ class DLRMRanker(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(6 * D, hidden), nn.ReLU(), nn.Dropout(config.encoder.dropout),
                                  nn.Linear(hidden, hidden // 2), nn.ReLU(), nn.Linear(hidden // 2, len(config.tasks)))
         for table in (self.items, self.actions, self.context, self.ages):
-            nn.init.trunc_normal_(table.weight, std=0.02, a=-0.04, b=0.04)
+            init_table(table.weight)
 
     def action_embeddings(self, actions: torch.Tensor) -> torch.Tensor:
         if not self.config.multi_hot_actions:

@@ -10,6 +10,13 @@ import torch.nn as nn
 from .jagged import positions_in_sequence
 
 
+def init_table(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """An id table's starting rows (items, actions, context, ...), in place: truncated normal, std 0.02
+    within two std, as the reference code starts them. Rows a table gains later start the same way
+    (genrec.model.growth)."""
+    return nn.init.trunc_normal_(weight, std=0.02, a=-0.04, b=0.04, generator=generator)
+
+
 class SequenceEmbedding(nn.Module):
     """x_t = item_emb(id_t) * sqrt(D) + pos_emb(t), then dropout; t counts from
     0 within each user's (already truncated) sequence."""
@@ -31,7 +38,7 @@ class SequenceEmbedding(nn.Module):
         self.items = nn.Embedding(num_items + 1, dim, padding_idx=0)
         self.positions = nn.Embedding(num_positions, dim)
         self.dropout = nn.Dropout(dropout)
-        nn.init.trunc_normal_(self.items.weight, std=0.02, a=-0.04, b=0.04)
+        init_table(self.items.weight)
         with torch.no_grad():
             self.items.weight[0].zero_()
         if position_init == "xavier_normal":

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .embeddings import init_table
 from .encoder_config import EncoderConfig
 from .hstu import HSTU, LAYER_NORM_EPS
 from .jagged import positions_in_sequence
@@ -77,7 +78,7 @@ class GenerativeRecommender(nn.Module):
         self.blocks = HSTU(enc)
         self.heads = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, len(config.tasks)))
         for table in (self.items, self.actions, self.context, self.token_types):
-            nn.init.trunc_normal_(table.weight, std=0.02, a=-0.04, b=0.04)
+            init_table(table.weight)
         nn.init.xavier_normal_(self.positions.weight)
         with torch.no_grad():
             self.items.weight[0].zero_()

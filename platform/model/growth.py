@@ -11,12 +11,15 @@ they are. No model kind has a user table (a user is their history). A row-wise s
 (genrec.train.sharding) is refused: grow the model before sharding it, or grow the whole state dict
 (full_state_dict) and load it into a model built with the new size.
 
-New rows start as the mean of the trained rows (not the padding row 0), unless given. A new item has no
-evidence yet, and the mean is the neutral guess on both sides of the table: as a retrieval target its
-direction is the catalog's centre, so it scores like a typical item for every user instead of at a random
-direction's whim (too high for some users, invisible to others); as an input its vector is shorter than
-a trained row's (averaging cancels the items' specific directions), so a never-trained item in a history
-adds a weak, generic signal. All new rows start equal and part at their first gradient, each row its own.
+New rows start as a freshly built table's rows do (genrec.model.embeddings.init_table: small, random
+directions; drawn from a generator seeded by the table's old and new sizes, so the same growth gives the
+same rows), unless given: a grown model is the model it would be had it been built with the larger table.
+Not the mean of the trained rows, which looked like the neutral guess and is not: retrieval scores
+L2-normalised rows, and the catalog's centre, normalised, is close to every user's vector (users and
+items share its common direction), so every new item tied near the top of every ranking (measured on a
+synthetic world's first refresh window: the frozen model's NDCG@10 was .0006 with mean rows and .0406
+with fresh ones). A random direction scores about 0 for every user, as an unknown item should, and its
+first gradients turn it where its events say.
 """
 
 import dataclasses
@@ -24,27 +27,28 @@ import dataclasses
 import torch
 import torch.nn as nn
 
+from .embeddings import init_table
+
 # Where each model kind keeps its item table: SequentialEncoder (hstu, sasrec) embedding.items;
 # GenerativeRecommender (gr) and DLRMRanker (dlrm) items (genrec.train.sharding splits these too).
 ITEM_TABLES = ("embedding.items", "items")
 STATE_KEYS = tuple(f"{name}.weight" for name in ITEM_TABLES)
 
 
-def mean_row(weight: torch.Tensor) -> torch.Tensor:
-    """[R, D] table -> [D]: the mean of its trained rows 1..R-1 (row 0 is padding), in fp32 at least."""
-    if weight.size(0) < 2:
-        raise ValueError("an item table with no item row has no trained rows to start new rows from")
-    return weight[1:].to(torch.promote_types(weight.dtype, torch.float32)).mean(0).to(weight.dtype)
+def fresh_rows(old_rows: int, num_rows: int, dim: int) -> torch.Tensor:
+    """[num_rows - old_rows, D] fp32 rows as a new table starts them, the same for the same sizes."""
+    generator = torch.Generator().manual_seed(old_rows * 1_000_003 + num_rows)
+    return init_table(torch.empty(num_rows - old_rows, dim), generator)
 
 
 def grow_rows(weight: torch.Tensor, num_rows: int, new_rows: torch.Tensor | None = None) -> torch.Tensor:
     """[R, D] -> [num_rows, D]: the R rows unchanged, then num_rows - R new ones, `new_rows` ([D], one row for
-    all, or [num_rows - R, D]) or else the mean of the trained rows (see the module's docstring)."""
+    all, or [num_rows - R, D]) or else fresh rows (see the module's docstring)."""
     added = num_rows - weight.size(0)
     if added < 0:
         raise ValueError(f"a table of {weight.size(0)} rows cannot grow to {num_rows}: growth keeps every row")
-    rows = (mean_row(weight) if new_rows is None else new_rows).to(weight.dtype).to(weight.device)
-    return torch.cat([weight.detach(), rows.expand(added, weight.size(1))])
+    rows = fresh_rows(weight.size(0), num_rows, weight.size(1)) if new_rows is None else new_rows
+    return torch.cat([weight.detach(), rows.to(weight.dtype).to(weight.device).expand(added, weight.size(1))])
 
 
 def item_table(model: nn.Module) -> tuple[str, nn.Module]:

@@ -11,7 +11,7 @@ its data cutoff, and the alias moves to the result only if it is not worse (jobs
     publish_window   the vocabularies extended (old ids kept, genrec.data.vocabulary), and a prepared folder of
                      its own: every old history with its new events after it, a time split at the cutoff, and
                      a manifest that records the vocabulary version and the window
-    starting_state   the model's weights with its item table grown (new rows start at the mean), and its
+    starting_state   the model's weights with its item table grown (new rows start as a new table's), and its
                      AdamW moments grown alike when its run's last checkpoint holds exactly these weights
     fit (one pass)   the training loop's one_pass mode from that state over the window cut in refresh.chunks
                      chunks, each ranked before it is trained on; the current model, frozen (new items score
@@ -381,7 +381,7 @@ def window_manifest(current: CurrentModel, vocab: Vocabulary, grown: Vocabulary,
 # ----------------------------------------------------------------------------- the starting state
 
 def starting_state(current: CurrentModel, num_items: int, log=print) -> dict:
-    """{"model": the current weights, item table grown to num_items (new rows: the mean of the trained ones),
+    """{"model": the current weights, item table grown to num_items (new rows as a new table's),
     "optimizer": its AdamW state grown alike (old moments kept, zero for new rows), or None} (loop.StartingPoint)."""
     model = build_model(current.cfg, current.manifest)
     model.load_state_dict(current.state)
