@@ -17,9 +17,10 @@ same rows), unless given: a grown model is the model it would be had it been bui
 Not the mean of the trained rows, which looked like the neutral guess and is not: retrieval scores
 L2-normalised rows, and the catalog's centre, normalised, is close to every user's vector (users and
 items share its common direction), so every new item tied near the top of every ranking (measured on a
-synthetic world's first refresh window: the frozen model's NDCG@10 was .0006 with mean rows and .0406
-with fresh ones). A random direction scores about 0 for every user, as an unknown item should, and its
-first gradients turn it where its events say.
+synthetic world's first refresh window, benchmarks/refresh_rounds.py: the frozen model's NDCG@10 was
+.0006 with mean rows and .0406 with zero rows, which score exactly 0). A random direction scores about 0
+for every user too, as an unknown item should, and unlike a zero row it has a direction for its first
+gradients to turn (a zero row's normalisation has no gradient to give).
 """
 
 import dataclasses
