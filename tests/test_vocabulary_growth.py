@@ -20,7 +20,7 @@ from genrec.data.prepared import DATA_PREFIX, MANIFEST, VOCAB, version_name, wri
 from genrec.data.vocabulary import (VocabularyError, dense_index, extend_vocabulary, read_vocabulary,
                                     vocabulary_fingerprint, vocabulary_manifest, write_vocabulary)
 from genrec.model import EncoderConfig, build_encoder, sampled_softmax_loss
-from genrec.model.growth import fresh_rows, grow_item_tables, grow_state_dict, item_table
+from genrec.model.growth import grow_item_tables, grow_state_dict, item_table, starting_rows
 from genrec.storage import location
 from genrec.train.optim import build_optimizer, grow_optimizer_rows
 
@@ -145,7 +145,7 @@ def _config(output_dir, kind: str, **model) -> ExperimentConfig:
 
 
 @pytest.mark.parametrize("kind", ["hstu", "sasrec", "gr", "dlrm"])
-def test_a_grown_model_keeps_every_row_starts_new_rows_as_a_new_table_and_round_trips(kind, tmp_path):
+def test_a_grown_model_keeps_every_row_starts_new_rows_opposite_the_centre_and_round_trips(kind, tmp_path):
     v0 = _prepared(tmp_path / "v0")
     v1 = _publish(tmp_path / "v1", v0, extend_vocabulary(read_vocabulary(v0), _events(WINDOW)))
     torch.manual_seed(0)
@@ -157,9 +157,13 @@ def test_a_grown_model_keeps_every_row_starts_new_rows_as_a_new_table_and_round_
     state = model.state_dict()
     table = state[f"{name}.weight"]
     assert table.shape == (9, 8) and torch.equal(table[:6], before[f"{name}.weight"])
-    # new rows as a freshly built table's: small random directions, not all alike, the same for the same growth
-    assert torch.equal(table[6:], fresh_rows(6, 9, 8)) and (table[6:].abs() <= 0.04).all()
-    assert torch.linalg.matrix_rank(table[6:]) == 3
+    # new rows opposite the trained rows' mean (they rank below the known items), apart from each other,
+    # the same for the same growth
+    old = before[f"{name}.weight"]
+    assert torch.equal(table[6:], starting_rows(old, 9))
+    centre = old[1:].mean(0)
+    assert (torch.nn.functional.cosine_similarity(table[6:], centre.expand(3, 8)) < -0.8).all()
+    assert torch.linalg.matrix_rank(table[6:] + centre) == 3
     assert all(torch.equal(state[k], v) for k, v in before.items() if k != f"{name}.weight")  # nothing else grew
     config = model.config.encoder if kind in ("gr", "dlrm") else model.config
     assert config.num_items == 8
@@ -290,7 +294,7 @@ def test_grown_then_trained_equals_trained_with_the_larger_table_from_the_start(
     grow_optimizer_rows(grown_optimizer, grow_item_tables(grown, GROWN))
     with torch.no_grad():
         start.embedding.items.weight[V + 1:] = grown.embedding.items.weight[V + 1:]
-    assert torch.equal(grown.embedding.items.weight[V + 1:], fresh_rows(V + 1, GROWN + 1, grown.embedding.items.weight.size(1)))
+    assert torch.equal(grown.embedding.items.weight[V + 1:], starting_rows(grown.embedding.items.weight[:V + 1], GROWN + 1))
     window = list(_batches(GROWN, 3, seed=2))
     assert any(int(b["item_ids"].max()) > V for b in window)  # the window holds new items
     _train(grown, grown_optimizer, window, 2)
