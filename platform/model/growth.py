@@ -11,17 +11,18 @@ they are. No model kind has a user table (a user is their history). A row-wise s
 (genrec.train.sharding) is refused: grow the model before sharding it, or grow the whole state dict
 (full_state_dict) and load it into a model built with the new size.
 
-New rows start opposite the catalog's centre, unless given: the mean of the trained rows, negated, plus a
-random part half its length (genrec.model.embeddings.init_table's draw, from a generator seeded by the
-table's old and new sizes, so the same growth gives the same rows) that keeps the new rows apart. Retrieval
-scores L2-normalised rows, and users' vectors lean toward the catalog's centre (users and items share its
-common direction), so a row there ranks near the top for everyone and a row opposite near the bottom: a new
-item starts below the items the model knows, and the events that name it pull it up. Measured on a
-synthetic world's first refresh window (benchmarks/refresh_rounds.py; the frozen base model ranking it,
-130 of 2,229 items new): NDCG@10 .0000 with rows at the mean (the first version of this module), .0332 with
-a new table's random rows, .0458 with zero rows (score 0, but a zero row's normalisation gives its first
-gradient a 1/eps scale, which AdamW's second moment then remembers for hundreds of steps), and .0458 with
-these (SASRec on the same window: .0463 with zero rows and with these). The mean is short (about an eighth of a trained row here), so as an input a new item adds little.
+New rows start as a freshly built table's rows do, unless given (genrec.model.embeddings.init_table's draw,
+from a generator seeded by the table's old and new sizes, so the same growth gives the same rows): a grown
+model is the model it would have been, built with the larger table. Measured against the alternatives on
+a synthetic world where items enter (benchmarks/refresh_rounds.py, HSTU and SASRec, one seed): rows at the
+trained rows' mean (the first version of this module) are a trap for ranking, since retrieval scores
+L2-normalised rows and users' vectors lean toward the catalog's centre: a frozen model ranking the next
+window with new rows at the mean scored NDCG@10 .0000, with random rows .0332, with zero rows .0458.
+Rows opposite the centre (the mean negated) ranked like zero rows at first, but users' vectors followed
+the new items during the pass, and one round later the same rule put the next round's new items at the
+top for SASRec (.0163 against .0574 with zero rows). No starting direction is safe for a row nobody has
+trained, so the one model that ranks with such rows, the frozen current model in a refresh's gate, gives
+them zero rows instead (genrec.train.refresh.unknown_rows_zeroed): an item it never knew scores 0.
 """
 
 import dataclasses
@@ -38,13 +39,9 @@ STATE_KEYS = tuple(f"{name}.weight" for name in ITEM_TABLES)
 
 
 def starting_rows(weight: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """[num_rows - R, D] fp32 rows for the items a [R, D] table gains (see the module's docstring)."""
-    if weight.size(0) < 2:
-        raise ValueError("an item table with no item row has no trained rows to start new rows from")
-    mean = weight[1:].float().mean(0)
+    """[num_rows - R, D] fp32 rows for the items a [R, D] table gains, as a new table starts them."""
     generator = torch.Generator().manual_seed(weight.size(0) * 1_000_003 + num_rows)
-    noise = init_table(torch.empty(num_rows - weight.size(0), weight.size(1)), generator)
-    return -mean + noise / noise.norm(dim=1, keepdim=True).clamp_min(1e-12) * (0.5 * mean.norm())
+    return init_table(torch.empty(num_rows - weight.size(0), weight.size(1)), generator)
 
 
 def grow_rows(weight: torch.Tensor, num_rows: int, new_rows: torch.Tensor | None = None) -> torch.Tensor:

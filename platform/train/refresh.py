@@ -15,8 +15,8 @@ its data cutoff, and the alias moves to the result only if it is not worse (jobs
                      AdamW moments grown alike when its run's last checkpoint holds exactly these weights
     fit (one pass)   the training loop's one_pass mode from that state over the window cut in refresh.chunks
                      chunks, each ranked before it is trained on; the current model, frozen (new items score
-                     with their grown rows), ranks the same chunks' events (score_windows)
-    judge, promote   the gate on chunks 2..N (chunk 1 is ranked by the same weights in both), the new version
+                     with zero rows: it never knew them), ranks the same chunks' events (score_windows)
+    judge, promote   the gate on chunks 2..N (chunk 1 is ranked before the new model trained at all), the new version
                      registered with its lineage, the alias moved only when the gate passes
 
 The refreshed data goes to a folder of its own (refresh.output_dir/<name>-v<parent>-<window end>) rather than
@@ -57,7 +57,7 @@ from ..data.validation import Rules
 from ..data.vocabulary import (VOCABULARY, Vocabulary, dense_index, extend_vocabulary, files_fingerprint,
                                vocabulary_manifest, write_vocabulary)
 from ..errors import GenrecError
-from ..model.growth import grow_item_tables
+from ..model.growth import STATE_KEYS, grow_item_tables
 from ..storage import Location, location, resolve_path
 from . import tracking
 from .batching import batch_spec
@@ -420,8 +420,18 @@ def parent_optimizer_state(current: CurrentModel, log=print) -> dict | None:
     return None
 
 
+def unknown_rows_zeroed(grown: dict, current: dict) -> dict:
+    """The grown weights with the rows of the items `current` (the same model before growth) lacks set to 0:
+    what the frozen model ranks with. It never saw those items; a zero row scores 0 for every user, where a
+    starting row's direction is a guess that would count against it in the gate (genrec.model.growth)."""
+    key = next(k for k in STATE_KEYS if k in grown)
+    table = grown[key].clone()
+    table[current[key].size(0):] = 0
+    return {**grown, key: table}
+
+
 def score_windows(cfg: ExperimentConfig, weights: dict, window_start: int) -> list[dict]:
-    """The current model, frozen (`weights`: its grown table), ranks each chunk's events as the one-pass run
+    """The current model, frozen (`weights`: its grown table, unknown_rows_zeroed), ranks each chunk's events as the one-pass run
     ranks them (the same targets, eval.window_users sample, ties and batches): one `window/*` dict per chunk.
     cfg: the refresh run's, with absolute paths (trainer.workers_view): it runs as a Ray task."""
     torch.set_num_threads(cfg.train.threads_per_worker or max(1, int(cfg.train.cpus_per_worker)))
@@ -453,8 +463,9 @@ class Gate:
 
 def judge(candidate: list[dict], current: list[dict], metric: str, margin: float) -> Gate:
     """candidate: the run's per-chunk metrics (each chunk ranked before it was trained on); current: the frozen
-    model's on the same chunks. Compared on chunks 2..N, target-weighted: chunk 1 is ranked by the same
-    weights in both. Passes when the new model's value is at least (1 - margin) x the current one's."""
+    model's on the same chunks. Compared on chunks 2..N, target-weighted: chunk 1 is ranked before the new
+    model trained (the current weights in both, but for the new items' rows: starting rows in the run, zero
+    rows in the frozen model). Passes when the new model's value is at least (1 - margin) x the current one's."""
     key = f"window/{metric}"
     pairs = [(c, k) for c, k in zip(candidate[1:], current[1:]) if k.get("window/targets")]
     if any(c.get("window/targets") != k["window/targets"] for c, k in pairs):
@@ -462,7 +473,7 @@ def judge(candidate: list[dict], current: list[dict], metric: str, margin: float
     targets = int(sum(k["window/targets"] for _, k in pairs))
     if not targets:
         return Gate(False, metric, None, None, 0, f"no evidence: chunks 2..{len(current)} of the window hold no "
-                    "event to rank (chunk 1 is ranked by the same weights in both models)")
+                    "event to rank (chunk 1 is ranked before the new model trained at all)")
     new, old = (sum(row[key] * k["window/targets"] for row, (_, k) in zip(rows, pairs)) / targets
                 for rows in ([c for c, _ in pairs], [k for _, k in pairs]))
     least = old * (1 - margin)
@@ -536,8 +547,9 @@ def refresh(cfg: ExperimentConfig, log=print) -> dict:
     state = starting_state(current, manifest["num_items"], log)
     start = StartingPoint(write_starting_state(run_cfg, run_name, state), manifest["refresh"]["window"][0])
     # the frozen model ranks the chunks in a task of its own (a training worker's CPUs) while the run trains
+    frozen = unknown_rows_zeroed(state["model"], current.state)
     scoring = ray.remote(score_windows).options(num_cpus=cfg.train.cpus_per_worker, max_retries=1) \
-        .remote(workers_view(run_cfg), state["model"], start.window_start)
+        .remote(workers_view(run_cfg), frozen, start.window_start)
     result = fit(run_cfg, log=log, start=start)
     current_windows = ray.get(scoring)
     candidate_windows = [{k: v for k, v in h.items() if k.startswith("window/")} for h in result["history"]]
