@@ -47,12 +47,13 @@ def cells(args):
             yield {"model": cfg.name, "seed": seed}, functools.partial(train, cfg, args.fixed_epoch)
 
 
-def train(cfg, fixed_epoch: int) -> dict:
-    """One (config, seed) run, tracked and registered; its row of the table."""
+def train(cfg, fixed_epoch: int, run_name: str | None = None) -> dict:
+    """One (config, seed) run, tracked and registered (default run name: <config name>-seed<seed>); its row of
+    the table."""
     one_pass = cfg.train.mode == "one_pass"
     if not one_pass:
         cfg.eval.test_epochs = [fixed_epoch]
-    cfg.train.run_name = f"{cfg.name}-seed{cfg.train.seed}"
+    cfg.train.run_name = run_name or f"{cfg.name}-seed{cfg.train.seed}"
     init_ray(cfg.ray)
     result = fit(cfg)
     history = result["history"]
@@ -60,8 +61,10 @@ def train(cfg, fixed_epoch: int) -> dict:
     evaluations = [h["eval_seconds" if one_pass else "valid_seconds"] for h in history
                    if ("window/targets" if one_pass else "valid_seconds") in h]
     oracle = read_manifest(cfg.data.output_dir).get("synthetic_oracle")
+    flops = [h["train/flops"] for h in history if "train/flops" in h]  # epochs from before FLOPs were counted lack it
     return {"epochs": result["epochs_run"],
             "train_s_per_epoch": statistics.median(h["train/epoch_seconds"] for h in history),
+            **({"train_flops_per_epoch": statistics.median(flops)} if flops else {}),
             "valid_eval_s": statistics.median(evaluations), "fixed_epoch": fixed_epoch,
             **{f"oracle/{k}": v for k, v in ((oracle or {}).get("test", {}).get("oracle", {})).items()},
             **{f"fixed/{k}": fixed[f"test/{k}"] for k in ("ndcg@10", "hr@10") if fixed},
