@@ -33,15 +33,14 @@ of the oracle's NDCG@10. Issue 30's target is +10% NDCG@10 at epoch 30 over the 
     dropout-0.1, dropout-0.3 model.dropout 0.2 -> 0.1 / 0.3
     stochastic-length-1.8    batching.stochastic_length_alpha 1.8 (paper Sec. 3.3; with N = 200 a user with
                              n > 117 inputs is cut to 117 with probability 1 - 200^1.8 / n^2)
+    warmup-cosine            train.lr_schedule: 100 steps of linear warmup (about 4 epochs of ML-1M's users
+                             1-2999 in batches of 128), then a cosine decay to 0.1 x lr at the last step of
+                             train.epochs (after epoch 30 of 100 the lr is still about 0.85 x lr)
+    warmup-only              the same warmup, then constant: the warmup's share of warmup-cosine's change
     deeper-equal-flops       twice the blocks, the width at which training costs the base's FLOPs per epoch
     wider-equal-flops        half the blocks (at least 1), the width at equal FLOPs
 
 Candidates of issue 30 not measurable yet (no config key; where each would go):
-- learning-rate warmup and decay: a train.lr_schedule section (warmup steps, decay shape, final lr) in
-  genrec.config.TrainConfig; a torch.optim.lr_scheduler built beside the optimizer in
-  genrec.train.loop.setup_and_resume and stepped after each optimizer.step() in train_one_epoch; on resume
-  its position comes from the steps already taken (genrec.train.checkpoint.restore resets each group's lr
-  from the config today, so the schedule must set it after that).
 - mixed negatives (in-batch plus uniform) with a log-Q correction: train.in_batch_negatives is either/or
   today. A count of each kind (e.g. train.uniform_negatives / train.in_batch_negatives as numbers) in
   TrainConfig; genrec.model.losses.sample_negatives drawing both and returning each negative's sampling
@@ -87,6 +86,10 @@ VARIANTS: dict[str, list[str]] = {
     "dropout-0.1": ["model.dropout=0.1"],
     "dropout-0.3": ["model.dropout=0.3"],
     "stochastic-length-1.8": ["batching.stochastic_length_alpha=1.8"],
+    "warmup-cosine": ["train.lr_schedule.kind=warmup_cosine", "train.lr_schedule.warmup_steps=100",
+                      "train.lr_schedule.final_lr_fraction=0.1"],
+    "warmup-only": ["train.lr_schedule.kind=warmup_linear", "train.lr_schedule.warmup_steps=100",
+                    "train.lr_schedule.final_lr_fraction=1.0"],
 }
 # shape variants: the number of blocks from the base's; the width is solved at equal training FLOPs
 SHAPES = {"deeper-equal-flops": lambda blocks: 2 * blocks, "wider-equal-flops": lambda blocks: max(1, blocks // 2)}

@@ -387,6 +387,30 @@ class BatchingConfig(Strict):
     stochastic_length_alpha: float | None = Field(None, gt=1, le=2, description="Stochastic Length (training only)")
 
 
+class LrSchedule(Strict):
+    """The learning rate per optimizer step, as a share of train.lr (genrec.train.optim.lr_factor). The
+    warmup ramps linearly to train.lr over its first steps; the decay then runs over the rest of the run's
+    steps (train.epochs x the steps of an epoch), reaching final_lr_fraction x train.lr at the last step."""
+
+    kind: Literal["constant", "warmup_cosine", "warmup_linear"] = Field(
+        "constant", description="constant: train.lr at every step (the paper's recipe); warmup_cosine / "
+        "warmup_linear: warmup_steps of linear warmup, then a cosine / linear decay to final_lr_fraction")
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warmup (step s at (s + 1) / "
+                              "warmup_steps of train.lr); 0: the decay starts at train.lr")
+    final_lr_fraction: float = Field(0.0, ge=0, le=1, description="the lr at the run's last step, as a share "
+                                     "of train.lr (1 with warmup_linear: warmup, then constant)")
+
+    @model_validator(mode="after")
+    def _constant_has_no_shape(self):
+        if self.kind == "constant":
+            for key, value, default in (("warmup_steps", self.warmup_steps, 0),
+                                        ("final_lr_fraction", self.final_lr_fraction, 0.0)):
+                if value != default:
+                    raise ValueError(f"train.lr_schedule.{key}={value!r} does nothing with train.lr_schedule.kind="
+                                     f"'constant' (warmup, then constant: kind warmup_linear, final_lr_fraction 1)")
+        return self
+
+
 class TrainConfig(Strict):
     """Optimiser, loss and the Ray Train run; defaults are the paper's recipe."""
 
@@ -395,6 +419,7 @@ class TrainConfig(Strict):
     lr: float = Field(1e-3, gt=0)
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: LrSchedule = Field(default_factory=LrSchedule)
     embedding_optimizer: Literal["adamw", "row_sparse_adamw"] = Field(
         "adamw", description="adamw: every row of the item tables moves every step (the paper's recipe); "
         "row_sparse_adamw: only the rows a step's gradient touches (lazy AdamW, as TorchRec's fused "
@@ -441,6 +466,10 @@ class TrainConfig(Strict):
                 if value != default:
                     raise ValueError(f"train.{key}={value!r} does not apply to train.mode='one_pass' "
                                      f"(it streams the full sequences by time window)")
+            if self.lr_schedule.kind != "constant":
+                raise ValueError(f"train.lr_schedule.kind={self.lr_schedule.kind!r} does not apply to "
+                                 f"train.mode='one_pass' (the run's steps, which the decay spans, are not known "
+                                 f"before its windows are read); use 'constant'")
         return self
 
 

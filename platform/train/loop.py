@@ -38,7 +38,7 @@ from .evaluation import evaluate, whole_catalog
 from .flops import FlopModel
 from .ranking import RankingStep, ranking_evaluator
 from .ranking import SELECTION_METRIC as RANKING_SELECTION_METRIC
-from .optim import build_optimizer
+from .optim import build_optimizer, set_scheduled_lr
 from .sharding import (full_state_dict, item_table_names, local_catalog, optimizer_groups, scoring_items,
                        shard_item_tables)
 from .streaming import StreamWindows, add_to_stream, evaluate_window
@@ -231,7 +231,9 @@ def setup_and_resume(cfg: ExperimentConfig, run_folder: Location,
 
 def train_one_epoch(w: Worker, epoch: int, train_table, say=None) -> dict:
     """One pass over the training data (or train.steps_per_epoch steps) -> the epoch's metrics (_Diverged if
-    the loss became nan/inf). say: rank 0's logger; an epoch longer than PROGRESS_EVERY_S shows progress."""
+    the loss became nan/inf). say: rank 0's logger; an epoch longer than PROGRESS_EVERY_S shows progress.
+    Each step's lr follows train.lr_schedule over train.epochs x the planned steps of an epoch, from the
+    step's place in the run (so a resumed run takes it up where it was; train/lr: the epoch's last)."""
     import ray.train
 
     cfg = w.cfg
@@ -257,6 +259,8 @@ def train_one_epoch(w: Worker, epoch: int, train_table, say=None) -> dict:
             raise _Diverged(step, float(loss))
         w.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        set_scheduled_lr(w.optimizer, cfg.train.lr, epoch * planned + step, cfg.train.epochs * planned,
+                         cfg.train.lr_schedule)
         w.optimizer.step()
         loss_sum += float(loss.detach()) / w.world
         steps += 1
@@ -274,6 +278,7 @@ def train_one_epoch(w: Worker, epoch: int, train_table, say=None) -> dict:
     seconds = time.time() - started
     return {"epoch": epoch + 1, "train/loss": loss_sum / max(steps, 1), "train/examples_per_s": examples / seconds,
             "train/tokens_per_s": tokens / seconds, "train/epoch_seconds": seconds, "train/flops": flops,
+            "train/lr": w.optimizer.param_groups[0]["lr"],
             **(ranking_step.epoch_metrics(w, steps, seconds) if ranking_step else {})}
 
 

@@ -14,13 +14,21 @@ the arithmetic is torch's: where every row is touched it equals torch.optim.Adam
 count, and with it the bias correction, is the table's: it counts every optimizer step, so every block
 of a row-wise sharded table (genrec.train.sharding) shares one count whatever rows it holds. State has
 AdamW's layout, so a checkpoint resumes under either optimizer.
+
+The learning rate of each step follows train.lr_schedule (lr_factor): the loop sets it before every step
+from the step's place in the run (epoch x steps per epoch + step), so a resumed run, whose groups restore
+resets to train.lr, steps with the schedule's value without any scheduler state in its checkpoint.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.distributed.tensor import DTensor
 from torch.optim.adamw import adamw
+
+from ..config import LrSchedule
 
 
 class RowSparseAdamW(torch.optim.AdamW):
@@ -109,6 +117,31 @@ def build_optimizer(groups: list[dict], item_tables: list[torch.nn.Parameter], k
     optimizer = torch.optim.AdamW(groups, **hyper)
     optimizer.register_step_post_hook(_forget_touched_rows)  # it updates every row: the record is not needed
     return optimizer
+
+
+def lr_factor(step: int, total_steps: int, schedule: LrSchedule) -> float:
+    """The share of train.lr that optimizer step `step` (0-based, of `total_steps` in the run) takes under
+    train.lr_schedule: 1 throughout when constant; else (step + 1) / warmup_steps during the warmup, then a
+    cosine or linear decay from 1 (the first step after the warmup) to final_lr_fraction (the last step)."""
+    if schedule.kind == "constant":
+        return 1.0
+    if step < schedule.warmup_steps:
+        return (step + 1) / schedule.warmup_steps
+    decay_steps = total_steps - 1 - schedule.warmup_steps
+    progress = min(1.0, (step - schedule.warmup_steps) / decay_steps) if decay_steps > 0 else 1.0
+    final = schedule.final_lr_fraction
+    if schedule.kind == "warmup_linear":
+        return 1.0 - (1.0 - final) * progress
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_scheduled_lr(optimizer: torch.optim.Optimizer, lr: float, step: int, total_steps: int,
+                     schedule: LrSchedule) -> float:
+    """Every group's lr for optimizer step `step`: train.lr (`lr`) x lr_factor; returns it."""
+    scheduled = lr * lr_factor(step, total_steps, schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = scheduled
+    return scheduled
 
 
 @torch.no_grad()
