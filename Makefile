@@ -42,7 +42,7 @@ bench: install
 	$(PY) benchmarks/embedding_scale.py
 	# 1M and 10M events prepared (vs polars' streaming engine), trained and served; --full is 10M and 100M (long)
 	$(PY) benchmarks/large_log.py
-	# refresh rounds on a world where items enter: refreshed vs frozen vs retrained, HSTU and SASRec, 3 seeds (~35 min)
+	# refresh rounds on a world where items enter: refreshed vs frozen vs retrained, HSTU and SASRec, 3 seeds (~30 min)
 	$(PY) benchmarks/refresh_rounds.py --models hstu sasrec --seeds 1 2 3
 	# the Serve app on the demo model (`make demo` registers it) under a bounded load, then a replica killed
 	$(PY) benchmarks/serve_load.py --requests 1000 --concurrency 32
