@@ -27,6 +27,9 @@ of the oracle's NDCG@10. Issue 30's target is +10% NDCG@10 at epoch 30 over the 
     paper                    the base config as it is
     negatives-512            train.num_negatives 128 -> 512 (uniform)
     in-batch-negatives       the batch's other targets as negatives (popularity-sampled; no log-Q correction)
+    in-batch-logq            the same with the log-Q correction (each negative's logit - log of its expected
+                             count among a position's negatives, from the training targets' item shares)
+    mixed-negatives-logq     128 uniform plus 128 in-batch negatives per position, log-Q corrected
     weight-decay-0.1         AdamW weight decay 0 -> 0.1 (decoupled: per step the weights shrink by lr x 0.1)
     temperature-0.1          softmax temperature 0.05 -> 0.1
     temperature-0.025        softmax temperature 0.05 -> 0.025
@@ -39,15 +42,6 @@ of the oracle's NDCG@10. Issue 30's target is +10% NDCG@10 at epoch 30 over the 
     warmup-only              the same warmup, then constant: the warmup's share of warmup-cosine's change
     deeper-equal-flops       twice the blocks, the width at which training costs the base's FLOPs per epoch
     wider-equal-flops        half the blocks (at least 1), the width at equal FLOPs
-
-Candidates of issue 30 not measurable yet (no config key; where each would go):
-- mixed negatives (in-batch plus uniform) with a log-Q correction: train.in_batch_negatives is either/or
-  today. A count of each kind (e.g. train.uniform_negatives / train.in_batch_negatives as numbers) in
-  TrainConfig; genrec.model.losses.sample_negatives drawing both and returning each negative's sampling
-  probability Q (uniform: K_u / V; in-batch: K_b x the item's share of the batch's targets), and
-  sampled_softmax_loss subtracting log Q from each negative's logit (genrec.train.batching.draw_negatives
-  passes them through; Worker.retrieval_loss and the sharded path in genrec.train.sharding.scoring_items
-  carry the extra tensor).
 """
 
 from __future__ import annotations
@@ -79,7 +73,9 @@ TARGET_GAIN = 0.10  # issue 30: +10% NDCG@10 at epoch 30 over the paper's recipe
 VARIANTS: dict[str, list[str]] = {
     BASELINE: [],
     "negatives-512": ["train.num_negatives=512"],
-    "in-batch-negatives": ["train.in_batch_negatives=true"],
+    "in-batch-negatives": ["train.negatives=in_batch"],
+    "in-batch-logq": ["train.negatives=in_batch", "train.log_q_correction=true"],
+    "mixed-negatives-logq": ["train.negatives=mixed", "train.log_q_correction=true"],
     "weight-decay-0.1": ["train.weight_decay=0.1"],
     "temperature-0.1": ["train.temperature=0.1"],
     "temperature-0.025": ["train.temperature=0.025"],

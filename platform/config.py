@@ -426,7 +426,14 @@ class TrainConfig(Strict):
         "optimizers), at a cost that follows the batch, not the catalog (README Large catalogs)")
     num_negatives: int = Field(128, gt=0)
     temperature: float = Field(0.05, gt=0)
-    in_batch_negatives: bool = False
+    negatives: Literal["uniform", "in_batch", "mixed"] = Field(
+        "uniform", description="uniform: num_negatives draws from the whole catalog (the paper's recipe); in_batch: "
+        "num_negatives draws from the batch's targets (popular items more often); mixed: both, 2 x num_negatives "
+        "candidates per position")
+    log_q_correction: bool = Field(
+        False, description="subtract log Q from each negative's logit (after the temperature), Q its expected count "
+        "among a position's negatives: num_negatives / items per uniform pool, plus num_negatives x its share of "
+        "the training targets per in-batch pool (Yi et al. 2019); undoes in-batch negatives' popularity bias")
     seed: int = 42
     num_workers: int = Field(1, gt=0)
     use_gpu: bool = False
@@ -459,9 +466,28 @@ class TrainConfig(Strict):
     max_failures: int = Field(1, ge=0)
     checkpoints_to_keep: int = Field(2, gt=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _in_batch_negatives_is_negatives(cls, value):
+        """train.in_batch_negatives (a bool) was train.negatives before mixed negatives; saved configs hold it."""
+        if isinstance(value, dict) and "in_batch_negatives" in value:
+            value = dict(value)
+            old = value.pop("in_batch_negatives")
+            if not isinstance(old, bool):
+                raise ValueError(f"train.in_batch_negatives={old!r}: true or false (it is now train.negatives: "
+                                 f"uniform, in_batch or mixed)")
+            kind = "in_batch" if old else "uniform"
+            if value.setdefault("negatives", kind) != kind:
+                raise ValueError(f"train.in_batch_negatives={old} contradicts train.negatives={value['negatives']!r}; "
+                                 f"give train.negatives alone")
+        return value
+
     @model_validator(mode="after")
     def _one_pass_reads_whole_sequences(self):
         if self.mode == "one_pass":
+            if self.log_q_correction:
+                raise ValueError("train.log_q_correction=true does not apply to train.mode='one_pass' (Q comes "
+                                 "from the training split's item counts, which a pass over time windows does not have)")
             for key, value, default in (("data_mode", self.data_mode, "replicated"), ("train_on", self.train_on, "train")):
                 if value != default:
                     raise ValueError(f"train.{key}={value!r} does not apply to train.mode='one_pass' "

@@ -269,7 +269,7 @@ def test_a_long_epoch_knows_its_steps_and_says_how_far_it_is(tiny):
 
 
 def test_in_batch_negatives_option_reaches_the_training_batches(tiny):
-    """train.in_batch_negatives changes what the training loop draws: the negatives of each batch it trains
+    """train.negatives: in_batch changes what the training loop draws: the negatives of each batch it trains
     on (genrec.train.batching.replicated_batches) come from that batch's own targets, where the default draws
     from the whole catalog (the loss with either is tested in tests/test_model.py)."""
     from genrec.data.prepared import read_split
@@ -279,7 +279,7 @@ def test_in_batch_negatives_option_reaches_the_training_batches(tiny):
     table = read_split(cfg.data.output_dir, "train")
     drawn = {}
     for in_batch in (False, True):
-        run = variant(cfg, None, in_batch_negatives=in_batch)
+        run = variant(cfg, None, negatives="in_batch" if in_batch else "uniform")
         batches = list(replicated_batches(table, batch_spec(run, training=True), run, epoch=0, rank=0, world=1))
         for batch, negatives in batches:
             targets = set(batch["target_ids"][batch["target_ids"] > 0].tolist())

@@ -23,6 +23,7 @@ from ..data.jagged import select_sequences
 from ..data.loader import BatchSpec, iter_torch_batches, to_torch
 from ..data.prepared import read_row_batches, split_files
 from ..model import sample_negatives
+from ..model.losses import log_expected_counts
 
 Batch = dict[str, torch.Tensor]
 
@@ -83,11 +84,33 @@ def epoch_rng(seed: int, epoch: int, rank: int | None = None) -> np.random.Gener
     return np.random.default_rng([seed, epoch] if rank is None else [seed, epoch, rank])
 
 
+# train.negatives -> the pools a position's negatives are drawn from, in column order (in_batch: True)
+NEGATIVE_POOLS = {"uniform": (False,), "in_batch": (True,), "mixed": (False, True)}
+
+
 def draw_negatives(rng: np.random.Generator, target_ids: torch.Tensor, spec: BatchSpec, cfg: ExperimentConfig):
-    """[P, K] negatives for the P target positions of a batch, from the next seed of `rng`."""
+    """[P, K] negatives for the P target positions of a batch, from the next seed of `rng`; mixed: [P, 2K],
+    the uniform draws, then the in-batch ones."""
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     t = cfg.train
-    return sample_negatives(target_ids[target_ids > 0], spec.num_items, t.num_negatives, t.in_batch_negatives, generator)
+    targets = target_ids[target_ids > 0]
+    return torch.cat([sample_negatives(targets, spec.num_items, t.num_negatives, in_batch, generator)
+                      for in_batch in NEGATIVE_POOLS[t.negatives]], dim=1)
+
+
+def negative_log_q(cfg: ExperimentConfig, split: str, num_items: int) -> torch.Tensor:
+    """[V+1] log Q of each item as a negative under train.negatives (genrec.model.losses.log_expected_counts),
+    the in-batch pool's share from the item counts of `split`'s training targets (every event but a row's
+    first), read a batch of rows at a time."""
+    counts = np.zeros(num_items + 1, dtype=np.int64)
+    for f in split_files(cfg.data.output_dir, split):
+        for batch in read_row_batches(f, columns=["items"]):
+            items = batch["items"].combine_chunks()
+            offsets = items.offsets.to_numpy()
+            firsts = offsets[:-1][np.diff(offsets) > 0]  # a row's first event is nobody's target
+            counts += np.bincount(np.delete(items.values.to_numpy(), firsts), minlength=num_items + 1)[: num_items + 1]
+    pools = NEGATIVE_POOLS[cfg.train.negatives]
+    return log_expected_counts(torch.from_numpy(counts), cfg.train.num_negatives, False in pools, True in pools)
 
 
 def replicated_batches(table: pa.Table, spec: BatchSpec, cfg: ExperimentConfig, epoch: int, rank: int,

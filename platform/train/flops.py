@@ -55,7 +55,8 @@ class FlopModel:
         kind = "hstu" if m.kind == "gr" else m.kind  # generative ranking: the HSTU stack over interleaved tokens
         return cls(kind=kind, dim=m.dim, num_blocks=m.num_blocks, num_heads=heads,
                    qk_dim=m.qk_dim or m.dim // heads, v_dim=m.v_dim or m.dim // heads, ffn_dim=m.ffn_dim or m.dim,
-                   num_negatives=experiment.train.num_negatives,
+                   # columns of negatives each target is scored against: mixed draws from both pools
+                   num_negatives=experiment.train.num_negatives * (2 if experiment.train.negatives == "mixed" else 1),
                    relative_bias=getattr(m, "relative_bias", "both") != "none")  # an HSTU ablation option
 
     def forward(self, lengths, num_targets: int) -> dict[str, float]:

@@ -32,7 +32,8 @@ from ..data.prepared import SEQUENCES, read_manifest, read_split
 from ..errors import GenrecError
 from ..model import sampled_softmax_loss
 from ..storage import Location, location
-from .batching import batch_spec, evaluation_batches, evaluation_split, replicated_batches, streaming_batches
+from .batching import (batch_spec, evaluation_batches, evaluation_split, negative_log_q, replicated_batches,
+                       streaming_batches)
 from .checkpoint import Progress, restore, save_checkpoint
 from .evaluation import evaluate, whole_catalog
 from .flops import FlopModel
@@ -103,6 +104,7 @@ class Worker:
     eval_spec: BatchSpec
     sharded: bool  # the item tables are split row-wise over the workers (genrec.train.sharding)
     _evaluation_model: torch.nn.Module | None = None  # rank 0, sharded: a whole copy, filled per evaluation
+    _negative_log_q: torch.Tensor | None = None  # train.log_q_correction: filled at the first step
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -113,9 +115,17 @@ class Worker:
                        normalizer: torch.Tensor) -> torch.Tensor:
         """The sampled softmax of a batch: against the whole item table, or with sharded tables against
         the rows of the batch's own candidates (the same loss: genrec.train.sharding.batch_item_table)."""
+        log_q = self.item_log_q()[negatives].to(self.device) if self.cfg.train.log_q_correction else None
         items, target_ids, negatives = scoring_items(self.core, self.sharded, target_ids, negatives.to(self.device))
         return sampled_softmax_loss(users, target_ids, items, negatives, temperature=self.cfg.train.temperature,
-                                    normalizer=normalizer)
+                                    normalizer=normalizer, negative_log_q=log_q)
+
+    def item_log_q(self) -> torch.Tensor:
+        """[V+1] log Q of each item as a negative (train.log_q_correction), counted once per worker from the
+        training split; by item id, so it is taken before a sharded table renumbers the negatives."""
+        if self._negative_log_q is None:
+            self._negative_log_q = negative_log_q(self.cfg, train_split_name(self.cfg), self.train_spec.num_items)
+        return self._negative_log_q
 
     def whole_model(self) -> torch.nn.Module | None:
         """The model with whole tables, for evaluation and the best state, on rank 0 (None elsewhere).
