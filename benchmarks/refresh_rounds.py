@@ -60,7 +60,7 @@ from genrec.config import ExperimentConfig, load_config
 from genrec.data.pipeline import prepare
 from genrec.data.prepared import SEQUENCES, VOCAB, read_manifest, read_split, read_vocab
 from genrec.data.synthetic import EVENTS_DIR, generate
-from genrec.model.growth import STATE_KEYS
+from genrec.model.growth import state_item_key
 from genrec.reports import groups, markdown_table, mean_std, run_grid
 from genrec.runtime import init_ray
 from genrec.train.refresh import refresh, score_windows
@@ -139,7 +139,7 @@ def reordered(state: dict, items: pa.Table, vocabulary: pa.Table) -> dict:
     ids of `vocabulary`: each item the model knows keeps its row; an item it does not know gets a zero row,
     which the L2-normalised output side scores 0 for every user: one rule for the three models, the one the
     refresh's gate uses for its frozen model (genrec.train.refresh.unknown_rows_zeroed)."""
-    key = next(k for k in STATE_KEYS if k in state)
+    key = state_item_key(state)
     table = state[key]
     rows = torch.zeros(vocabulary.num_rows + 1, table.size(1), dtype=table.dtype)
     rows[0] = table[0]

@@ -25,14 +25,13 @@ from genrec.runtime import init_ray, load_job_config, run_job, stop_serving_and_
 from genrec.serve.client import connect
 from genrec.serve.deploy import load_serve_file, start
 from genrec.train import tracking
-from genrec.train.refresh import PROMOTED, current_model, current_vocabulary, refresh
-
-GATE_KEPT_EXIT = 3
-DAY = 86_400
+from genrec.train.refresh import (GATE_KEPT_EXIT, PROMOTED, current_model, current_vocabulary, refresh,
+                                  registered_alias)
+from genrec.train.streaming import DAY
 
 
 def ensure_alias(cfg) -> None:
-    name, alias = cfg.refresh.model.removeprefix("models:/").split("@")
+    name, alias = registered_alias(cfg)
     client = MlflowClient(tracking.tracking_uri(cfg))
     if alias not in client.get_registered_model(name).aliases:
         latest = max(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))

@@ -17,10 +17,8 @@ import json
 
 from genrec.errors import GenrecError
 from genrec.runtime import init_ray, load_job_config, run_job
-from genrec.train.refresh import KEPT, refresh
+from genrec.train.refresh import GATE_KEPT_EXIT, KEPT, refresh
 from genrec.train.trainer import check_storage
-
-GATE_KEPT_EXIT = 3  # not an error of the job, but a scheduler should see that the model did not move
 
 
 def main(args) -> int:

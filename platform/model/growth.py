@@ -94,10 +94,16 @@ def _with_num_items(config, num_items: int):
     return dataclasses.replace(config, num_items=num_items)
 
 
+def state_item_key(state: dict) -> str:
+    """The key of the item table in a model's whole state dict."""
+    for key in STATE_KEYS:
+        if key in state:
+            return key
+    raise ValueError(f"the state dict has no item table (looked for {', '.join(STATE_KEYS)})")
+
+
 def grow_state_dict(state: dict, num_items: int, new_rows: torch.Tensor | None = None) -> dict:
     """A model's whole state dict with its item table grown to items 1..num_items, as grow_item_tables
     grows a live model's: it loads into a model built for num_items."""
-    keys = [key for key in STATE_KEYS if key in state]
-    if not keys:
-        raise ValueError(f"the state dict has no item table (looked for {', '.join(STATE_KEYS)})")
-    return {**state, keys[0]: grow_rows(state[keys[0]], num_items + 1, new_rows)}
+    key = state_item_key(state)
+    return {**state, key: grow_rows(state[key], num_items + 1, new_rows)}

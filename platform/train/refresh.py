@@ -57,7 +57,7 @@ from ..data.validation import Rules
 from ..data.vocabulary import (VOCABULARY, Vocabulary, dense_index, extend_vocabulary, files_fingerprint,
                                vocabulary_manifest, write_vocabulary)
 from ..errors import GenrecError
-from ..model.growth import STATE_KEYS, grow_item_tables
+from ..model.growth import grow_item_tables, state_item_key
 from ..storage import Location, location, resolve_path
 from . import tracking
 from .batching import batch_spec
@@ -69,6 +69,7 @@ from .streaming import DAY, StreamWindows, evaluate_window
 from .trainer import fit, workers_view
 
 KEPT, PROMOTED, NOTHING_NEW = "kept", "promoted", "nothing new"
+GATE_KEPT_EXIT = 3  # a job's exit status when the gate kept the alias: no error, but a scheduler should see it
 LOG_FILE_INDEX = (1 << (63 - ROW_BITS)) - 1  # the serving log's source order: after every file's at one time
 STARTING_STATE = "starting_state.pt"  # in the run's folder, where every worker reads it
 PART = "part-00000.parquet"
@@ -110,8 +111,14 @@ class CurrentModel:
         return {self.fingerprint, *(self.manifest.get(VOCABULARY) or {}).get("ancestors", [])}
 
 
-def current_model(cfg: ExperimentConfig) -> CurrentModel:
+def registered_alias(cfg: ExperimentConfig) -> tuple[str, str]:
+    """refresh.model (models:/<name>@<alias>) -> (name, alias)."""
     name, alias = cfg.refresh.model.removeprefix("models:/").split("@")
+    return name, alias
+
+
+def current_model(cfg: ExperimentConfig) -> CurrentModel:
+    name, alias = registered_alias(cfg)
     uri = tracking.tracking_uri(cfg)
     client = MlflowClient(uri)
     try:
@@ -424,7 +431,7 @@ def unknown_rows_zeroed(grown: dict, current: dict) -> dict:
     """The grown weights with the rows of the items `current` (the same model before growth) lacks set to 0:
     what the frozen model ranks with. It never saw those items; a zero row scores 0 for every user, where a
     starting row's direction is a guess that would count against it in the gate (genrec.model.growth)."""
-    key = next(k for k in STATE_KEYS if k in grown)
+    key = state_item_key(grown)
     table = grown[key].clone()
     table[current[key].size(0):] = 0
     return {**grown, key: table}
