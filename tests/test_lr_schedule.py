@@ -9,14 +9,7 @@ import torch
 
 from genrec.config import ConfigError, ExperimentConfig, LrSchedule, load_config
 from genrec.train.optim import lr_factor
-
-GOOD = """
-name: t
-data:
-  source: {kind: movielens, path: /some/where}
-model:
-  max_seq_len: 50
-"""
+from test_config import GOOD, write
 
 
 def test_constant_is_one_at_every_step():
@@ -43,9 +36,7 @@ def test_no_warmup_starts_at_full_lr_and_warmup_linear_to_one_is_warmup_then_con
 
 
 def _config(tmp_path, text):
-    path = tmp_path / "c.yaml"
-    path.write_text(GOOD + text)
-    return load_config(path)
+    return load_config(write(tmp_path, GOOD + text))
 
 
 def test_config_errors_name_the_key(tmp_path):
