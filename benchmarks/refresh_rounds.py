@@ -11,8 +11,9 @@ after it (events after the world's duration_days are left out). For each model a
 0. the base period's file is the whole log (a csv data.source over a folder); it is prepared, trained in
    epochs with the preset's recipe, registered and put behind refresh.model's alias;
 1. each round r adds window r's file to the folder and makes three models that know window r:
-   (a) refreshed: jobs/refresh.py's refresh() on the job config written as refresh-job.yaml (one pass over
-       the window in refresh.chunks chunks, from the model behind the alias; gate_margin 0.99, so the chain
+   (a) refreshed: jobs/refresh.py's refresh() on the job config written as refresh-job.yaml (the window in
+       refresh.chunks chunks, each ranked, then trained train.window_passes times (the preset: 3), from the
+       model behind the alias; gate_margin 0.99, so the chain
        always moves unless the new model is broken: each round's gate decision is reported);
    (b) frozen: the round-0 model, never changed;
    (c) retrained: everything so far prepared anew and trained from scratch with the base's recipe;
@@ -27,7 +28,7 @@ after it (events after the world's duration_days are left out). For each model a
    rows): the same numbers as column (a), a check that the benchmark ranks as the platform does.
    Round 1 ranks with the same model three times (all three are the base model): a check, not a result.
 
-Times: a round's refresh (reading and publishing the window, the one pass, the frozen model's scoring, the
+Times: a round's refresh (reading and publishing the window, the passes, the frozen model's scoring, the
 gate, registering) against its retrain through the same window (prepare + training), wall seconds on the same
 local Ray cluster, and the training FLOPs of each (train/flops, the model's forward and backward).
 The table (and the raw rows, .json) go to --out and are rewritten after each (model, seed); a re-run skips the

@@ -457,6 +457,10 @@ class TrainConfig(Strict):
         "one_pass: one pass over the time-ordered events, each window of train.window_days evaluated (every "
         "event in it ranked) before it is trained on, as in the paper's streaming tables")
     window_days: float = Field(7.0, gt=0, description="one_pass mode: the width of a time window")
+    window_passes: int = Field(1, ge=1, description="one_pass mode: each window, once ranked, is trained this "
+                               "many times, each pass its own shuffle (1: every event trained once, the paper's "
+                               "streaming setting; more: a refresh that learns new items faster, at that many "
+                               "times the compute)")
     early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without a better valid NDCG@10")
     steps_per_epoch: int | None = Field(None, gt=0, description="an epoch ends after this many steps (default: one "
                                         "pass over the training split), e.g. a first look at a very large log")

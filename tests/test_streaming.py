@@ -101,6 +101,26 @@ def test_one_pass_ranks_every_event_once_before_training_on_it(stream):
     assert any(line.startswith("[train] window 2/") and "window ndcg@10" in line for line in lines)
 
 
+def test_window_passes_train_each_window_again_after_ranking_it(stream, tmp_path):
+    cfg, single, _ = stream
+    tree = cfg.model_dump(mode="json")
+    tree["model"]["embedding_sharding"] = "replicated"
+    tree["train"].update(window_passes=2, num_workers=1, embedding_optimizer="adamw", cpus_per_worker=1,
+                         storage_path=str(tmp_path / "runs"), run_name="two-passes")
+    history = fit(ExperimentConfig.model_validate(tree), log=lambda *_: None)["history"]
+    assert len(history) == len(single["history"])
+    # each window is ranked before any pass over it: window 1 by the same untrained weights
+    assert {k: v for k, v in history[0].items() if k.startswith("window/")} == \
+        {k: v for k, v in single["history"][0].items() if k.startswith("window/")}
+    # two full passes over each window's events: twice a single pass's FLOPs, window by window
+    for two, one in zip(history, single["history"]):
+        assert two["train/window_passes"] == 2
+        assert two["train/flops"] == pytest.approx(2 * one["train/flops"], rel=1e-9)
+    # and the second pass trained: the later windows are ranked by other weights than a single pass gives
+    assert any(two["window/ndcg@10"] != one["window/ndcg@10"]
+               for two, one in zip(history[1:], single["history"][1:]) if "window/ndcg@10" in two)
+
+
 def test_window_ranking_can_sample_a_fixed_share_of_users(stream):
     cfg, _, _ = stream
     windows = StreamWindows(read_split(cfg.data.output_dir, "sequences"), cfg.train.window_days)

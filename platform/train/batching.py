@@ -80,8 +80,10 @@ def split_target_count(folder, split: str) -> int:
                for batch in read_row_batches(f, columns=["items", "eval_start"]))
 
 
-def epoch_rng(seed: int, epoch: int, rank: int | None = None) -> np.random.Generator:
-    return np.random.default_rng([seed, epoch] if rank is None else [seed, epoch, rank])
+def epoch_rng(seed: int, epoch: int, rank: int | None = None, repeat: int = 0) -> np.random.Generator:
+    """The generator of an epoch's shuffle and negatives (repeat: a window's pass after its first,
+    train.window_passes; the first pass draws as a single pass does)."""
+    return np.random.default_rng([seed, epoch, *([] if rank is None else [rank]), *([repeat] if repeat else [])])
 
 
 # train.negatives -> the pools a position's negatives are drawn from, in column order (in_batch: True)
@@ -114,9 +116,9 @@ def negative_log_q(cfg: ExperimentConfig, split: str, num_items: int) -> torch.T
 
 
 def replicated_batches(table: pa.Table, spec: BatchSpec, cfg: ExperimentConfig, epoch: int, rank: int,
-                       world: int) -> Iterator[tuple[Batch, torch.Tensor]]:
+                       world: int, repeat: int = 0) -> Iterator[tuple[Batch, torch.Tensor]]:
     """This rank's share of each global batch of the epoch, with its rows of the global negatives."""
-    rng = epoch_rng(cfg.train.seed, epoch)
+    rng = epoch_rng(cfg.train.seed, epoch, repeat=repeat)
     order = rng.permutation(table.num_rows)
     users = table["user"].to_numpy()
     batch_size = cfg.train.batch_size
@@ -132,9 +134,9 @@ def replicated_batches(table: pa.Table, spec: BatchSpec, cfg: ExperimentConfig, 
 
 
 def streaming_batches(shard, spec: BatchSpec, cfg: ExperimentConfig, epoch: int, rank: int,
-                      world: int) -> Iterator[tuple[Batch, torch.Tensor]]:
+                      world: int, repeat: int = 0) -> Iterator[tuple[Batch, torch.Tensor]]:
     """Batches of this worker's Ray Data shard, with negatives from the worker's own seed."""
-    rng = epoch_rng(cfg.train.seed, epoch, rank)
+    rng = epoch_rng(cfg.train.seed, epoch, rank, repeat)
     batches = iter_torch_batches(shard, spec, max(1, cfg.train.batch_size // world), seed=int(rng.integers(2**31)))
     for batch in batches:
         yield batch, draw_negatives(rng, batch["target_ids"], spec, cfg)

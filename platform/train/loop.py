@@ -169,7 +169,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if targets and (worker.rank == 0 or worker.sharded):
                 scored = score_window(worker, train_table, epoch, progress)
         try:
-            metrics = {**train_one_epoch(worker, epoch, train_table, logger.say if logger else None), **scored}
+            say = logger.say if logger else None
+            trained = train_window(worker, epoch, train_table, say) if windows else \
+                train_one_epoch(worker, epoch, train_table, say)
+            metrics = {**trained, **scored}
             # the run's compute so far, from the history so that it survives a resume (scaling sweeps read it)
             metrics["train/cumulative_flops"] = metrics["train/flops"] + sum(h.get("train/flops", 0.0) for h in progress.history)
         except _Diverged as diverged:  # every rank stops; the last good checkpoint stays the run's latest
@@ -239,18 +242,34 @@ def setup_and_resume(cfg: ExperimentConfig, run_folder: Location,
     return worker, progress
 
 
-def train_one_epoch(w: Worker, epoch: int, train_table, say=None) -> dict:
+def train_window(w: Worker, window: int, table, say=None) -> dict:
+    """One_pass mode: the window's train.window_passes passes over its events (each its own shuffle and
+    negatives; the first as a single pass) -> one window's metrics: the mean loss, the summed time and FLOPs."""
+    passes = [train_one_epoch(w, window, table, say, repeat) for repeat in range(w.cfg.train.window_passes)]
+    if len(passes) == 1:
+        return passes[0]
+    seconds = sum(p["train/epoch_seconds"] for p in passes)
+    rates = {key: sum(p[key] * p["train/epoch_seconds"] for p in passes) / seconds
+             for key in ("train/examples_per_s", "train/tokens_per_s")}
+    return {**passes[-1], **rates, "train/loss": sum(p["train/loss"] for p in passes) / len(passes),
+            "train/epoch_seconds": seconds, "train/flops": sum(p["train/flops"] for p in passes),
+            "train/window_passes": float(len(passes))}
+
+
+def train_one_epoch(w: Worker, epoch: int, train_table, say=None, repeat: int = 0) -> dict:
     """One pass over the training data (or train.steps_per_epoch steps) -> the epoch's metrics (_Diverged if
     the loss became nan/inf). say: rank 0's logger; an epoch longer than PROGRESS_EVERY_S shows progress.
     Each step's lr follows train.lr_schedule over train.epochs x the planned steps of an epoch, from the
-    step's place in the run (so a resumed run takes it up where it was; train/lr: the epoch's last)."""
+    step's place in the run (so a resumed run takes it up where it was; train/lr: the epoch's last).
+    repeat: a one_pass window's pass after its first (train_window)."""
     import ray.train
 
     cfg = w.cfg
     if train_table is not None:
-        batches = replicated_batches(train_table, w.train_spec, cfg, epoch, w.rank, w.world)
+        batches = replicated_batches(train_table, w.train_spec, cfg, epoch, w.rank, w.world, repeat)
     else:
-        batches = streaming_batches(ray.train.get_dataset_shard("train"), w.train_spec, cfg, epoch, w.rank, w.world)
+        batches = streaming_batches(ray.train.get_dataset_shard("train"), w.train_spec, cfg, epoch, w.rank,
+                                    w.world, repeat)
     planned = planned_steps(cfg, train_table)
     started = last_said = time.time()
     w.model.train()

@@ -1,4 +1,4 @@
-"""Keeping a model fresh: the registered model behind an alias continues, in one pass, on the events since
+"""Keeping a model fresh: the registered model behind an alias continues on the events since
 its data cutoff, and the alias moves to the result only if it is not worse (jobs/refresh.py).
 
     result = refresh(cfg)     # inside a running Ray cluster; cfg.refresh: the model, the sources, the gate
@@ -14,7 +14,7 @@ its data cutoff, and the alias moves to the result only if it is not worse (jobs
     starting_state   the model's weights with its item table grown (new rows start as a new table's), and its
                      AdamW moments grown alike when its run's last checkpoint holds exactly these weights
     fit (one pass)   the training loop's one_pass mode from that state over the window cut in refresh.chunks
-                     chunks, each ranked before it is trained on; the current model, frozen (new items score
+                     chunks, each ranked before it is trained on (train.window_passes times); the current model, frozen (new items score
                      with zero rows: it never knew them), ranks the same chunks' events (score_windows)
     judge, promote   the gate on chunks 2..N (chunk 1 is ranked before the new model trained at all), the new version
                      registered with its lineage, the alias moved only when the gate passes
