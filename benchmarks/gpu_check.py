@@ -325,7 +325,7 @@ def section_ml1m_epoch(args, device: torch.device) -> dict:
 
     from genrec.config import load_config
 
-    cfg = load_config(REPO / "configs/ml-1m/hstu-large.yaml")
+    cfg = load_config(REPO / "configs/ml-1m/paper-hstu-large.yaml")
     prepared = Path(cfg.data.output_dir)
     if not prepared.is_absolute():
         prepared = REPO / prepared
