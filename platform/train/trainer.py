@@ -175,7 +175,8 @@ def result_lines(cfg: ExperimentConfig, best: dict, history: list, registered: s
     """The run's result for the terminal: the stream metrics of a one-pass run; else the test split's
     numbers at each eval.test_epochs epoch and at the selected epoch, with how many targets were scored."""
     if "stream/hr@10" in best:
-        return [f"[train] one pass over {len(history)} windows: stream hr@10 {best['stream/hr@10']:.4f} hr@50 "
+        passes = "one pass" if cfg.train.window_passes == 1 else f"{cfg.train.window_passes} passes each"
+        return [f"[train] {passes} over {len(history)} windows: stream hr@10 {best['stream/hr@10']:.4f} hr@50 "
                 f"{best['stream/hr@50']:.4f} ndcg@10 {best['stream/ndcg@10']:.4f} ({best['stream/targets']:,.0f} "
                 f"events ranked, windows 2..{len(history)}); {registered}"]
     lines = [f"[train] epoch {epoch} (eval.test_epochs):{tracking.scores_text(cfg, scores, 'test')}"
